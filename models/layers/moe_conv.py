@@ -1,0 +1,110 @@
+"""The MoE convolution and the per-forward routing value handed to it."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .router import LayerRouter, hard_top1
+
+
+def expert_groups(expert: torch.Tensor, n_expert: int):
+    """Sort a batch by expert: returns (perm, groups) with groups = [(start, stop, e), ...] of non-empty runs."""
+    perm = torch.argsort(expert, stable=True)
+    counts = torch.bincount(expert, minlength=n_expert).tolist()
+    groups, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            groups.append((start, start + c, e))
+            start += c
+    return perm, groups
+
+
+class Routing:
+    """Routing decisions of one forward pass, passed explicitly to every MoE layer.
+
+    Global routing: `expert` (B,), `gate` (B,) or None and, when the batch was sorted by expert, `groups`.
+    Layer routing: each layer's own router decides; its logits and choices are appended to
+    `layer_logits` / `layer_experts` in forward order, or taken from `fixed_layers` when given.
+    """
+
+    def __init__(self, n_expert: int, sparse: bool, expert=None, gate=None, groups=None, fixed_layers=None):
+        self.n_expert, self.sparse = n_expert, sparse
+        self.expert, self.gate, self.groups = expert, gate, groups
+        self.fixed_layers = fixed_layers
+        self.layer_logits: list[torch.Tensor] = []
+        self.layer_experts: list[torch.Tensor] = []
+
+    def for_layer(self, layer: "MoEConv2d", x: torch.Tensor):
+        """(expert, gate, groups) for `layer` on input `x`."""
+        if self.expert is not None:
+            return self.expert, self.gate, self.groups
+        if self.fixed_layers is not None:
+            expert = self.fixed_layers[len(self.layer_experts)]
+            self.layer_experts.append(expert)
+            return expert, None, None
+        if layer.router is None:
+            raise RuntimeError("layer routing needs MoE layers built with a layer router")
+        logits = layer.router(x)
+        expert, gate = hard_top1(logits)
+        self.layer_logits.append(logits)
+        self.layer_experts.append(expert)
+        return expert, gate, None
+
+
+class MoEConv2d(nn.Module):
+    """Conv whose `n_expert * out_channels` output rows are split among experts.
+
+    Expert e owns weight rows e*w .. (e+1)*w-1 (w = out_channels), the reference layout; each image
+    produces only its expert's w channels. Sparse mode convolves each image with its own expert's
+    slice only; dense-masked mode (the reference's computation, kept as an oracle) convolves with all
+    experts and keeps the chosen one through a one-hot mask.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=False,
+                 n_expert=1, layer_router=False):
+        super().__init__()
+        self.in_channels, self.out_channels, self.n_expert = in_channels, out_channels, n_expert
+        self.stride, self.padding = stride, padding
+        k = kernel_size
+        self.weight = nn.Parameter(torch.empty(n_expert * out_channels, in_channels, k, k))
+        self.bias = nn.Parameter(torch.empty(n_expert * out_channels)) if bias else None
+        self.router = LayerRouter(in_channels, n_expert) if layer_router else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv2d's default, per-expert fan-in
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_channels * k * k)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _expert_slice(self, e):
+        rows = slice(e * self.out_channels, (e + 1) * self.out_channels)
+        return self.weight[rows], (self.bias[rows] if self.bias is not None else None)
+
+    def _conv(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, self.stride, self.padding)
+
+    def _sparse(self, x, expert, groups):
+        if groups is None:  # batch not sorted by expert (layer routing): sort here, undo after
+            perm, groups = expert_groups(expert, self.n_expert)
+            out = self._sparse(x[perm], None, groups)
+            return out[torch.argsort(perm)]
+        if not groups:  # empty batch
+            return self._conv(x, *self._expert_slice(0))
+        outs = [self._conv(x[s:t], *self._expert_slice(e)) for s, t, e in groups]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _dense_masked(self, x, expert):
+        y = self._conv(x, self.weight, self.bias)  # (B, N*w, H, W): every expert computed
+        y = y.view(y.shape[0], self.n_expert, self.out_channels, *y.shape[2:])
+        mask = F.one_hot(expert, self.n_expert).to(y.dtype)[:, :, None, None, None]  # (B, N, 1, 1, 1)
+        return (y * mask).sum(dim=1)  # (B, w, H, W)
+
+    def forward(self, x, routing: Routing):
+        expert, gate, groups = routing.for_layer(self, x)
+        y = self._sparse(x, expert, groups) if routing.sparse else self._dense_masked(x, expert)
+        if gate is not None:  # value 1: carries the straight-through gradient to the router
+            y = y * gate.view(-1, 1, 1, 1)
+        return y
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels} x {self.n_expert} experts, "
+                f"kernel_size={self.weight.shape[-1]}, stride={self.stride}, padding={self.padding}")

@@ -1,0 +1,167 @@
+"""AdvMoE: router-expert alternating adversarial training (Zhang et al., ICCV 2023), and its baselines.
+
+One training update of an MoE-CNN is either
+- `advmoe_step`: the paper's bi-level problem solved by alternation, per batch
+  1. `router_step`: adversarial examples against the current MoE, then only the router parameters
+     move to lower the robust loss of the whole MoE on them (experts frozen);
+  2. `expert_step`: fresh adversarial examples against the MoE with the updated router, then only
+     the backbone (expert) parameters move (router frozen);
+- `joint_step`: conventional adversarial training of the MoE, router and experts in one update.
+
+The robust loss is TRADES or PGD-AT (`cfg.at`), as in dense training. `router_objective="reference"`
+replaces the router step's loss with the released code's
+`alpha * CE(router(x), y mod N) + beta * KL(router(x_adv) || router(x)) / B`, its attack adding the
+router's KL to the model's.
+
+Lean by construction: frozen parameters have `requires_grad` off during a step (autograd skips their
+weight gradients), and the frozen part's BatchNorm layers normalise with batch statistics without
+moving their running statistics, so each BatchNorm is updated once per batch, by the step that trains it.
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attack import pgd_attack, trades_kl_loss_fn, eval_mode
+from .losses import robust_loss
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or the router went NaN/inf: training stops before anything bad is saved."""
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Attack and objective of a training step (eps and step size in [0,1] pixel units)."""
+    at: str = "trades"
+    eps: float = 8 / 255
+    step_size: float = 5 / 255
+    num_steps: int = 2
+    beta: float = 6.0
+    alpha: float = 6.0
+    router_objective: str = "robust"
+
+
+@contextmanager
+def frozen(params):
+    """Temporarily stop gradients to `params` (restores each flag)."""
+    params = list(params)
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def running_stats_frozen(modules):
+    """BatchNorm layers in `modules` use batch statistics in train mode but leave running stats alone."""
+    bns = [m for m in modules if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    flags = [bn.track_running_stats for bn in bns]
+    try:
+        for bn in bns:
+            bn.track_running_stats = False
+        yield
+    finally:
+        for bn, flag in zip(bns, flags):
+            bn.track_running_stats = flag
+
+
+def _router_modules(model):
+    return [m for name, m in model.named_modules() if _is_router_name(name)]
+
+
+def _backbone_modules(model):
+    return [m for name, m in model.named_modules() if not _is_router_name(name)]
+
+
+def _is_router_name(name):
+    return name == "router" or name.startswith("router.") or ".router" in name
+
+
+def check_finite(tensor, what):
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(f"{what} is not finite (NaN/inf); stopping, last good checkpoint kept")
+
+
+def _robust(model, x, y, cfg, generator):
+    return robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size,
+                       num_steps=cfg.num_steps, beta=cfg.beta, generator=generator)
+
+
+def _update(optimizer, loss, scaler=None):
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
+def reference_router_loss(model, x, y, cfg, generator=None):
+    """The released code's router objective (pure): returns dict(loss, x_adv).
+
+    Attack: TRADES-style, maximising KL(model(x)||model(x_adv)) + KL(router(x)||router(x_adv)).
+    Loss: alpha * CE(router(x), y mod N) + beta * KL(router(x) || router(x_adv)) / B, both router
+    forwards in the caller's mode. KL is computed from log-probabilities, so no NaN on underflow.
+    """
+    with torch.no_grad(), eval_mode(model):
+        logits_clean, router_clean = model(x), model.route(x)
+    model_kl, router_kl = trades_kl_loss_fn(logits_clean), trades_kl_loss_fn(router_clean)
+
+    def attack_loss(m, x_adv):
+        return model_kl(m, x_adv) + router_kl(m.route, x_adv)
+
+    x_adv = pgd_attack(model, x, attack_loss, eps=cfg.eps, step_size=cfg.step_size,
+                       num_steps=cfg.num_steps, random_start="normal", generator=generator)
+    r_clean, r_adv = model.route(x), model.route(x_adv)
+    kl = F.kl_div(F.log_softmax(r_adv.float(), 1), F.log_softmax(r_clean.float(), 1),
+                  log_target=True, reduction="sum") / x.shape[0]
+    loss = cfg.alpha * F.cross_entropy(r_clean, y % model.n_expert) + cfg.beta * kl
+    return {"loss": loss, "x_adv": x_adv}
+
+
+def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, generator=None):
+    """Update the router only (experts frozen). Returns the step's loss dict."""
+    with frozen(model.backbone_parameters()), running_stats_frozen(_backbone_modules(model)):
+        if cfg.router_objective == "reference":
+            out = reference_router_loss(model, x, y, cfg, generator)
+        else:
+            out = _robust(model, x, y, cfg, generator)
+        check_finite(out["loss"], "router-step loss")
+        _update(router_optimizer, out["loss"], scaler)
+    return out
+
+
+def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None):
+    """Update the backbone (experts and shared layers) only, router frozen. Returns the loss dict."""
+    with frozen(model.router_parameters()), running_stats_frozen(_router_modules(model)):
+        out = _robust(model, x, y, cfg, generator)
+        check_finite(out["loss"], "expert-step loss")
+        _update(optimizer, out["loss"], scaler)
+    return out
+
+
+def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scaler=None, generator=None):
+    """One AdvMoE update: router step, then expert step on fresh adversarial examples."""
+    r = router_step(model, x, y, cfg, router_optimizer, scaler, generator)
+    for p in model.router_parameters():
+        check_finite(p, "router parameter")
+    out = expert_step(model, x, y, cfg, optimizer, scaler, generator)
+    out["router_loss"] = r["loss"].detach()
+    return out
+
+
+def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None):
+    """Conventional adversarial training of the whole model (dense, or MoE router and experts together)."""
+    out = _robust(model, x, y, cfg, generator)
+    check_finite(out["loss"], "training loss")
+    _update(optimizer, out["loss"], scaler)
+    return out

@@ -1,0 +1,418 @@
+"""Training and evaluation runs shared by train_ori.py and train_moe.py.
+
+`fit(args, script)` is the whole run: validate everything that can fail (data, checkpoint, arch), only then
+create the run folder; train epoch by epoch with a checkpoint after each, and stop cleanly on SIGTERM/SIGUSR1
+with a mid-epoch checkpoint. Every epoch reseeds all RNGs from (seed, epoch), and the sampler's order
+depends only on (seed, epoch), so a run killed at any moment and resumed from its last checkpoint ends with
+the same weights as an uninterrupted one.
+"""
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import models
+from . import advmoe
+from .checkpoint import (args_to_dict, capture_rng_state, load_checkpoint, load_model_weights,
+                         restore_rng_state, save_checkpoint)
+from .data import build_loaders, dataset_info
+from .errors import UsageError
+from .evaluate import evaluate
+from .runlog import RunLogger, format_epoch_line, run_dir
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; sh/ scripts and SLURM requeue on it
+CHECKPOINT_FORMAT = "advmoe-tool/1"
+COLLAPSE_SHARE = 95.0  # % of images on one expert that we call a load collapse
+
+
+class Interrupted(Exception):
+    """Raised after a SIGTERM/SIGUSR1 checkpoint was written: the run should exit with REQUEUE_EXIT_CODE."""
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (what SLURM sends before killing a job); checked after every step."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self)
+        return self
+
+
+class Precision:
+    """Mixed precision on CUDA: bf16 where supported, else fp16 with a gradient scaler; off on CPU."""
+
+    def __init__(self, device: torch.device, amp: bool | None):
+        self.enabled = device.type == "cuda" if amp is None else bool(amp)
+        if self.enabled and device.type != "cuda":
+            raise UsageError("--amp needs a CUDA device")
+        self.device_type = device.type
+        self.dtype = None
+        self.scaler = None
+        if self.enabled:
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if self.dtype == torch.float16:
+                self.scaler = torch.amp.GradScaler("cuda")
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.enabled else nullcontext()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def make_optimizer(params, name, lr, momentum, wd):
+    params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd, nesterov=False)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    raise UsageError(f"unknown optimizer {name!r} (sgd, adam)")
+
+
+def make_scheduler(optimizer, schedule, epochs):
+    """Per-epoch schedule: cosine to 0, or step (x0.1 at 75% and again at 90% of the epochs)."""
+    if schedule == "cosine":
+        fn = lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs))  # noqa: E731
+    elif schedule == "step":
+        fn = lambda e: 0.1 ** ((e >= 0.75 * epochs) + (e >= 0.9 * epochs))  # noqa: E731
+    else:
+        raise UsageError(f"unknown lr schedule {schedule!r} (cosine, step)")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; built by `setup`, checkpointed by `state_dict`."""
+    args: object
+    script: str
+    device: torch.device
+    model: torch.nn.Module
+    train_loader: object
+    val_loader: object
+    test_loader: object
+    optimizer: object
+    scheduler: object
+    router_optimizer: object = None
+    router_scheduler: object = None
+    precision: Precision = None
+    start_epoch: int = 0
+    start_batch: int = 0
+    partial: dict = None
+    best_select: float = -1.0  # RA on the validation split (test split when there is none)
+    best_ra: float = 0.0  # test RA of the selected epoch
+    best_sa: float = 0.0
+    best_epoch: int = -1
+    rng_after_resume: dict = None
+
+    def state_dict(self, epoch, step_in_epoch=0, partial=None):
+        m = self.model
+        state = {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "arch": self.args.arch, "state_dict": m.state_dict(),
+            "best_acc": self.best_ra, "sa_record": self.best_sa, "best_epoch": self.best_epoch,
+            "best_select": self.best_select,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step_in_epoch": step_in_epoch, "partial": partial or {}, "rng": capture_rng_state(),
+            "args": args_to_dict(self.args), "ratio": self.args.ratio, "n_expert": m.n_expert,
+            "num_classes": _num_classes(m), "dataset": self.args.dataset, "normalize": bool(self.args.normalize),
+            "routing": m.routing_mode,
+        }
+        if m.is_moe and m.routing_mode == "global":
+            state["router"] = m.router.state_dict()
+        if self.router_optimizer is not None:
+            state["router_optimizer"] = self.router_optimizer.state_dict()
+            state["router_scheduler"] = self.router_scheduler.state_dict()
+        if self.precision.scaler is not None:
+            state["scaler"] = self.precision.scaler.state_dict()
+        return state
+
+
+def _num_classes(model):
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not _in_router(model, m)][-1]
+    return last.out_features
+
+
+def _in_router(model, module):
+    return any(module is m for r in (getattr(model, "router", None),) if r is not None for m in r.modules())
+
+
+def check_arch_for_script(args, script):
+    moe = models.is_moe(args.arch)
+    if script == "train_ori" and moe:
+        raise UsageError(f"{args.arch} is an MoE arch: train it with train_moe.py")
+    if script == "train_moe" and not moe:
+        raise UsageError(f"{args.arch} is a dense arch: train it with train_ori.py")
+
+
+def build_model_from_args(args, num_classes, stats):
+    try:
+        return models.build_model(args.arch, num_classes=num_classes, ratio=args.ratio, n_expert=args.n_expert,
+                                  normalize=stats if args.normalize else None,
+                                  routing=getattr(args, "routing", "global"), sparse=getattr(args, "sparse", True))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def setup(args, script, device):
+    """Build data, model, optimizers; resume. Raises UsageError before anything is written."""
+    check_arch_for_script(args, script)
+    seed_everything(args.seed)
+    info = dataset_info(args.dataset)
+    train_loader, val_loader, test_loader, info = build_loaders(
+        args.dataset, args.data_dir, batch_size=args.batch_size, test_batch_size=args.test_batch_size,
+        num_workers=args.num_workers, seed=args.seed, device=device, data_fraction=args.data_fraction)
+    model = build_model_from_args(args, info.num_classes, (info.mean, info.std)).to(device)
+    precision = Precision(device, getattr(args, "amp", None))
+    moe_training = getattr(args, "moe_training", None) if model.is_moe else None
+    if moe_training == "advmoe":
+        optimizer = make_optimizer(model.backbone_parameters(), args.optimizer, args.lr, args.momentum, args.wd)
+        router_optimizer = make_optimizer(model.router_parameters(), args.router_optimizer, args.router_lr,
+                                          args.momentum, args.wd)
+        router_scheduler = make_scheduler(router_optimizer, args.router_lr_schedule, args.epochs)
+    else:
+        optimizer = make_optimizer(model.parameters(), args.optimizer, args.lr, args.momentum, args.wd)
+        router_optimizer = router_scheduler = None
+    scheduler = make_scheduler(optimizer, args.lr_schedule, args.epochs)
+    run = Run(args, script, device, model, train_loader, val_loader, test_loader, optimizer, scheduler,
+              router_optimizer, router_scheduler, precision)
+    return run
+
+
+def resolve_resume(args, script) -> str:
+    """`--resume auto` -> this run folder's latest checkpoint or '' (fresh start)."""
+    if args.resume != "auto":
+        return args.resume or ""
+    path = os.path.join(run_dir(args, script), "checkpoint", "checkpoint.pth.tar")
+    return path if os.path.exists(path) else ""
+
+
+def restore(run: Run, path: str):
+    """Continue from a checkpoint: weights, optimizers, schedules, best record, RNG, position."""
+    ckpt = load_checkpoint(path)
+    load_model_weights(run.model, ckpt, arch=run.args.arch, ratio=run.args.ratio, source=path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
+        raise UsageError(f"{path} is not a resumable checkpoint of this tool (use it with --evaluate)")
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        if run.router_optimizer is not None:
+            run.router_optimizer.load_state_dict(ckpt["router_optimizer"])
+            run.router_scheduler.load_state_dict(ckpt["router_scheduler"])
+        if run.precision.scaler is not None and "scaler" in ckpt:
+            run.precision.scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, ValueError) as e:
+        raise UsageError(f"{path}: optimizer state does not fit this run ({e}); "
+                         f"was it trained with other --moe-training/--optimizer flags?") from None
+    run.start_epoch, run.start_batch = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
+    run.partial = ckpt.get("partial") or {}
+    run.best_ra, run.best_sa = float(ckpt["best_acc"]), float(ckpt["sa_record"])
+    run.best_epoch = int(ckpt.get("best_epoch", -1))
+    run.best_select = float(ckpt.get("best_select", run.best_ra))
+    run.rng_after_resume = ckpt["rng"] if run.start_batch else None
+
+
+def make_step(run: Run):
+    """The per-batch update for this run: dense/joint adversarial training or AdvMoE."""
+    a = run.args
+    cfg = advmoe.StepConfig(at=a.at, eps=a.epsilon, step_size=a.step_size, num_steps=a.num_steps, beta=a.beta,
+                            alpha=a.alpha, router_objective=getattr(a, "router_objective", "robust"))
+    scaler = run.precision.scaler
+    if run.router_optimizer is not None:
+        return lambda x, y: advmoe.advmoe_step(run.model, x, y, cfg, run.optimizer, run.router_optimizer, scaler)
+    return lambda x, y: advmoe.joint_step(run.model, x, y, cfg, run.optimizer, scaler)
+
+
+def train_epoch(run: Run, epoch: int, stop: StopFlag):
+    """One epoch of updates; returns (stats, interrupted_at_batch or None)."""
+    a, model = run.args, run.model
+    step = make_step(run)
+    loader = run.train_loader
+    loader.sampler.set_epoch(epoch)
+    start = run.start_batch if epoch == run.start_epoch else 0
+    partial = dict(run.partial or {}) if start else {}
+    if start:
+        loader.sampler.set_start(start, a.batch_size)
+        restore_rng_state(run.rng_after_resume)
+    loss_sum, correct, seen = partial.get("loss_sum", 0.0), partial.get("correct", 0), partial.get("seen", 0)
+    total = len(loader) + start
+    if a.max_batches is not None:
+        total = min(total, a.max_batches)
+    model.train()
+    bar = tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{a.epochs}", leave=False,
+               disable=a.no_progress, dynamic_ncols=True)
+    batch = start
+    for x, y in loader:
+        if batch >= total:
+            break
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        with run.precision.autocast():
+            out = step(x, y)
+        loss_sum += out["loss"].item() * len(y)
+        correct += (out["logits_adv"].argmax(1) == y).sum().item()
+        seen += len(y)
+        batch += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", adv_acc=f"{100 * correct / seen:.1f}%")
+        if stop.signum is not None and batch < total:
+            bar.close()
+            return {"loss_sum": loss_sum, "correct": correct, "seen": seen}, batch
+    bar.close()
+    return {"loss_sum": loss_sum, "correct": correct, "seen": seen}, None
+
+
+def _eval(run, loader, desc):
+    a = run.args
+    return evaluate(run.model, loader, eps=a.epsilon_test, step_size=a.step_size_test,
+                    num_steps=a.num_steps_test, device=run.device, max_batches=a.max_test_batches,
+                    progress=not a.no_progress, desc=desc)
+
+
+def _checkpoint_paths(folder):
+    return os.path.join(folder, "checkpoint", "checkpoint.pth.tar"), os.path.join(folder, "checkpoint",
+                                                                                   "model_best.pth.tar")
+
+
+def _moe_row(ev, prefix=""):
+    row = {}
+    for k in ("router_robustness", "expert_robustness", "load_clean", "load_adv"):
+        if k in ev:
+            row[prefix + k] = ev[k]
+    if "load_clean" in ev and len(ev["load_clean"]) > 1:
+        row[prefix + "collapse"] = max(ev["load_clean"]) >= COLLAPSE_SHARE
+    return row
+
+
+def fit(args, script):
+    """Train (or with --evaluate, evaluate) as the flags say. Returns the last metrics row."""
+    device = resolve_device(args.device)
+    if args.evaluate:
+        return evaluate_checkpoint(args, script, device)
+    resume = resolve_resume(args, script)
+    folder = run_dir(args, script)
+    latest, best = _checkpoint_paths(folder)
+    if not resume and os.path.exists(latest):
+        raise UsageError(f"{folder} already holds a checkpoint; continue it with --resume auto, "
+                         f"or start a new run with another --exp-identifier/--save-dir")
+    run = setup(args, script, device)
+    if resume:
+        restore(run, resume)
+    stop = StopFlag().install()
+    row = None
+    with RunLogger(folder, args) as log:
+        log.info(f"{script} {args.arch} on {args.dataset} ({device}); run folder {folder}")
+        if resume:
+            log.info(f"resumed from {resume} at epoch {run.start_epoch + 1}, batch {run.start_batch}")
+        log.set_status("running")
+        try:
+            for epoch in range(run.start_epoch, args.epochs):
+                row = _train_and_evaluate_epoch(run, epoch, stop, log, latest, best)
+        except Interrupted:
+            log.set_status("interrupted", f"signal {stop.signum}: checkpoint written, exit {REQUEUE_EXIT_CODE}")
+            raise
+        except advmoe.NonFiniteError as e:
+            log.error(str(e))
+            log.set_status("failed", str(e))
+            raise
+        log.set_status("finished")
+    return row
+
+
+def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
+    a = run.args
+    t0 = time.time()
+    if not (epoch == run.start_epoch and run.start_batch):
+        seed_everything(epoch_seed(a.seed, epoch))
+    lr = run.optimizer.param_groups[0]["lr"]
+    stats, interrupted_at = train_epoch(run, epoch, stop)
+    if interrupted_at is not None:
+        save_checkpoint(run.state_dict(epoch, interrupted_at, stats), latest)
+        log.info(f"signal {stop.signum}: checkpoint at epoch {epoch + 1} batch {interrupted_at} written to {latest}")
+        raise Interrupted()
+    run.scheduler.step()
+    if run.router_scheduler is not None:
+        run.router_scheduler.step()
+    row = {"epoch": epoch + 1, "lr": lr, "train_loss": stats["loss_sum"] / max(stats["seen"], 1),
+           "train_adv_acc": 100 * stats["correct"] / max(stats["seen"], 1)}
+    if run.router_optimizer is not None:
+        row["router_lr"] = run.router_optimizer.param_groups[0]["lr"]
+    select = None
+    if run.val_loader is not None:
+        val = _eval(run, run.val_loader, "val")
+        row.update({"val_sa": val["sa"], "val_ra": val["ra"]})
+        select = val["ra"]
+    test = _eval(run, run.test_loader, "test")
+    row.update({"sa": test["sa"], "ra": test["ra"]})
+    row.update(_moe_row(test))
+    # Model selection on the held-out validation split (the reference picked on the test set).
+    select = test["ra"] if select is None else select
+    is_best = select > run.best_select
+    if is_best:
+        run.best_select, run.best_ra, run.best_sa, run.best_epoch = select, test["ra"], test["sa"], epoch + 1
+    row.update({"best_ra": run.best_ra, "best_epoch": run.best_epoch, "seconds": time.time() - t0})
+    state = run.state_dict(epoch + 1)
+    save_checkpoint(state, latest)
+    if is_best:
+        save_checkpoint(state, best)
+    log.log_metrics(row)
+    log.info(format_epoch_line({**row, "epochs": a.epochs}))
+    if row.get("collapse"):
+        log.warning(f"expert load collapse: {max(row['load_clean']):.1f}% of test images use one expert")
+    return row
+
+
+def evaluate_checkpoint(args, script, device):
+    """--evaluate --resume CKPT: SA and RA (and the MoE dissection) of a checkpoint, recorded in a run folder."""
+    check_arch_for_script(args, script)
+    seed_everything(args.seed)
+    ckpt = load_checkpoint(args.resume)
+    _, _, test_loader, info = build_loaders(
+        args.dataset, args.data_dir, batch_size=args.batch_size, test_batch_size=args.test_batch_size,
+        num_workers=args.num_workers, seed=args.seed, device=device, data_fraction=1.0)
+    model = build_model_from_args(args, info.num_classes, (info.mean, info.std)).to(device)
+    load_model_weights(model, ckpt, arch=args.arch, ratio=args.ratio, source=args.resume)
+    folder = run_dir(args, script, evaluate=True)
+    with RunLogger(folder, args) as log:
+        t0 = time.time()
+        ev = evaluate(model, test_loader, eps=args.epsilon_test, step_size=args.step_size_test,
+                      num_steps=args.num_steps_test, device=device, max_batches=args.max_test_batches,
+                      progress=not args.no_progress, desc="test")
+        row = {"checkpoint": os.path.abspath(args.resume), "epoch": ckpt.get("epoch"), "sa": ev["sa"],
+               "ra": ev["ra"], "n": ev["n"], "eps": args.epsilon_test, "num_steps": args.num_steps_test,
+               **_moe_row(ev), "seconds": time.time() - t0}
+        log.log_metrics(row)
+        log.info(f"evaluate {args.resume}: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}% "
+                 f"(PGD-{args.num_steps_test}, eps {args.epsilon_test * 255:.1f}/255, {ev['n']} images)"
+                 + "".join(f" | {k} {v:.2f}%" for k, v in row.items() if k.endswith("robustness")))
+        log.set_status("finished")
+    return row
