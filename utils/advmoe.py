@@ -94,14 +94,16 @@ def _robust(model, x, y, cfg, generator):
                        num_steps=cfg.num_steps, beta=cfg.beta, generator=generator)
 
 
-def _update(optimizer, loss, scaler=None):
+def _update(optimizer, loss, scaler=None, grad_sync=None):
+    """Backward and step; `grad_sync(params)` (distributed gradient averaging) runs in between."""
     optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if grad_sync is not None:
+        grad_sync([p for group in optimizer.param_groups for p in group["params"]])
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         optimizer.step()
 
 
@@ -128,7 +130,7 @@ def reference_router_loss(model, x, y, cfg, generator=None):
     return {"loss": loss, "x_adv": x_adv}
 
 
-def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, generator=None):
+def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, generator=None, grad_sync=None):
     """Update the router only (experts frozen). Returns the step's loss dict."""
     with frozen(model.backbone_parameters()), running_stats_frozen(_backbone_modules(model)):
         if cfg.router_objective == "reference":
@@ -136,32 +138,33 @@ def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, gen
         else:
             out = _robust(model, x, y, cfg, generator)
         check_finite(out["loss"], "router-step loss")
-        _update(router_optimizer, out["loss"], scaler)
+        _update(router_optimizer, out["loss"], scaler, grad_sync)
     return out
 
 
-def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None):
+def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None):
     """Update the backbone (experts and shared layers) only, router frozen. Returns the loss dict."""
     with frozen(model.router_parameters()), running_stats_frozen(_router_modules(model)):
         out = _robust(model, x, y, cfg, generator)
         check_finite(out["loss"], "expert-step loss")
-        _update(optimizer, out["loss"], scaler)
+        _update(optimizer, out["loss"], scaler, grad_sync)
     return out
 
 
-def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scaler=None, generator=None):
+def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scaler=None, generator=None,
+                grad_sync=None):
     """One AdvMoE update: router step, then expert step on fresh adversarial examples."""
-    r = router_step(model, x, y, cfg, router_optimizer, scaler, generator)
+    r = router_step(model, x, y, cfg, router_optimizer, scaler, generator, grad_sync)
     for p in model.router_parameters():
         check_finite(p, "router parameter")
-    out = expert_step(model, x, y, cfg, optimizer, scaler, generator)
+    out = expert_step(model, x, y, cfg, optimizer, scaler, generator, grad_sync)
     out["router_loss"] = r["loss"].detach()
     return out
 
 
-def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None):
+def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None):
     """Conventional adversarial training of the whole model (dense, or MoE router and experts together)."""
     out = _robust(model, x, y, cfg, generator)
     check_finite(out["loss"], "training loss")
-    _update(optimizer, out["loss"], scaler)
+    _update(optimizer, out["loss"], scaler, grad_sync)
     return out

@@ -22,7 +22,9 @@ import models
 from . import advmoe
 from .checkpoint import (args_to_dict, capture_rng_state, load_checkpoint, load_model_weights,
                          restore_rng_state, save_checkpoint)
-from .data import build_loaders, dataset_info
+from .data import build_loaders
+from .distributed import (DistEnv, all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module,
+                          gather_objects, init_distributed, shutdown)
 from .errors import UsageError
 from .evaluate import evaluate
 from .runlog import RunLogger, format_epoch_line, run_dir
@@ -127,6 +129,7 @@ class Run:
     router_optimizer: object = None
     router_scheduler: object = None
     precision: Precision = None
+    env: DistEnv = DistEnv()
     start_epoch: int = 0
     start_batch: int = 0
     partial: dict = None
@@ -136,14 +139,16 @@ class Run:
     best_epoch: int = -1
     rng_after_resume: dict = None
 
-    def state_dict(self, epoch, step_in_epoch=0, partial=None):
+    def state_dict(self, epoch, step_in_epoch=0, partial=None, rng=None):
+        """The checkpoint; `rng` is every rank's RNG state (a list), captured by all ranks together."""
         m = self.model
         state = {
             "format": CHECKPOINT_FORMAT, "epoch": epoch, "arch": self.args.arch, "state_dict": m.state_dict(),
             "best_acc": self.best_ra, "sa_record": self.best_sa, "best_epoch": self.best_epoch,
             "best_select": self.best_select,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "step_in_epoch": step_in_epoch, "partial": partial or {}, "rng": capture_rng_state(),
+            "step_in_epoch": step_in_epoch, "partial": partial or {}, "rng": rng[0] if rng else capture_rng_state(),
+            "rng_per_rank": rng or [], "world_size": self.env.world_size,
             "args": args_to_dict(self.args), "ratio": self.args.ratio, "n_expert": m.n_expert,
             "num_classes": _num_classes(m), "dataset": self.args.dataset, "normalize": bool(self.args.normalize),
             "routing": m.routing_mode,
@@ -184,15 +189,19 @@ def build_model_from_args(args, num_classes, stats):
         raise UsageError(str(e)) from None
 
 
-def setup(args, script, device):
-    """Build data, model, optimizers; resume. Raises UsageError before anything is written."""
+def setup(args, script, device, env=DistEnv()):
+    """Build data, model, optimizers. Raises UsageError before anything is written."""
     check_arch_for_script(args, script)
     seed_everything(args.seed)
-    info = dataset_info(args.dataset)
     train_loader, val_loader, test_loader, info = build_loaders(
         args.dataset, args.data_dir, batch_size=args.batch_size, test_batch_size=args.test_batch_size,
-        num_workers=args.num_workers, seed=args.seed, device=device, data_fraction=args.data_fraction)
-    model = build_model_from_args(args, info.num_classes, (info.mean, info.std)).to(device)
+        num_workers=args.num_workers, seed=args.seed, device=device, data_fraction=args.data_fraction,
+        rank=env.rank, world_size=env.world_size)
+    model = build_model_from_args(args, info.num_classes, (info.mean, info.std))
+    if args.sync_bn and env.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    broadcast_module(model, env)
     precision = Precision(device, getattr(args, "amp", None))
     moe_training = getattr(args, "moe_training", None) if model.is_moe else None
     if moe_training == "advmoe":
@@ -205,7 +214,7 @@ def setup(args, script, device):
         router_optimizer = router_scheduler = None
     scheduler = make_scheduler(optimizer, args.lr_schedule, args.epochs)
     run = Run(args, script, device, model, train_loader, val_loader, test_loader, optimizer, scheduler,
-              router_optimizer, router_scheduler, precision)
+              router_optimizer, router_scheduler, precision, env)
     return run
 
 
@@ -239,7 +248,11 @@ def restore(run: Run, path: str):
     run.best_ra, run.best_sa = float(ckpt["best_acc"]), float(ckpt["sa_record"])
     run.best_epoch = int(ckpt.get("best_epoch", -1))
     run.best_select = float(ckpt.get("best_select", run.best_ra))
-    run.rng_after_resume = ckpt["rng"] if run.start_batch else None
+    rngs = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+    if run.start_batch and len(rngs) != run.env.world_size:
+        raise UsageError(f"{path} was interrupted mid-epoch with {len(rngs)} processes; resume it with the same "
+                         f"number of processes (now {run.env.world_size})")
+    run.rng_after_resume = rngs[run.env.rank] if run.start_batch else None
 
 
 def make_step(run: Run):
@@ -248,9 +261,11 @@ def make_step(run: Run):
     cfg = advmoe.StepConfig(at=a.at, eps=a.epsilon, step_size=a.step_size, num_steps=a.num_steps, beta=a.beta,
                             alpha=a.alpha, router_objective=getattr(a, "router_objective", "robust"))
     scaler = run.precision.scaler
+    sync = (lambda params: average_gradients(params, run.env)) if run.env.enabled else None
     if run.router_optimizer is not None:
-        return lambda x, y: advmoe.advmoe_step(run.model, x, y, cfg, run.optimizer, run.router_optimizer, scaler)
-    return lambda x, y: advmoe.joint_step(run.model, x, y, cfg, run.optimizer, scaler)
+        return lambda x, y: advmoe.advmoe_step(run.model, x, y, cfg, run.optimizer, run.router_optimizer, scaler,
+                                               grad_sync=sync)
+    return lambda x, y: advmoe.joint_step(run.model, x, y, cfg, run.optimizer, scaler, grad_sync=sync)
 
 
 def train_epoch(run: Run, epoch: int, stop: StopFlag):
@@ -284,18 +299,25 @@ def train_epoch(run: Run, epoch: int, stop: StopFlag):
         batch += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", adv_acc=f"{100 * correct / seen:.1f}%")
-        if stop.signum is not None and batch < total:
+        if batch < total and any_rank(stop.signum is not None, run.env, run.device):
             bar.close()
             return {"loss_sum": loss_sum, "correct": correct, "seen": seen}, batch
     bar.close()
     return {"loss_sum": loss_sum, "correct": correct, "seen": seen}, None
 
 
+def _reduce_stats(stats, env, device):
+    t = all_reduce_sum(torch.tensor([stats["loss_sum"], stats["correct"], stats["seen"]], dtype=torch.float64,
+                                    device=device), env)
+    return {"loss_sum": t[0].item(), "correct": t[1].item(), "seen": t[2].item()}
+
+
 def _eval(run, loader, desc):
     a = run.args
+    reduce = (lambda t: all_reduce_sum(t, run.env, run.device)) if run.env.enabled else None
     return evaluate(run.model, loader, eps=a.epsilon_test, step_size=a.step_size_test,
                     num_steps=a.num_steps_test, device=run.device, max_batches=a.max_test_batches,
-                    progress=not a.no_progress, desc=desc)
+                    progress=not a.no_progress and run.env.is_main, desc=desc, reduce=reduce)
 
 
 def _checkpoint_paths(folder):
@@ -316,20 +338,28 @@ def _moe_row(ev, prefix=""):
 def fit(args, script):
     """Train (or with --evaluate, evaluate) as the flags say. Returns the last metrics row."""
     device = resolve_device(args.device)
-    if args.evaluate:
-        return evaluate_checkpoint(args, script, device)
+    env, device = init_distributed(device)
+    try:
+        if args.evaluate:
+            return evaluate_checkpoint(args, script, device, env)
+        return _fit(args, script, device, env)
+    finally:
+        shutdown()
+
+
+def _fit(args, script, device, env):
     resume = resolve_resume(args, script)
     folder = run_dir(args, script)
     latest, best = _checkpoint_paths(folder)
     if not resume and os.path.exists(latest):
         raise UsageError(f"{folder} already holds a checkpoint; continue it with --resume auto, "
                          f"or start a new run with another --exp-identifier/--save-dir")
-    run = setup(args, script, device)
+    run = setup(args, script, device, env)
     if resume:
         restore(run, resume)
     stop = StopFlag().install()
     row = None
-    with RunLogger(folder, args) as log:
+    with RunLogger(folder, args, is_main=env.is_main) as log:
         log.info(f"{script} {args.arch} on {args.dataset} ({device}); run folder {folder}")
         if resume:
             log.info(f"resumed from {resume} at epoch {run.start_epoch + 1}, batch {run.start_batch}")
@@ -351,14 +381,20 @@ def fit(args, script):
 def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
     a = run.args
     t0 = time.time()
+    env = run.env
     if not (epoch == run.start_epoch and run.start_batch):
-        seed_everything(epoch_seed(a.seed, epoch))
+        seed_everything(epoch_seed(a.seed, epoch) + 7919 * env.rank)
     lr = run.optimizer.param_groups[0]["lr"]
     stats, interrupted_at = train_epoch(run, epoch, stop)
     if interrupted_at is not None:
-        save_checkpoint(run.state_dict(epoch, interrupted_at, stats), latest)
+        state = run.state_dict(epoch, interrupted_at, stats, rng=gather_objects(capture_rng_state(), env))
+        if env.is_main:
+            save_checkpoint(state, latest)
+        barrier(env)
         log.info(f"signal {stop.signum}: checkpoint at epoch {epoch + 1} batch {interrupted_at} written to {latest}")
         raise Interrupted()
+    stats = _reduce_stats(stats, env, run.device)
+    broadcast_module(run.model, env)  # BatchNorm statistics of rank 0 for evaluation and the checkpoint
     run.scheduler.step()
     if run.router_scheduler is not None:
         run.router_scheduler.step()
@@ -380,10 +416,12 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
     if is_best:
         run.best_select, run.best_ra, run.best_sa, run.best_epoch = select, test["ra"], test["sa"], epoch + 1
     row.update({"best_ra": run.best_ra, "best_epoch": run.best_epoch, "seconds": time.time() - t0})
-    state = run.state_dict(epoch + 1)
-    save_checkpoint(state, latest)
-    if is_best:
-        save_checkpoint(state, best)
+    if env.is_main:
+        state = run.state_dict(epoch + 1)
+        save_checkpoint(state, latest)
+        if is_best:
+            save_checkpoint(state, best)
+    barrier(env)
     log.log_metrics(row)
     log.info(format_epoch_line({**row, "epochs": a.epochs}))
     if row.get("collapse"):
@@ -391,22 +429,24 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
     return row
 
 
-def evaluate_checkpoint(args, script, device):
+def evaluate_checkpoint(args, script, device, env=DistEnv()):
     """--evaluate --resume CKPT: SA and RA (and the MoE dissection) of a checkpoint, recorded in a run folder."""
     check_arch_for_script(args, script)
-    seed_everything(args.seed)
+    seed_everything(args.seed + 7919 * env.rank)
     ckpt = load_checkpoint(args.resume)
     _, _, test_loader, info = build_loaders(
         args.dataset, args.data_dir, batch_size=args.batch_size, test_batch_size=args.test_batch_size,
-        num_workers=args.num_workers, seed=args.seed, device=device, data_fraction=1.0)
+        num_workers=args.num_workers, seed=args.seed, device=device, data_fraction=1.0,
+        rank=env.rank, world_size=env.world_size)
     model = build_model_from_args(args, info.num_classes, (info.mean, info.std)).to(device)
     load_model_weights(model, ckpt, arch=args.arch, ratio=args.ratio, source=args.resume)
     folder = run_dir(args, script, evaluate=True)
-    with RunLogger(folder, args) as log:
+    reduce = (lambda t: all_reduce_sum(t, env, device)) if env.enabled else None
+    with RunLogger(folder, args, is_main=env.is_main) as log:
         t0 = time.time()
         ev = evaluate(model, test_loader, eps=args.epsilon_test, step_size=args.step_size_test,
                       num_steps=args.num_steps_test, device=device, max_batches=args.max_test_batches,
-                      progress=not args.no_progress, desc="test")
+                      progress=not args.no_progress and env.is_main, desc="test", reduce=reduce)
         row = {"checkpoint": os.path.abspath(args.resume), "epoch": ckpt.get("epoch"), "sa": ev["sa"],
                "ra": ev["ra"], "n": ev["n"], "eps": args.epsilon_test, "num_steps": args.num_steps_test,
                **_moe_row(ev), "seconds": time.time() - t0}
