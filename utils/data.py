@@ -1,0 +1,409 @@
+"""Datasets, samplers and loaders for CIFAR10, CIFAR100, TinyImageNet, ImageNet and Digits.
+
+Every sample is `(image, label)`: a float tensor (C, H, W) in [0, 1] pixel units and an int class index.
+There is no normalisation here on purpose: attacks work in [0, 1] pixel space and the per-channel
+mean/std (`DatasetInfo.mean`, `.std`) is applied by the model itself (`--normalize`).
+
+Order and resumption: the training order of an epoch depends only on (seed, epoch) through `EpochSampler`.
+Callers must call `train_loader.sampler.set_epoch(epoch)` at the start of every epoch (and may then call
+`set_start(batch, batch_size)` to resume mid-epoch); otherwise every epoch repeats epoch 0's order.
+
+Nothing is loaded or computed at import time; the user's data folders are read in place and never modified.
+"""
+import copy
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from .errors import UsageError
+
+DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits")
+
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset; image_size in pixels, mean/std per RGB channel in [0, 1] units."""
+    name: str
+    num_classes: int
+    image_size: int
+    mean: tuple
+    std: tuple
+
+
+_INFO = {
+    "CIFAR10": DatasetInfo("CIFAR10", 10, 32, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "CIFAR100": DatasetInfo("CIFAR100", 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "TinyImageNet": DatasetInfo("TinyImageNet", 200, 64, _IMAGENET_MEAN, _IMAGENET_STD),
+    "ImageNet": DatasetInfo("ImageNet", 1000, 224, _IMAGENET_MEAN, _IMAGENET_STD),
+    # Measured once offline on the Digits training split below (after the 8x8 -> 32x32 bilinear upsampling);
+    # the three channels are copies of one grey channel, hence equal statistics.
+    "Digits": DatasetInfo("Digits", 10, 32, (0.3054, 0.3054, 0.3054), (0.3237, 0.3237, 0.3237)),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Static facts about dataset `name` (one of DATASETS); UsageError for an unknown name."""
+    try:
+        return _INFO[name]
+    except KeyError:
+        raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}") from None
+
+
+def num_classes(name: str) -> int:
+    """Number of classes of dataset `name`."""
+    return dataset_info(name).num_classes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------------------------
+
+def build_datasets(name: str, data_dir: str, download: bool = True):
+    """(train_ds, test_ds) for dataset `name`; samples are ((C, H, W) float in [0, 1], int label).
+
+    data_dir: the `--data-dir` folder. CIFAR is looked for under it first and only downloaded into it
+    when missing and `download` is true. Training augmentation (random crop, and a horizontal flip except
+    for Digits) is applied to the training set only. Raises UsageError when the data cannot be found.
+    """
+    info = dataset_info(name)
+    if name == "Digits":
+        return _digits_datasets()
+    data_dir = os.path.expanduser(str(data_dir))
+    if name in ("CIFAR10", "CIFAR100"):
+        return _cifar_datasets(name, data_dir, download)
+    if name == "TinyImageNet":
+        return _tiny_imagenet_datasets(data_dir, info.num_classes)
+    return _imagenet_datasets(data_dir, info.num_classes)
+
+
+def _flip_crop_transforms(crop):
+    """Train transform: `crop`, random horizontal flip, to [0, 1] tensor."""
+    from torchvision import transforms as T
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor()])
+
+
+def _cifar_datasets(name, data_dir, download):
+    from torchvision import datasets, transforms as T
+    cls = datasets.CIFAR10 if name == "CIFAR10" else datasets.CIFAR100
+    folder = os.path.join(data_dir, cls.base_folder)
+    train_tf = _flip_crop_transforms(T.RandomCrop(32, padding=4))
+    test_tf = T.ToTensor()
+
+    def load():
+        return cls(data_dir, train=True, transform=train_tf), cls(data_dir, train=False, transform=test_tf)
+
+    try:  # the user's files first, never the network when they are there
+        return load()
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+        pass
+    if os.path.exists(folder):
+        # Present but failing torchvision's md5 check: downloading would overwrite the user's files.
+        raise UsageError(f"{name} files in {folder} are incomplete or corrupted (torchvision's md5 check failed); "
+                         f"replace that folder with the original {cls.filename} contents, or point --data-dir "
+                         f"at another folder")
+    hint = (f"{name} not found: expected the folder {folder}; pass --data-dir DIR where DIR contains "
+            f"{cls.base_folder} (the extracted {cls.filename})")
+    if not download:
+        raise UsageError(hint)
+    created = _first_missing_ancestor(data_dir)
+    try:
+        cls(data_dir, train=True, download=True)
+        return load()
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; offline lands here
+        if created is not None:
+            _remove_empty_dirs(created)
+        raise UsageError(f"{hint}; downloading it failed ({type(e).__name__}: {e})") from None
+
+
+def _first_missing_ancestor(path):
+    """The outermost folder of `path` that does not exist yet (None if `path` exists)."""
+    path = os.path.abspath(path)
+    missing = None
+    while not os.path.exists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _remove_empty_dirs(top):
+    """Remove `top` if it holds nothing but empty folders (ones a failed download created)."""
+    if not os.path.isdir(top):
+        return
+    for root, dirs, files in os.walk(top, topdown=False):
+        if files or any(os.path.exists(os.path.join(root, d)) for d in dirs):
+            return
+        os.rmdir(root)
+
+
+class ImageListDataset(Dataset):
+    """Images read from a list of (path, label); files are only opened for reading."""
+
+    def __init__(self, samples, transform):
+        self.samples = list(samples)
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        from PIL import Image
+        path, label = self.samples[index]
+        with Image.open(path) as img:
+            img = img.convert("RGB")  # some Tiny-ImageNet JPEGs are greyscale
+        return self.transform(img), label
+
+
+def _image_files(folder):
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(_IMAGE_EXTENSIONS))
+
+
+def _find_tiny_imagenet(data_dir):
+    nested = os.path.join(data_dir, "tiny-imagenet-200")
+    for root in (nested, data_dir):
+        if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+            return root
+    raise UsageError(f"TinyImageNet not found: expected the folder {nested} (with train/ and val/ inside); "
+                     f"pass --data-dir DIR where DIR contains tiny-imagenet-200 (or is that folder)")
+
+
+def _tiny_imagenet_datasets(data_dir, max_classes):
+    from torchvision import transforms as T
+    root = _find_tiny_imagenet(data_dir)
+    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "val")
+    wnids_file = os.path.join(root, "wnids.txt")
+    if os.path.isfile(wnids_file):
+        with open(wnids_file) as f:
+            wnids = sorted({line.strip() for line in f if line.strip()})
+    else:
+        wnids = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+    if not wnids:
+        raise UsageError(f"TinyImageNet: no classes found in {train_dir}; check --data-dir")
+    if len(wnids) > max_classes:
+        raise UsageError(f"TinyImageNet: {len(wnids)} classes found in {root}, at most {max_classes} expected")
+    class_index = {wnid: i for i, wnid in enumerate(wnids)}
+
+    train = []
+    for wnid in wnids:
+        images = os.path.join(train_dir, wnid, "images")
+        if not os.path.isdir(images):
+            raise UsageError(f"TinyImageNet: missing folder {images} (class {wnid}); check --data-dir")
+        train += [(os.path.join(images, f), class_index[wnid]) for f in _image_files(images)]
+
+    annotations, images = os.path.join(val_dir, "val_annotations.txt"), os.path.join(val_dir, "images")
+    if not (os.path.isfile(annotations) and os.path.isdir(images)):
+        raise UsageError(f"TinyImageNet: expected {annotations} and {images}; check --data-dir")
+    present = set(os.listdir(images))
+    test = []
+    with open(annotations) as f:
+        for n, line in enumerate(f, 1):
+            fields = line.strip().split("\t")
+            if fields == [""]:
+                continue
+            if len(fields) < 2 or fields[1] not in class_index or fields[0] not in present:
+                raise UsageError(f"TinyImageNet: {annotations} line {n} names an unknown class or a missing "
+                                 f"image: {line.strip()!r}")
+            test.append((os.path.join(images, fields[0]), class_index[fields[1]]))
+    if not train or not test:
+        raise UsageError(f"TinyImageNet: no images found under {root}; check --data-dir")
+    train_tf = _flip_crop_transforms(T.RandomCrop(64, padding=4))
+    return ImageListDataset(train, train_tf), ImageListDataset(test, T.ToTensor())
+
+
+def _imagenet_datasets(data_dir, max_classes):
+    from torchvision import datasets, transforms as T
+    train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    for d in (train_dir, val_dir):
+        if not os.path.isdir(d):
+            raise UsageError(f"ImageNet not found: expected the folder {d} (one sub-folder per class); "
+                             f"pass --data-dir DIR where DIR contains train/ and val/")
+    train_tf = _flip_crop_transforms(T.RandomResizedCrop(224))
+    test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+    try:
+        train, test = datasets.ImageFolder(train_dir, train_tf), datasets.ImageFolder(val_dir, test_tf)
+    except FileNotFoundError as e:  # no class folders, or a class folder without images
+        raise UsageError(f"ImageNet: {e}; train/ and val/ under --data-dir must both hold one folder "
+                         f"per class") from None
+    if train.class_to_idx != test.class_to_idx:
+        raise UsageError(f"ImageNet: the class folders of {train_dir} and {val_dir} differ; labels would not match")
+    if len(train.classes) > max_classes:
+        raise UsageError(f"ImageNet: {len(train.classes)} classes in {train_dir}, at most {max_classes} expected")
+    return train, test
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images (N, C, H, W) in [0, 1] with labels; optional random-shift augmentation.
+
+    padding: pixels of zero padding for a random crop back to (H, W), i.e. a random shift of at most
+    `padding` pixels in each direction. No flip: it would turn some digits into other symbols.
+    Crop offsets come from torch's global RNG (seeded per DataLoader worker by the loader's generator).
+    """
+
+    def __init__(self, images, labels, padding=0):
+        self.images, self.labels, self.padding = images, labels, padding
+        self.targets = labels.tolist()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        img = self.images[index]  # (C, H, W)
+        if self.padding:
+            p = self.padding
+            h, w = img.shape[-2:]
+            top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
+            img = F.pad(img, (p, p, p, p))[:, top:top + h, left:left + w]  # (C, H, W)
+        return img, int(self.labels[index])
+
+
+@lru_cache(maxsize=1)
+def _digits_tensors():
+    """scikit-learn's 1797 8x8 digits as (N, 3, 32, 32) in [0, 1], split 80/20 stratified with seed 0.
+
+    The split is fixed (independent of --seed) so that every run is evaluated on the same 360 images.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0  # pixel values are 0..16
+    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp(0, 1)  # (N, 1, 32, 32)
+    x = x.expand(-1, 3, -1, -1).contiguous()  # (N, 3, 32, 32), grey -> RGB so RGB models apply unchanged
+    y = torch.tensor(digits.target, dtype=torch.long)
+    train_idx, test_idx = train_test_split(torch.arange(len(y)).numpy(), test_size=0.2, random_state=0,
+                                           stratify=digits.target)
+    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
+
+
+def _digits_datasets():
+    x_train, y_train, x_test, y_test = _digits_tensors()
+    return TensorImageDataset(x_train, y_train, padding=2), TensorImageDataset(x_test, y_test)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampler and loaders
+# --------------------------------------------------------------------------------------------------------------
+
+class EpochSampler(Sampler):
+    """Deterministic, resumable, distributed-aware order over `n` indices.
+
+    The epoch's global order is `torch.randperm(n)` from a generator seeded with `seed + epoch` (or
+    `range(n)` without shuffle). With `world_size > 1` rank r takes `order[r::world_size]`; with `pad` the
+    order is first extended by repeating its head (like DistributedSampler) so every rank gets the same
+    count, with `drop_last` its tail is cut instead, and with neither (`pad=False`, for evaluation) the
+    counts differ by at most one and sum exactly to n. `set_start` skips the first indices of this rank's
+    order to resume mid-epoch; `len()` is the number of indices still to come.
+    """
+
+    def __init__(self, n, *, shuffle, seed, rank=0, world_size=1, drop_last=False, pad=True):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size, self.drop_last, self.pad = rank, world_size, drop_last, pad
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch):
+        """Select epoch `epoch`'s order and restart from its first index."""
+        self.epoch, self.start = epoch, 0
+
+    def set_start(self, batch_index, batch_size):
+        """Skip the first `batch_index * batch_size` indices of this rank's order (until the next set_epoch)."""
+        if batch_index < 0 or batch_size < 1:
+            raise ValueError(f"bad resume point: batch {batch_index} of size {batch_size}")
+        self.start = batch_index * batch_size
+
+    def _rank_indices(self):
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        ws = self.world_size
+        if ws > 1 and self.drop_last:
+            order = order[:self.n // ws * ws]
+        elif ws > 1 and self.pad and self.n % ws:
+            missing = ws - self.n % ws
+            order += (order * (missing // max(self.n, 1) + 1))[:missing]  # repeat the head, cycling if n < ws
+        return order[self.rank::ws]
+
+    def _rank_count(self):
+        ws, n = self.world_size, self.n
+        if self.drop_last:
+            return n // ws
+        if self.pad:
+            return -(-n // ws)
+        return len(range(self.rank, n, ws))
+
+    def __iter__(self):
+        return iter(self._rank_indices()[self.start:])
+
+    def __len__(self):
+        return max(0, self._rank_count() - self.start)
+
+
+def _is_cuda(device):
+    return torch.device(device).type == "cuda"
+
+
+def without_augmentation(train_ds, test_ds):
+    """The training images with the test-time transform (for a validation split held out of them)."""
+    view = copy.copy(train_ds)
+    if isinstance(view, TensorImageDataset):
+        view.padding = 0
+    else:
+        view.transform = test_ds.transform
+    return view
+
+
+def split_indices(n, data_fraction, seed=0):
+    """(train, val) index lists: a fixed random `data_fraction` of range(n) for training, the rest held out.
+
+    The split uses its own seed (not --seed), so runs with different seeds select models on the same images.
+    """
+    if not 0 < data_fraction <= 1:
+        raise UsageError(f"--data-fraction must be in (0, 1], got {data_fraction}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train = n if data_fraction >= 1 else max(1, min(n - 1, int(round(data_fraction * n))))
+    return sorted(order[:n_train]), sorted(order[n_train:])
+
+
+def build_loaders(name, data_dir, *, batch_size, test_batch_size, num_workers, seed, device, rank=0,
+                  world_size=1, download=True, data_fraction=1.0):
+    """(train_loader, val_loader, test_loader, info) for dataset `name`.
+
+    The train loader shuffles with `EpochSampler(seed=seed)`, padded so every rank sees the same number of
+    batches; the last batch may be smaller. Callers must call `train_loader.sampler.set_epoch(epoch)` every
+    epoch (then optionally `set_start(batch, batch_size)` to resume). With `data_fraction` < 1 the rest of
+    the training set, without augmentation, is the validation loader used for model selection (else None).
+    Validation and test sets are split across ranks without padding, so the per-rank counts sum exactly to
+    their size. `device` only decides pin_memory. Worker seeds come from a generator seeded with `seed`, so
+    augmentation is reproducible for a given (seed, num_workers).
+    """
+    info = dataset_info(name)
+    train_ds, test_ds = build_datasets(name, data_dir, download=download)
+    train_idx, val_idx = split_indices(len(train_ds), data_fraction)
+    val_ds = Subset(without_augmentation(train_ds, test_ds), val_idx) if val_idx else None
+    if val_idx:
+        train_ds = Subset(train_ds, train_idx)
+    common = dict(num_workers=num_workers, pin_memory=_is_cuda(device), persistent_workers=num_workers > 0)
+
+    def eval_loader(ds, offset):
+        sampler = EpochSampler(len(ds), shuffle=False, seed=seed, rank=rank, world_size=world_size, pad=False)
+        return DataLoader(ds, batch_size=test_batch_size, sampler=sampler, drop_last=False,
+                          generator=torch.Generator().manual_seed(seed + offset), **common)
+
+    train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=seed, rank=rank, world_size=world_size)
+    train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=train_sampler, drop_last=False,
+                              generator=torch.Generator().manual_seed(seed), **common)
+    val_loader = eval_loader(val_ds, 2) if val_ds is not None else None
+    return train_loader, val_loader, eval_loader(test_ds, 1), info
