@@ -6,6 +6,7 @@ with a mid-epoch checkpoint. Every epoch reseeds all RNGs from (seed, epoch), an
 depends only on (seed, epoch), so a run killed at any moment and resumed from its last checkpoint ends with
 the same weights as an uninterrupted one.
 """
+import json
 import math
 import os
 import random
@@ -363,6 +364,8 @@ def _fit(args, script, device, env):
         log.info(f"{script} {args.arch} on {args.dataset} ({device}); run folder {folder}")
         if resume:
             log.info(f"resumed from {resume} at epoch {run.start_epoch + 1}, batch {run.start_batch}")
+            if env.is_main:
+                trim_metrics(os.path.join(folder, "metrics.jsonl"), run.start_epoch)
         log.set_status("running")
         try:
             for epoch in range(run.start_epoch, args.epochs):
@@ -376,6 +379,20 @@ def _fit(args, script, device, env):
             raise
         log.set_status("finished")
     return row
+
+
+def trim_metrics(path, last_epoch):
+    """Drop metrics rows of epochs after `last_epoch` (logged before a kill, redone after the resume)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip()]
+    keep = [line for line in rows if json.loads(line).get("epoch", 0) <= last_epoch]
+    if len(keep) != len(rows):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
 
 def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):

@@ -1,0 +1,164 @@
+"""End-to-end runs of train_ori.py / train_moe.py on Digits at tiny settings: resume exactness, bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32", "--test-batch-size", "64",
+        "--num-workers", "0", "--max-test-batches", "1", "--num-steps-test", "2", "--no-progress",
+        "--num-steps", "1", "--device", "cpu"]
+DENSE = ["--arch", "resnet18_cifar_ori"] + TINY
+MOE = ["--arch", "resnet18_cifar_moe", "--n-expert", "2"] + TINY
+
+
+def run_script(script, argv, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
+                          env=env, cwd=ROOT, **kw)
+
+
+def run_dir(save_dir):
+    found = [os.path.join(d, s) for d, subs, _ in os.walk(save_dir) for s in subs
+             if os.path.exists(os.path.join(d, s, "metrics.jsonl"))]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def final_weights(save_dir):
+    ckpt = torch.load(os.path.join(run_dir(save_dir), "checkpoint", "checkpoint.pth.tar"), weights_only=True)
+    return ckpt["state_dict"], ckpt
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _spawn(script, argv):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def _wait_for(path_fn, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path_fn() or proc.poll() is not None:
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,base", [("train_ori.py", DENSE), ("train_moe.py", MOE)])
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, script, base):
+    argv = base + ["--epochs", "3", "--max-batches", "3"]
+    ref = run_script(script, argv + ["--save-dir", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    ref_weights, ref_ckpt = final_weights(tmp_path / "ref")
+
+    save = tmp_path / "killed"
+    proc = _spawn(script, argv + ["--save-dir", str(save)])
+    ckpt_exists = lambda: any("checkpoint.pth.tar" in f for _, _, fs in os.walk(save) for f in fs)  # noqa: E731
+    _wait_for(ckpt_exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run_script(script, argv + ["--save-dir", str(save), "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    weights, ckpt = final_weights(save)
+    assert ckpt["epoch"] == ref_ckpt["epoch"] == 3
+    assert_same_weights(weights, ref_weights)
+    for key in ("optimizer",):
+        assert str(ckpt[key]["param_groups"]) == str(ref_ckpt[key]["param_groups"])
+    rows = [line for line in open(os.path.join(run_dir(save), "metrics.jsonl")) if line.strip()]
+    assert len(rows) == 3  # no epoch logged twice after the resume
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path):
+    argv = MOE + ["--epochs", "2", "--max-batches", "12"]
+    ref = run_script("train_moe.py", argv + ["--save-dir", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    ref_weights, _ = final_weights(tmp_path / "ref")
+
+    save = tmp_path / "term"
+    proc = _spawn("train_moe.py", argv + ["--save-dir", str(save)])
+    metrics_has_row = lambda: any(  # noqa: E731
+        os.path.getsize(os.path.join(d, f)) > 0 for d, _, fs in os.walk(save) for f in fs if f == "metrics.jsonl")
+    _wait_for(metrics_has_row, proc)
+    time.sleep(1.0)  # into epoch 2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    _, ckpt = final_weights(save)
+    assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] > 0
+    resumed = run_script("train_moe.py", argv + ["--save-dir", str(save), "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    weights, ckpt = final_weights(save)
+    assert ckpt["epoch"] == 2
+    assert_same_weights(weights, ref_weights)
+
+
+def test_evaluate_records_sa_and_ra(tmp_path):
+    argv = DENSE + ["--epochs", "1", "--max-batches", "2", "--save-dir", str(tmp_path)]
+    assert run_script("train_ori.py", argv).returncode == 0
+    best = os.path.join(run_dir(tmp_path / "training"), "checkpoint", "model_best.pth.tar")
+    out = run_script("train_ori.py", argv + ["--evaluate", "--resume", best])
+    assert out.returncode == 0, out.stderr
+    assert "SA" in out.stdout + out.stderr and "RA" in out.stdout + out.stderr
+
+
+def _snapshot(path):
+    return sorted((os.path.relpath(os.path.join(d, f), path), os.path.getmtime(os.path.join(d, f)))
+                  for d, _, fs in os.walk(path) for f in fs)
+
+
+BAD_INPUTS = [
+    ("train_ori.py", ["--arch", "resnet18_cifar_orx"]),                       # unknown arch
+    ("train_ori.py", DENSE + ["--ratio", "1.5"]),                             # ratio out of range
+    ("train_ori.py", DENSE + ["--ratio", "0"]),
+    ("train_ori.py", DENSE + ["--epsilon", "-0.1"]),                          # negative eps
+    ("train_ori.py", DENSE + ["--num-steps", "-1"]),                          # negative steps
+    ("train_ori.py", DENSE + ["--n-expert", "4"]),                            # n_expert for a dense arch
+    ("train_moe.py", ["--arch", "resnet18_cifar_moe"] + TINY),                # missing --n-expert
+    ("train_ori.py", ["--arch", "resnet18_cifar_moe", "--n-expert", "2"] + TINY),  # MoE arch in dense script
+    ("train_ori.py", ["--arch", "resnet18_cifar_ori"] + TINY[2:] + ["--dataset", "CIFAR10", "--data-dir",
+                                                                     "/nonexistent/data"]),  # missing dataset
+]
+
+
+@pytest.mark.parametrize("script,argv", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv):
+    out = run_script(script, argv + ["--save-dir", str(tmp_path / "runs")])
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_checkpoints_exit_2_and_overwrite_nothing(tmp_path):
+    argv = DENSE + ["--epochs", "1", "--max-batches", "1", "--save-dir", str(tmp_path / "runs")]
+    assert run_script("train_ori.py", argv).returncode == 0
+    before = _snapshot(tmp_path / "runs")
+    corrupt = tmp_path / "corrupt.pth.tar"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    other = tmp_path / "other.pth.tar"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(3)}, "arch": "vgg16_bn_ori"}, other)
+    best = os.path.join(run_dir(tmp_path / "runs"), "checkpoint", "model_best.pth.tar")
+    cases = [
+        argv + ["--evaluate", "--resume", str(tmp_path / "missing.pth.tar")],
+        argv + ["--evaluate", "--resume", str(corrupt)],
+        argv + ["--evaluate", "--resume", str(other)],
+        [a if a != "0.125" else "0.25" for a in argv] + ["--evaluate", "--resume", best],  # other ratio
+        argv,  # a fresh run into a folder that already holds a checkpoint
+    ]
+    for case in cases:
+        out = run_script("train_ori.py", case)
+        assert out.returncode == 2, (case, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert _snapshot(tmp_path / "runs") == before
