@@ -1,0 +1,59 @@
+"""Training objectives as pure functions: TRADES and PGD-AT (Madry).
+
+They take a model and tensors and return a dict of tensors; they never zero gradients or step, and leave
+the model in the mode they found it (the attack switches to eval mode and back; the training-mode forward
+passes run in the caller's mode).
+"""
+import torch
+import torch.nn.functional as F
+
+from .attack import ce_loss_fn, eval_mode, kl_divergence, pgd_attack, trades_kl_loss_fn
+
+
+def trades_objective(logits_clean, logits_adv, y, beta):
+    """TRADES: CE(f(x), y) + beta * KL(f(x) || f(x_adv)) / B (the reference's batch-sum KL over B)."""
+    loss_natural = F.cross_entropy(logits_clean.float(), y)
+    loss_robust = kl_divergence(logits_clean, logits_adv) / y.shape[0]
+    return {"loss": loss_natural + beta * loss_robust, "loss_natural": loss_natural, "loss_robust": loss_robust}
+
+
+def pgd_at_objective(logits_adv, y):
+    """PGD-AT (Madry et al.): mean cross-entropy on adversarial examples."""
+    loss = F.cross_entropy(logits_adv.float(), y)
+    return {"loss": loss, "loss_robust": loss}
+
+
+def _call(model, x):
+    return model(x)
+
+
+def robust_loss(model, x, y, *, at, eps, step_size, num_steps, beta, generator=None, forward=None):
+    """Adversarial training loss of `model` on (x, y): attack, then the objective.
+
+    Args:
+        at: 'trades' (attack KL(f(x)||f(x_adv)) from a 0.001-normal start, loss trades_objective) or
+            'pgd' (attack cross-entropy from a uniform start, loss pgd_at_objective).
+        eps, step_size: in [0,1] pixel units. num_steps: attack iterations.
+        forward: `forward(model, x) -> logits` for the training-mode passes (default `model(x)`).
+    Returns the objective's dict plus `x_adv`, `logits_adv` (and `logits_clean` for TRADES), detached.
+    TRADES runs the clean and adversarial batches as two forward passes, so BatchNorm sees each batch
+    on its own, as in the reference.
+    """
+    forward = forward or _call
+    if at == "trades":
+        with torch.no_grad(), eval_mode(model):
+            target = model(x)
+        x_adv = pgd_attack(model, x, trades_kl_loss_fn(target), eps=eps, step_size=step_size,
+                           num_steps=num_steps, random_start="normal", generator=generator)
+        logits_clean, logits_adv = forward(model, x), forward(model, x_adv)
+        out = trades_objective(logits_clean, logits_adv, y, beta)
+        out["logits_clean"] = logits_clean.detach()
+    elif at == "pgd":
+        x_adv = pgd_attack(model, x, ce_loss_fn(y), eps=eps, step_size=step_size, num_steps=num_steps,
+                           random_start="uniform", generator=generator)
+        logits_adv = forward(model, x_adv)
+        out = pgd_at_objective(logits_adv, y)
+    else:
+        raise ValueError(f"at must be 'trades' or 'pgd', got {at!r}")
+    out.update(x_adv=x_adv, logits_adv=logits_adv.detach())
+    return out
