@@ -1,9 +1,16 @@
 """One command-line parser for the entry scripts, with the reference's flag names and defaults.
 
-`parse_args(argv, script)` = optional YAML defaults (`--configs`), the real parse (the command line wins),
-then `validate_args`, which turns every inconsistent value into a UsageError (one line, exit 2).
+`parse_args(argv)` = optional YAML defaults (`--configs FILE`), the real parse (the command line wins over
+the YAML values), then `validate_args`, which turns every out-of-range or inconsistent value into a
+UsageError (one line, exit 2). argparse's own errors (unknown flag, `--arch` typo) exit 2 with a short
+usage line.
+
+Units: `--epsilon`, `--step-size`, `--epsilon-test`, `--step-size-test` are in [0,1] pixel units and
+accept fractions such as `8/255`. Only auto_attack_eval.py's `--epsilon` is in 1/255 units, as in the
+reference.
 """
 import argparse
+import math
 import os
 import re
 
@@ -11,170 +18,244 @@ import yaml
 
 from utils.errors import UsageError
 
-_FRACTION = re.compile(r"^\s*([0-9.]+(?:e-?\d+)?)\s*/\s*([0-9.]+(?:e-?\d+)?)\s*$")
+DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits")
+
+_REAL = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_FRACTION = re.compile(rf"^\s*({_REAL})\s*/\s*({_REAL})\s*$")
 
 
 def number(text) -> float:
-    """A float, or a fraction such as '8/255' (no other expressions are evaluated)."""
+    """A finite float, or a fraction 'a/b' such as '8/255'; nothing else is evaluated."""
+    if isinstance(text, bool):  # YAML `true` is not a number
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
     if isinstance(text, (int, float)):
-        return float(text)
-    m = _FRACTION.match(str(text))
-    try:
-        return float(m.group(1)) / float(m.group(2)) if m else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        value = float(text)
+    else:
+        m = _FRACTION.match(str(text))
+        try:
+            value = float(m.group(1)) / float(m.group(2)) if m else float(text)
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
 
 
-def _arch_names():
-    import models
+def _arch_names() -> list:
+    import models  # lazy: building the registry imports torch and every model family
     return models.list_models()
 
 
+def _is_moe(arch: str) -> bool:
+    return arch.endswith("_moe")  # registry convention: *_ori dense, *_moe mixture of experts
+
+
 def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
-    """The shared training/evaluation parser (train_ori.py, train_moe.py)."""
-    p = argparse.ArgumentParser(prog=prog, add_help=add_help,
-                                description="Adversarial training of dense and MoE CNNs (AdvMoE).")
+    """The shared training/evaluation parser of train_ori.py and train_moe.py (reference flags and defaults)."""
+    archs = _arch_names()
+    p = argparse.ArgumentParser(
+        prog=prog, add_help=add_help, allow_abbrev=False,  # `--epoch 5` must not silently mean --epochs
+        usage="%(prog)s --arch ARCH [--n-expert N] [--configs FILE.yaml] [options]   (--help lists them)",
+        description="Adversarial training of dense and MoE CNNs (AdvMoE).")
     g = p.add_argument_group("run")
-    g.add_argument("--configs", default=None, help="YAML file of flag defaults (command line wins)")
+    g.add_argument("--configs", default=None, metavar="FILE.yaml",
+                   help="YAML mapping of flag: value used as defaults (the command line wins)")
     g.add_argument("--exp-identifier", default=None, help="prefix of the run folder name")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--save-dir", default="results", help="root of run folders")
-    g.add_argument("--resume", default="", help="checkpoint to resume (or evaluate with --evaluate); 'auto' = "
-                                                "this run folder's latest checkpoint, fresh start if none")
-    g.add_argument("--evaluate", action="store_true", help="evaluate --resume and exit")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--save-dir", default="results", help="root of the run folders")
+    g.add_argument("--resume", default="", metavar="PATH|auto",
+                   help="checkpoint to resume (or to evaluate with --evaluate); 'auto': this run folder's latest "
+                        "checkpoint, or a fresh start when there is none")
+    g.add_argument("--evaluate", action="store_true", help="evaluate the --resume checkpoint and exit")
+    g.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    g.add_argument("--max-batches", type=int, default=None, help="stop each epoch after this many batches")
-    g.add_argument("--max-test-batches", type=int, default=None, help="evaluate this many test batches only")
+    g.add_argument("--eval-every", type=int, default=1, metavar="E", help="evaluate every E epochs (and the last)")
+    g.add_argument("--max-batches", type=int, default=None, metavar="N",
+                   help="stop each training epoch after N batches (smoke tests)")
+    g.add_argument("--max-test-batches", type=int, default=None, metavar="N", help="evaluate N test batches only")
+
     g = p.add_argument_group("model")
-    g.add_argument("--arch", required=True, choices=_arch_names(), metavar="ARCH",
-                   help="registry name, *_ori (dense) or *_moe: " + ", ".join(_arch_names()))
+    g.add_argument("--arch", required=True, choices=archs, metavar="ARCH",
+                   help="registry name, *_ori (dense) or *_moe: " + ", ".join(archs))
     g.add_argument("--ratio", type=number, default=1.0, help="width ratio in (0, 1]")
-    g.add_argument("--n-expert", type=int, default=None, help="experts per MoE layer (MoE archs only)")
-    g.add_argument("--normalize", action="store_true", help="per-dataset mean/std normalisation inside the model")
+    g.add_argument("--n-expert", type=int, default=None, metavar="N", help="experts per MoE layer (MoE archs only)")
+    g.add_argument("--normalize", action="store_true",
+                   help="per-dataset mean/std normalisation as the model's first layer")
     g.add_argument("--routing", choices=("global", "layer"), default="global",
-                   help="global: one router for the network (the released code); layer: a router per MoE layer "
-                        "(the paper's figure)")
+                   help="global: one router for the whole network (the released code); layer: one router per "
+                        "MoE layer (the paper's figure)")
     g.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
-                   help="MoE layers compute only each image's expert (--no-sparse: every expert, masked)")
+                   help="MoE layers compute only each image's expert (--no-sparse: every expert, then masked)")
+
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="CIFAR10", choices=("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet",
-                                                            "Digits"))
+    g.add_argument("--dataset", default="CIFAR10", choices=DATASETS)
     g.add_argument("--data-dir", default="../data/")
-    g.add_argument("--num-workers", type=int, default=6)
-    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--num-workers", type=int, default=None, help="default 6 (Digits: 0, it is in memory)")
+    g.add_argument("--batch-size", type=int, default=None, help="default 128 (Digits: 32)")
     g.add_argument("--test-batch-size", type=int, default=128)
     g.add_argument("--data-fraction", type=number, default=0.9,
                    help="share of the training set trained on; the rest selects the best epoch")
+
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100)
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     g.add_argument("--momentum", type=number, default=0.9)
-    g.add_argument("--wd", type=number, default=5e-4)
+    g.add_argument("--wd", type=number, default=5e-4, help="weight decay")
     g.add_argument("--lr", type=number, default=0.1)
-    g.add_argument("--lr-schedule", choices=("cosine", "step"), default="cosine")
+    g.add_argument("--lr-schedule", choices=("cosine", "step"), default="cosine",
+                   help="cosine to 0, or step: x0.1 at 75%% and again at 90%% of the epochs")
     g.add_argument("--router-optimizer", choices=("sgd", "adam"), default="sgd")
     g.add_argument("--router-lr", type=number, default=0.1)
     g.add_argument("--router-lr-schedule", choices=("cosine", "step"), default="cosine")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision (default: on with CUDA)")
+                   help="mixed precision (default: on with CUDA, off on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
-    g = p.add_argument_group("adversarial training")
+
+    g = p.add_argument_group("adversarial training (eps and step sizes in [0,1] pixel units; 8/255 accepted)")
     g.add_argument("--at", choices=("trades", "pgd"), default="trades", help="training objective")
     g.add_argument("--moe-training", choices=("advmoe", "joint"), default="advmoe",
-                   help="advmoe: router-expert alternating AT; joint: router and experts in one AT update")
+                   help="advmoe: alternating router and expert updates; joint: one AT update of both")
     g.add_argument("--router-objective", choices=("robust", "reference"), default="robust",
                    help="router step loss: the MoE's robust loss, or the released code's router loss")
     g.add_argument("--balance-weight", type=number, default=0.0,
                    help="weight of a load-balancing term on the router (0: off)")
-    g.add_argument("--epsilon", type=number, default=8 / 255, help="training eps, [0,1] units (8/255 accepted)")
-    g.add_argument("--num-steps", type=int, default=2)
-    g.add_argument("--step-size", type=number, default=5 / 255)
-    g.add_argument("--epsilon-test", type=number, default=8 / 255)
-    g.add_argument("--num-steps-test", type=int, default=10)
-    g.add_argument("--step-size-test", type=number, default=2 / 255)
+    g.add_argument("--epsilon", type=number, default=8 / 255, help="training L-inf radius")
+    g.add_argument("--num-steps", type=int, default=2, help="training attack steps")
+    g.add_argument("--step-size", type=number, default=5 / 255, help="training attack step size")
+    g.add_argument("--epsilon-test", type=number, default=8 / 255, help="evaluation PGD radius")
+    g.add_argument("--num-steps-test", type=int, default=10, help="evaluation PGD steps")
+    g.add_argument("--step-size-test", type=number, default=2 / 255, help="evaluation PGD step size")
     g.add_argument("--beta", type=number, default=6.0, help="TRADES weight (1/lambda)")
-    g.add_argument("--alpha", type=number, default=6.0, help="router supervised weight (reference router objective)")
+    g.add_argument("--alpha", type=number, default=6.0,
+                   help="weight of the router's supervised term (reference router objective)")
     return p
 
 
-def load_yaml_defaults(path, parser):
-    """Parser defaults from a YAML mapping (keys with dashes or underscores); unknown keys are an error."""
+# ----------------------------------------------------------------------------------------------------------
+# YAML defaults
+# ----------------------------------------------------------------------------------------------------------
+
+def _coerce_one(action, value, where):
+    """One YAML scalar as the flag's type; argparse only converts string defaults, so we do it here."""
+    name = f"{where}: {action.dest}"
+    if isinstance(value, (dict, list)):
+        raise UsageError(f"{name} must be a single value, got {value!r}")
+    if action.type is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise UsageError(f"{name} must be an integer, got {value!r}")
+        try:
+            value = int(value)
+        except ValueError:
+            raise UsageError(f"{name} must be an integer, got {value!r}") from None
+    elif action.type is number:
+        try:
+            value = number(value)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"{name}: {e}") from None
+    elif action.type is None:
+        if isinstance(value, bool):
+            raise UsageError(f"{name} must be text, got {value!r}")
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise UsageError(f"{name}={value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _coerce(action, value, where):
+    if value is None:
+        if action.default is None:
+            return None
+        raise UsageError(f"{where}: {action.dest} needs a value (null given)")
+    if action.nargs == 0:  # store_true / --flag/--no-flag
+        if not isinstance(value, bool):
+            raise UsageError(f"{where}: {action.dest} must be true or false, got {value!r}")
+        return value
+    if action.nargs in ("+", "*"):
+        items = value if isinstance(value, list) else [value]
+        return [_coerce_one(action, v, where) for v in items]
+    return _coerce_one(action, value, where)
+
+
+def load_yaml_defaults(path, parser) -> dict:
+    """Parser defaults from a YAML mapping; keys may use dashes or underscores; unknown keys are an error."""
+    where = f"--configs {path}"
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except OSError as e:
-        raise UsageError(f"--configs {path}: {e.strerror}") from None
+        raise UsageError(f"{where}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise UsageError(f"--configs {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{where}: not valid YAML ({first})") from None
+    if data is None:  # an empty file
         return {}
     if not isinstance(data, dict):
-        raise UsageError(f"--configs {path}: expected a mapping of flag: value")
-    dests = {a.dest for a in parser._actions}
+        raise UsageError(f"{where}: expected a mapping of flag: value, got a {type(data).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "configs")}
     values = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(k for k in values if k not in dests or k in ("help", "configs"))
+    if "configs" in values:
+        raise UsageError(f"{where}: 'configs' inside a config file is not supported (no nesting)")
+    unknown = sorted(k for k in values if k not in actions)
     if unknown:
-        raise UsageError(f"--configs {path}: unknown keys {', '.join(unknown)}")
-    for action in parser._actions:
-        if action.dest in values and action.choices is not None and values[action.dest] not in action.choices:
-            raise UsageError(f"--configs {path}: {action.dest}={values[action.dest]!r} is not one of "
-                             f"{', '.join(map(str, action.choices))}")
-        if action.dest in values and action.type is number:
-            try:
-                values[action.dest] = number(values[action.dest])
-            except argparse.ArgumentTypeError as e:
-                raise UsageError(f"--configs {path}: {action.dest}: {e}") from None
-    return values
+        raise UsageError(f"{where}: unknown keys {', '.join(unknown)}")
+    return {k: _coerce(actions[k], v, where) for k, v in values.items()}
 
 
-def parse_args(argv=None, script="train_moe", parser=None):
-    """Parse (YAML defaults, then the command line) and validate; UsageError on bad values."""
+# ----------------------------------------------------------------------------------------------------------
+# Parse and validate
+# ----------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None, parser=None, *, script="train_moe"):
+    """YAML defaults (`--configs`), then the command line, then `validate_args`; UsageError on bad values.
+
+    argv: list of strings (None: sys.argv[1:]). script: names the program in usage lines.
+    """
     parser = parser or get_args_parser(prog=f"{script}.py")
-    known, _ = _config_parser().parse_known_args(argv)
+    pre = argparse.ArgumentParser(prog=parser.prog, add_help=False, allow_abbrev=False)
+    pre.add_argument("--configs", default=None)
+    known, _ = pre.parse_known_args(argv)
     if known.configs:
         defaults = load_yaml_defaults(known.configs, parser)
-        for action in parser._actions:  # a YAML value satisfies a required flag
+        for action in parser._actions:
             if action.dest in defaults:
-                action.required = False
+                action.required = False  # a YAML value satisfies a required flag such as --arch
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    apply_dataset_defaults(args)
     validate_args(args)
     return args
 
 
-def _config_parser():
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--configs", default=None)
-    return p
+# The reference's defaults, except for Digits (ours, not the paper's): its 1437 in-memory training images
+# want smaller batches (more updates per epoch) and no loader processes.
+DATASET_DEFAULTS = {"batch_size": (128, {"Digits": 32}), "num_workers": (6, {"Digits": 0})}
+
+
+def apply_dataset_defaults(args):
+    """Fill flags left unset (None) with their default, which for some flags depends on --dataset."""
+    for name, (default, per_dataset) in DATASET_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, per_dataset.get(args.dataset, default))
+
+
+def _check(args, names, ok, rule):
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            raise UsageError(f"--{name.replace('_', '-')} must be {rule}, got {value}")
 
 
 def validate_args(args):
-    """Range and consistency checks; raises UsageError naming the flag."""
-    from models import is_moe
-    if not 0 < args.ratio <= 1:
-        raise UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
-    for name in ("epsilon", "epsilon_test"):
-        if not 0 <= getattr(args, name) <= 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1] (pixel units, e.g. 8/255), "
-                             f"got {getattr(args, name)}")
-    for name in ("step_size", "step_size_test", "lr", "router_lr", "wd", "momentum", "beta", "alpha",
-                 "balance_weight"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("num_steps", "num_steps_test", "num_workers"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("epochs", "batch_size", "test_batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_batches", "max_test_batches"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not 0 < args.data_fraction <= 1:
-        raise UsageError(f"--data-fraction must be in (0, 1], got {args.data_fraction}")
-    if is_moe(args.arch):
+    """Range and consistency checks of the training parser's values; raises UsageError naming the flag."""
+    _check(args, ("ratio", "data_fraction"), lambda v: 0 < v <= 1, "in (0, 1]")
+    _check(args, ("epsilon", "epsilon_test"), lambda v: 0 <= v <= 1, "in [0, 1] (pixel units, e.g. 8/255)")
+    _check(args, ("step_size", "step_size_test", "lr", "router_lr", "wd", "momentum", "beta", "alpha",
+                  "balance_weight"), lambda v: v >= 0, ">= 0")
+    _check(args, ("num_steps", "num_steps_test", "num_workers"), lambda v: v >= 0, ">= 0")
+    _check(args, ("epochs", "batch_size", "test_batch_size", "eval_every", "max_batches", "max_test_batches"),
+           lambda v: v >= 1, ">= 1")
+    if _is_moe(args.arch):
         if args.n_expert is None:
             raise UsageError(f"--n-expert is required for the MoE arch {args.arch}")
         if args.n_expert < 1:
@@ -182,45 +263,64 @@ def validate_args(args):
     elif args.n_expert is not None:
         raise UsageError(f"--n-expert applies to MoE archs (*_moe) only; {args.arch} is dense")
     if args.evaluate and not args.resume:
-        raise UsageError("--evaluate needs --resume CHECKPOINT")
+        raise UsageError("--evaluate needs --resume CHECKPOINT (the checkpoint to evaluate)")
     if args.evaluate and args.resume == "auto":
         raise UsageError("--evaluate needs a checkpoint path in --resume, not 'auto'")
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        raise UsageError(f"--resume {args.resume}: no such file")
+    if args.resume and args.resume != "auto":
+        if os.path.isdir(args.resume):
+            raise UsageError(f"--resume {args.resume}: is a directory, not a checkpoint file")
+        if not os.path.isfile(args.resume):
+            raise UsageError(f"--resume {args.resume}: no such file")
     if args.routing == "layer" and args.router_objective == "reference":
-        raise UsageError("--router-objective reference needs --routing global (it trains the global router)")
+        raise UsageError("--router-objective reference needs --routing global (it trains the one global router)")
 
 
 def args_to_yaml(args) -> str:
-    return yaml.safe_dump({k: v for k, v in sorted(vars(args).items())}, sort_keys=False)
+    """The resolved flags as YAML, loadable again with `--configs` (`configs` itself is left out)."""
+    from utils.checkpoint import args_to_dict  # one conversion to plain values for YAML and checkpoints
+    values = {k: v for k, v in args_to_dict(args).items() if k != "configs"}
+    return yaml.safe_dump(values, sort_keys=False)
 
+
+# ----------------------------------------------------------------------------------------------------------
+# auto_attack_eval.py
+# ----------------------------------------------------------------------------------------------------------
 
 def get_autoattack_parser() -> argparse.ArgumentParser:
-    """auto_attack_eval.py's parser: the reference's flags plus AutoAttack's options."""
-    p = argparse.ArgumentParser(prog="auto_attack_eval.py", description="AutoAttack evaluation of a checkpoint.")
-    p.add_argument("--source-net", required=True, help="checkpoint to evaluate (ours or the reference's)")
+    """auto_attack_eval.py's parser: the reference's flags plus AutoAttack's options.
+
+    --arch, --ratio, --n-expert, --normalize, --routing default to None: taken from the checkpoint.
+    --epsilon is in 1/255 units here (8 means 8/255), as in the reference.
+    """
+    p = argparse.ArgumentParser(
+        prog="auto_attack_eval.py", allow_abbrev=False,
+        usage="%(prog)s --source-net CHECKPOINT [options]   (--help lists them)",
+        description="AutoAttack evaluation of a checkpoint (ours or the reference's).")
+    p.add_argument("--source-net", required=True, metavar="CHECKPOINT", help="checkpoint to evaluate")
     p.add_argument("--arch", default=None, choices=_arch_names(), metavar="ARCH",
                    help="default: what the checkpoint recorded")
     p.add_argument("--ratio", type=number, default=None, help="default: what the checkpoint recorded")
-    p.add_argument("--n-expert", type=int, default=None, help="default: what the checkpoint recorded")
+    p.add_argument("--n-expert", type=int, default=None, metavar="N", help="default: what the checkpoint recorded")
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="default: what the checkpoint recorded")
-    p.add_argument("--routing", choices=("global", "layer"), default=None)
-    p.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--dataset", default="CIFAR10", choices=("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet",
-                                                            "Digits"))
+    p.add_argument("--routing", choices=("global", "layer"), default=None, help="default: the checkpoint's")
+    p.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
+                   help="MoE layers compute only each image's expert (--no-sparse: every expert, then masked)")
+    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: what the checkpoint recorded")
     p.add_argument("--data-dir", default="../data/")
     p.add_argument("--num-workers", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--test-batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--epsilon", type=number, default=8, help="radius in 1/255 units (8 = 8/255)")
+    p.add_argument("--epsilon", type=float, default=8, help="radius in 1/255 units (8 means 8/255)")
     p.add_argument("--norm", choices=("Linf", "L2"), default="Linf")
     p.add_argument("--version", choices=("standard", "plus", "rand", "custom"), default="standard")
-    p.add_argument("--attacks", nargs="+", default=None, help="for --version custom: apgd-ce apgd-t fab-t square ...")
-    p.add_argument("--n-ex", type=int, default=None, help="evaluate the first N test points (default: all)")
+    p.add_argument("--attacks", nargs="+", default=None,
+                   help="with --version custom: apgd-ce apgd-t fab-t square ...")
+    p.add_argument("--n-ex", type=int, default=None, metavar="N",
+                   help="evaluate the first N test points (default: all)")
     p.add_argument("--chunk-size", type=int, default=500, help="points per resumable chunk")
-    p.add_argument("--out", default=None, help="JSON result path (default: next to the checkpoint)")
+    p.add_argument("--out", default=None, metavar="PATH", help="JSON result path (default: next to the checkpoint)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p

@@ -42,6 +42,7 @@ class StepConfig:
     beta: float = 6.0
     alpha: float = 6.0
     router_objective: str = "robust"
+    balance_weight: float = 0.0
 
 
 @contextmanager
@@ -89,9 +90,38 @@ def check_finite(tensor, what):
         raise NonFiniteError(f"{what} is not finite (NaN/inf); stopping, last good checkpoint kept")
 
 
-def _robust(model, x, y, cfg, generator):
-    return robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size,
-                       num_steps=cfg.num_steps, beta=cfg.beta, generator=generator)
+def load_balance_loss(router_logits, n_expert):
+    """Switch-Transformer load balancing, N * sum_e f_e * P_e: 1 when balanced, N when one expert takes all.
+
+    f_e is the share of images routed to e (no gradient), P_e the mean router probability of e; the
+    gradient lowers the probabilities of overloaded experts. `router_logits` (B, N) or a list of them
+    (layer routing, averaged).
+    """
+    if isinstance(router_logits, (list, tuple)):
+        return sum(load_balance_loss(lg, n_expert) for lg in router_logits) / len(router_logits)
+    probs = F.softmax(router_logits.float(), dim=1)  # (B, N)
+    share = F.one_hot(router_logits.argmax(1), n_expert).float().mean(0)  # (N,)
+    return n_expert * (share * probs.mean(0)).sum()
+
+
+def _robust(model, x, y, cfg, generator, balance=False):
+    """The robust loss; with `balance`, plus balance_weight x the load-balancing loss of the routing of the
+    first training-mode forward (the clean batch for TRADES, the adversarial one for PGD-AT)."""
+    if not (balance and cfg.balance_weight > 0 and getattr(model, "is_moe", False)):
+        return robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size,
+                           num_steps=cfg.num_steps, beta=cfg.beta, generator=generator)
+    routed = []
+
+    def forward(m, inp):
+        logits, info = m(inp, return_routing=True)
+        routed.append(info.logits)
+        return logits
+
+    out = robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size, num_steps=cfg.num_steps,
+                      beta=cfg.beta, generator=generator, forward=forward)
+    out["balance_loss"] = load_balance_loss(routed[0], model.n_expert)
+    out["loss"] = out["loss"] + cfg.balance_weight * out["balance_loss"]
+    return out
 
 
 def _update(optimizer, loss, scaler=None, grad_sync=None):
@@ -136,7 +166,7 @@ def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, gen
         if cfg.router_objective == "reference":
             out = reference_router_loss(model, x, y, cfg, generator)
         else:
-            out = _robust(model, x, y, cfg, generator)
+            out = _robust(model, x, y, cfg, generator, balance=True)
         check_finite(out["loss"], "router-step loss")
         _update(router_optimizer, out["loss"], scaler, grad_sync)
     return out
@@ -164,7 +194,7 @@ def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scale
 
 def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None):
     """Conventional adversarial training of the whole model (dense, or MoE router and experts together)."""
-    out = _robust(model, x, y, cfg, generator)
+    out = _robust(model, x, y, cfg, generator, balance=True)
     check_finite(out["loss"], "training loss")
     _update(optimizer, out["loss"], scaler, grad_sync)
     return out

@@ -1,91 +1,191 @@
-"""Checkpoints that never lose work: atomic writes, `weights_only` loads, clear errors for bad files."""
+"""Checkpoints that never lose work: atomic writes, `weights_only` loads, clear errors for bad files.
+
+Everything saved here must load with `torch.load(weights_only=True)`: tensors, plain Python values
+(str/int/float/bool/None, lists, tuples, dicts) and nothing else. `args_to_dict` and `capture_rng_state`
+turn flags and RNG states into such values.
+"""
 import os
-import pickle
 import random
+import re
 import tempfile
-import zipfile
+import warnings
 
 import numpy as np
 import torch
 
 from .errors import UsageError
 
-_PREFIXES = ("module.", "_orig_mod.")
+_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------------------
+
+def _umask() -> int:
+    try:  # read, not set: os.umask() would change the process-wide mask for a moment
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _fsync_dir(folder):
+    try:  # makes the rename itself durable; not possible on every platform/filesystem
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(state: dict, path):
-    """Write `state` to `path` atomically: a temp file in the same folder, fsync, then rename over `path`."""
+    """Write `state` to `path` atomically.
+
+    A temp file in the same folder is written, flushed and fsynced, then renamed over `path`: a crash or an
+    exception at any point leaves either the old file or the new one at `path`, never a partial one, and
+    no temp file behind (except after a hard kill, as a hidden `.tmp-*` file).
+    """
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth.tar")
+    tmp = tempfile.NamedTemporaryFile(mode="wb", dir=folder, prefix=f".tmp-{os.path.basename(path)}.", delete=False)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with tmp as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.chmod(tmp.name, 0o666 & ~_umask())  # temp files are created 0600; give the usual permissions
+        os.replace(tmp.name, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+            os.remove(tmp.name)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def _numpy_safe_globals() -> list:
+    """numpy scalars/arrays (a `best_acc` computed with numpy, say) are plain data: allow them."""
+    core = getattr(np, "_core", None) or np.core
+    allowed = [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype]
+    allowed += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                                            "uint8", "bool")]
+    return allowed
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """torch.load with weights_only=True; any unreadable, corrupt or foreign file is a UsageError."""
-    if not os.path.isfile(path):
+    """torch.load(weights_only=True) of a checkpoint dict; a missing, unreadable, corrupt or foreign file
+    (one whose unpickling would need arbitrary Python objects) is a UsageError naming `path`."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UsageError(f"checkpoint {path}: is a directory, not a checkpoint file")
+    if not os.path.exists(path):
         raise UsageError(f"checkpoint {path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"checkpoint {path}: not readable (permission denied)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"checkpoint {path} is not a plain weights file (it needs arbitrary objects to load; "
-                         f"refused for safety): {first}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
-        raise UsageError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__})") from None
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals()):
+            warnings.simplefilter("ignore")  # e.g. pickle-protocol notes: the one-line error says enough
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the parser of a user's file raises, the file is bad
+        foreign = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if foreign:
+            raise UsageError(f"checkpoint {path} needs the Python object {foreign.group(1)} to load; refused, "
+                             f"since unpickling it could run arbitrary code (only tensors and plain values "
+                             f"are accepted)") from None
+        raise UsageError(f"checkpoint {path} is not a PyTorch checkpoint or is corrupt/truncated "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(ckpt, dict):
         raise UsageError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
 
 
-def extract_state_dict(ckpt: dict) -> dict:
-    """The model weights of our checkpoints, the reference's (`state_dict` key), or a bare state dict."""
-    sd = ckpt.get("state_dict", ckpt)
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise UsageError("checkpoint has no model state_dict")
+# ----------------------------------------------------------------------------------------------------------
+# Model weights
+# ----------------------------------------------------------------------------------------------------------
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:  # `module._orig_mod.` and `_orig_mod.module.` both occur
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def extract_state_dict(ckpt, source="") -> dict:
+    """The model weights of our checkpoints, the reference's (both under `state_dict`), or a bare state dict,
+    with `module.` (DataParallel/DDP) and `_orig_mod.` (torch.compile) prefixes removed."""
+    where = f"checkpoint {source}" if source else "checkpoint"
+    sd = ckpt
+    if isinstance(ckpt, dict):
+        for key in ("state_dict", "model"):  # ours and the reference's; torchvision-style scripts
+            if isinstance(ckpt.get(key), dict):
+                sd = ckpt[key]
+                break
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UsageError(f"{where} holds no model state_dict (a dict of tensors under 'state_dict')")
     out = {}
     for k, v in sd.items():
-        for prefix in _PREFIXES:
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
+        name = _strip_prefixes(str(k))
+        if name in out:
+            raise UsageError(f"{where}: parameter {name} appears twice (with and without a 'module.' prefix)")
+        out[name] = v
     return out
 
 
+def _recorded_mismatch(where, ckpt, key, flag, wanted):
+    recorded = ckpt.get(key)
+    if wanted is None or recorded is None:
+        return
+    try:
+        same = abs(float(recorded) - wanted) < 1e-9 if isinstance(wanted, float) else recorded == wanted
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise UsageError(f"{where} was trained with {flag} {recorded}; {flag} says {wanted}")
+
+
 def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
-    """Load `ckpt` into `model` strictly; mismatches (arch, ratio, experts) are UsageErrors that say why."""
+    """Load the checkpoint's weights into `model` strictly.
+
+    A different recorded arch, ratio, number of experts or routing, missing or unexpected parameters,
+    or differing shapes are UsageErrors that say which flag is likely wrong.
+    """
     where = f"checkpoint {source}" if source else "checkpoint"
-    recorded = ckpt.get("arch")
-    if arch is not None and recorded is not None and recorded != arch:
-        raise UsageError(f"{where} was trained for {recorded}; --arch says {arch}")
-    if ratio is not None and ckpt.get("ratio") is not None and abs(float(ckpt["ratio"]) - float(ratio)) > 1e-9:
-        raise UsageError(f"{where} was trained at --ratio {ckpt['ratio']}; --ratio says {ratio}")
-    sd = extract_state_dict(ckpt)
+    recorded_arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
+    if arch is not None and recorded_arch is not None and recorded_arch != arch:
+        raise UsageError(f"{where} was trained for {recorded_arch}; --arch says {arch}")
+    if isinstance(ckpt, dict):
+        _recorded_mismatch(where, ckpt, "ratio", "--ratio", None if ratio is None else float(ratio))
+        _recorded_mismatch(where, ckpt, "n_expert", "--n-expert", getattr(model, "n_expert", None))
+        _recorded_mismatch(where, ckpt, "routing", "--routing", getattr(model, "routing_mode", None))
+    sd = extract_state_dict(ckpt, source)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     if missing or unexpected:
-        detail = (f"missing {', '.join(missing[:3])}" if missing else "") + \
-                 ("; " if missing and unexpected else "") + \
-                 (f"unexpected {', '.join(unexpected[:3])}" if unexpected else "")
-        raise UsageError(f"{where} does not fit {arch or 'the model'} ({detail}): wrong --arch, --n-expert or "
-                         f"--routing?")
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}")
+        raise UsageError(f"{where} does not fit {arch or 'the model'} ({'; '.join(parts)}): wrong --arch, "
+                         f"--n-expert or --routing?")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise UsageError(f"{where}: shapes differ for {k}: checkpoint {tuple(v.shape)} vs model "
@@ -93,41 +193,50 @@ def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
     model.load_state_dict(sd, strict=True)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Flags and RNG states as weights_only-loadable values
+# ----------------------------------------------------------------------------------------------------------
+
+def _plain(v):
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return str(v)
+
+
 def args_to_dict(args) -> dict:
-    """Flags as plain values (str/int/float/bool/None/lists), loadable with weights_only."""
-    out = {}
-    for k, v in sorted(vars(args).items()):
-        if isinstance(v, (str, int, float, bool)) or v is None:
-            out[k] = v
-        elif isinstance(v, (list, tuple)):
-            out[k] = [x if isinstance(x, (str, int, float, bool)) or x is None else str(x) for x in v]
-        else:
-            out[k] = str(v)
-    return out
+    """Flags (an argparse Namespace or a dict) as plain values: str/int/float/bool/None, lists, dicts."""
+    items = vars(args) if not isinstance(args, dict) else args
+    return {str(k): _plain(v) for k, v in sorted(items.items())}
 
 
 def capture_rng_state() -> dict:
-    """Every RNG's state as tensors and plain values (weights_only-loadable)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
+    """The torch, CUDA (when initialised), numpy and Python RNG states as tensors and plain values."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]),
-                   "gauss": py_state[2] if py_state[2] is None else float(py_state[2])},
+        "numpy": {"name": str(np_name), "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": int(py_version), "state": [int(x) for x in py_state],
+                   "gauss": None if py_gauss is None else float(py_gauss)},
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # never initialise CUDA just for this
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def restore_rng_state(state: dict):
-    """Inverse of capture_rng_state."""
-    torch.set_rng_state(state["torch"].cpu())
+    """Inverse of `capture_rng_state` (CUDA states are restored for the devices present)."""
+    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state((n["name"], n["keys"].cpu().numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                         float(n["gauss"])))
     p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    random.setstate((int(p["version"]), tuple(int(x) for x in p["state"]), p["gauss"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu().to(torch.uint8), i)

@@ -1,29 +1,51 @@
-"""Entry-point wrapper: bad input is one line on stderr and exit code 2, never a traceback."""
+"""Entry-point wrapper: bad input is one line on stderr and exit code 2, never a traceback.
+
+    if __name__ == "__main__":
+        run_main(main)
+
+Exit codes: 0 done; 2 bad input (UsageError, or argparse's own errors); 130 Ctrl-C; 75 a training run
+stopped by SIGTERM/SIGUSR1 after writing its checkpoint (requeue, resume with `--resume auto`); 1 a run
+that diverged (NaN/inf; the last good checkpoint is kept). Anything else is a bug and keeps its traceback.
+"""
 import sys
 
 from .errors import UsageError
 
 
-def run_main(main_fn, argv=None):
-    """Run `main_fn(argv)`; UsageError -> 'error: ...' + exit 2; Ctrl-C -> exit 130.
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
-    A training run stopped by SIGTERM/SIGUSR1 after writing its checkpoint exits with 75 (requeue);
-    NaN/inf in training exits 1 with one line (the last good checkpoint is kept).
+
+def _training_stop(e: BaseException):
+    """(exit code, message) for the training loop's own stop signals, else None.
+
+    Looked up in sys.modules so that this wrapper imports nothing: an exception of a module that was
+    never imported cannot have been raised.
     """
-    from .advmoe import NonFiniteError
-    from .train import REQUEUE_EXIT_CODE, Interrupted
+    train, advmoe = sys.modules.get("utils.train"), sys.modules.get("utils.advmoe")
+    interrupted = getattr(train, "Interrupted", None)
+    if interrupted is not None and isinstance(e, interrupted):
+        code = getattr(train, "REQUEUE_EXIT_CODE", 75)
+        return code, f"interrupted: checkpoint written; resume with --resume auto (exit {code})"
+    non_finite = getattr(advmoe, "NonFiniteError", None)
+    if non_finite is not None and isinstance(e, non_finite):
+        return 1, f"error: {_one_line(e)}"
+    return None
+
+
+def run_main(main_fn, argv=None):
+    """Run `main_fn(argv)` and turn expected failures into one line on stderr and an exit code."""
     try:
         main_fn(argv)
     except UsageError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except Interrupted:
-        print(f"interrupted: checkpoint written; resume with --resume auto (exit {REQUEUE_EXIT_CODE})",
-              file=sys.stderr)
-        sys.exit(REQUEUE_EXIT_CODE)
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted by the user", file=sys.stderr)
+        print("interrupted by the user (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        stop = _training_stop(e)
+        if stop is None:
+            raise
+        print(stop[1], file=sys.stderr)
+        sys.exit(stop[0])

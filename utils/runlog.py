@@ -1,6 +1,17 @@
-"""Run folders: naming as the reference, `setup.log`, `metrics.jsonl`, `args.yaml`, provenance, status."""
+"""Run folders: naming as the reference, `setup.log`, `metrics.jsonl`, `args.yaml`, `provenance.json`, status.
+
+A run folder `{save_dir}/{training|evaluate}/{script}/{name}` holds
+- setup.log        everything logged (also printed on the console)
+- metrics.jsonl    one JSON object per epoch (or per evaluation)
+- args.yaml        the resolved flags, reusable with `--configs`
+- provenance.json  git commit, dirty flag, torch version, device, host, command line, start time
+- status.json      running / finished / failed / interrupted
+- checkpoint/      checkpoint.pth.tar and model_best.pth.tar (written by the training loop)
+"""
+import itertools
 import json
 import logging
+import math
 import os
 import platform
 import socket
@@ -11,53 +22,88 @@ import time
 import torch
 import yaml
 
+from .checkpoint import args_to_dict
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LOGGER_IDS = itertools.count()
 
 
-def _fmt(x):
+def _fmt(x) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def run_folder_name(args) -> str:
-    """`[ID_]{dataset}-{arch}-ratio{r}-epochs{E}-lr{lr}-eps{eps*255}-steps{k}-beta{beta}[-expert{N}]-seed{seed}`."""
+def run_folder_name(args, script=None) -> str:
+    """`[ID_]{dataset}-{arch}-ratio{r}-epochs{E}-lr{lr}-eps{e}-steps{k}-beta{beta}[-expert{N}]-seed{seed}`.
+
+    e = eps * 255 rounded (eps in [0,1] units); floats are written in their shortest form (0.5, 1, 0.05).
+    `script` is accepted for symmetry with `run_dir`; the name does not depend on it.
+    """
     name = (f"{args.dataset}-{args.arch}-ratio{_fmt(args.ratio)}-epochs{args.epochs}-lr{_fmt(args.lr)}"
             f"-eps{int(round(args.epsilon * 255))}-steps{args.num_steps}-beta{_fmt(args.beta)}")
     if getattr(args, "n_expert", None) is not None:
         name += f"-expert{args.n_expert}"
     name += f"-seed{args.seed}"
-    return f"{args.exp_identifier}_{name}" if args.exp_identifier else name
+    ident = getattr(args, "exp_identifier", None)
+    return f"{ident}_{name}" if ident else name
 
 
-def run_dir(args, script, evaluate=False) -> str:
-    """`{save_dir}/{training|evaluate}/{script}/{name}`."""
-    return os.path.join(args.save_dir, "evaluate" if evaluate else "training", script, run_folder_name(args))
+def run_dir(args, script, evaluate=None) -> str:
+    """`{save_dir}/{training|evaluate}/{script}/{name}`; script: train_ori or train_moe.
+
+    evaluate: None follows `args.evaluate`."""
+    if evaluate is None:
+        evaluate = bool(getattr(args, "evaluate", False))
+    return os.path.join(getattr(args, "save_dir", "results"), "evaluate" if evaluate else "training", script,
+                        run_folder_name(args, script))
 
 
 def _git(*cmd):
+    """git's stdout, or None when git or the repository is not available."""
     try:
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        done = subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def provenance(args) -> dict:
-    return {"git_commit": _git("rev-parse", "HEAD") or None, "git_dirty": bool(_git("status", "--porcelain")),
+    """Where and with what a run was started (written to provenance.json)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": _git("rev-parse", "HEAD") or None, "git_dirty": None if status is None else bool(status),
             "torch": torch.__version__, "python": platform.python_version(), "hostname": socket.gethostname(),
-            "command": [sys.executable, *sys.argv], "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": [sys.executable, *sys.argv], "cwd": os.getcwd(),
+            "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "device": str(getattr(args, "device", "")), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-class RunLogger:
-    """Context manager owning a run folder; creates it on entry only (nothing is written before).
+def _jsonable(x):
+    """json.dumps fallback: tensors and numpy values as Python numbers or lists."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
 
-    Non-main ranks (`is_main=False`) write nothing and log to the console only at warning level.
+
+def _write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_jsonable)
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """Context manager owning a run folder: creates it on entry only, so nothing is written before the input
+    has been validated. Logs go to `setup.log` and the console (one handler each, per instance).
+
+    Non-main ranks (`is_main=False`) write no file and print warnings only.
     """
 
     def __init__(self, folder, args, is_main=True):
-        self.folder, self.args, self.is_main = folder, args, is_main
-        self.logger = logging.getLogger(f"advmoe.run.{id(self)}")
-        self.logger.propagate = False
+        self.folder, self.args, self.is_main = os.fspath(folder), args, is_main
+        self.logger = logging.getLogger(f"advmoe.run.{next(_LOGGER_IDS)}")
+        self.logger.propagate = False  # the root logger's handlers would print every line twice
         self.logger.setLevel(logging.INFO)
 
     def __enter__(self):
@@ -66,21 +112,34 @@ class RunLogger:
         handlers = [console]
         if self.is_main:
             os.makedirs(self.folder, exist_ok=True)
-            handlers.append(logging.FileHandler(os.path.join(self.folder, "setup.log")))
+            handlers.append(logging.FileHandler(os.path.join(self.folder, "setup.log"), encoding="utf-8"))
+            values = {k: v for k, v in args_to_dict(self.args).items() if k != "configs"}
             with open(os.path.join(self.folder, "args.yaml"), "w") as f:
-                yaml.safe_dump({k: v for k, v in sorted(vars(self.args).items())}, f, sort_keys=False)
-            with open(os.path.join(self.folder, "provenance.json"), "w") as f:
-                json.dump(provenance(self.args), f, indent=1)
+                yaml.safe_dump(values, f, sort_keys=False)
+            self._write_provenance()
         fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         for h in handlers:
             h.setFormatter(fmt)
             self.logger.addHandler(h)
         return self
 
+    def _write_provenance(self):
+        """provenance.json; a resumed run keeps its earlier starts under `previous`."""
+        path = os.path.join(self.folder, "provenance.json")
+        record = provenance(self.args)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            record["previous"] = old.pop("previous", []) + [old]
+        except (OSError, ValueError, AttributeError):
+            pass
+        _write_json_atomic(path, record)
+
     def __exit__(self, *exc):
         for h in list(self.logger.handlers):
             h.close()
             self.logger.removeHandler(h)
+        logging.Logger.manager.loggerDict.pop(self.logger.name, None)
         return False
 
     def info(self, msg):
@@ -93,33 +152,47 @@ class RunLogger:
         self.logger.error(f"ERROR: {msg}")
 
     def log_metrics(self, row: dict):
-        """Append one JSON object to metrics.jsonl (flushed)."""
+        """Append `row` as one JSON line to metrics.jsonl (flushed and closed at once)."""
         if self.is_main:
             with open(os.path.join(self.folder, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(row, default=_jsonable) + "\n")
 
     def set_status(self, state, message=""):
         """status.json: running, finished, failed or interrupted (written atomically)."""
         if self.is_main:
-            path = os.path.join(self.folder, "status.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump({"state": state, "message": message, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
-            os.replace(path + ".tmp", path)
+            _write_json_atomic(os.path.join(self.folder, "status.json"),
+                               {"state": state, "message": message, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def _pct(label, v):
+    return f"{label} {v:6.2f}%"
 
 
 def format_epoch_line(row: dict) -> str:
-    """One aligned line per epoch, with units; MoE extras appended when present."""
-    epochs = row.get("epochs", "?")
-    parts = [f"epoch {row['epoch']:>3}/{epochs}", f"lr {row['lr']:.4f}", f"loss {row['train_loss']:.4f}",
-             f"SA {row['sa']:6.2f}%", f"RA {row['ra']:6.2f}%"]
-    if "val_ra" in row:
-        parts.append(f"val RA {row['val_ra']:6.2f}%")
-    parts.append(f"best RA {row['best_ra']:6.2f}% (ep {row.get('best_epoch', '?')})")
-    if "router_robustness" in row:
-        parts.append(f"router rob {row['router_robustness']:6.2f}%")
-    if "expert_robustness" in row:
-        parts.append(f"expert RA {row['expert_robustness']:6.2f}%")
-    if "load_clean" in row:
+    """One aligned line per epoch, accuracies in %, time in seconds; fields absent from `row` are left out.
+
+    e.g. `epoch   3/100 | lr 0.0976 | loss 1.2345 | SA  91.23% | RA  71.10% | best RA  71.10% (ep 3) | 12.3s`,
+    followed by the MoE fields (router robustness, expert robustness, expert load) when present.
+    """
+    epochs = row.get("epochs")
+    width = len(str(epochs)) if epochs is not None else 3
+    parts = [f"epoch {row.get('epoch', '?'):>{width}}/{epochs if epochs is not None else '?'}"]
+    if row.get("lr") is not None:
+        parts.append(f"lr {row['lr']:.4f}")
+    loss = row.get("train_loss", row.get("loss"))
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}" if math.isfinite(loss) else f"loss {loss}")
+    for key, label in (("sa", "SA"), ("ra", "RA"), ("val_ra", "val RA")):
+        if row.get(key) is not None:
+            parts.append(_pct(label, row[key]))
+    if row.get("best_ra") is not None:
+        best = _pct("best RA", row["best_ra"])
+        parts.append(best + (f" (ep {row['best_epoch']})" if row.get("best_epoch") is not None else ""))
+    for key, label in (("router_robustness", "router rob"), ("expert_robustness", "expert RA")):
+        if row.get(key) is not None:
+            parts.append(_pct(label, row[key]))
+    if row.get("load_clean") is not None:
         parts.append("load " + "/".join(f"{v:.0f}" for v in row["load_clean"]) + "%")
-    parts.append(f"{row['seconds']:6.1f}s")
+    if row.get("seconds") is not None:
+        parts.append(f"{row['seconds']:.1f}s")  # last field: no padding needed
     return " | ".join(parts)

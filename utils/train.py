@@ -260,7 +260,8 @@ def make_step(run: Run):
     """The per-batch update for this run: dense/joint adversarial training or AdvMoE."""
     a = run.args
     cfg = advmoe.StepConfig(at=a.at, eps=a.epsilon, step_size=a.step_size, num_steps=a.num_steps, beta=a.beta,
-                            alpha=a.alpha, router_objective=getattr(a, "router_objective", "robust"))
+                            alpha=a.alpha, router_objective=getattr(a, "router_objective", "robust"),
+                            balance_weight=getattr(a, "balance_weight", 0.0))
     scaler = run.precision.scaler
     sync = (lambda params: average_gradients(params, run.env)) if run.env.enabled else None
     if run.router_optimizer is not None:
@@ -419,19 +420,21 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
            "train_adv_acc": 100 * stats["correct"] / max(stats["seen"], 1)}
     if run.router_optimizer is not None:
         row["router_lr"] = run.router_optimizer.param_groups[0]["lr"]
-    select = None
-    if run.val_loader is not None:
-        val = _eval(run, run.val_loader, "val")
-        row.update({"val_sa": val["sa"], "val_ra": val["ra"]})
-        select = val["ra"]
-    test = _eval(run, run.test_loader, "test")
-    row.update({"sa": test["sa"], "ra": test["ra"]})
-    row.update(_moe_row(test))
-    # Model selection on the held-out validation split (the reference picked on the test set).
-    select = test["ra"] if select is None else select
-    is_best = select > run.best_select
-    if is_best:
-        run.best_select, run.best_ra, run.best_sa, run.best_epoch = select, test["ra"], test["sa"], epoch + 1
+    is_best = False
+    if (epoch + 1) % a.eval_every == 0 or epoch + 1 == a.epochs:
+        select = None
+        if run.val_loader is not None:
+            val = _eval(run, run.val_loader, "val")
+            row.update({"val_sa": val["sa"], "val_ra": val["ra"]})
+            select = val["ra"]
+        test = _eval(run, run.test_loader, "test")
+        row.update({"sa": test["sa"], "ra": test["ra"]})
+        row.update(_moe_row(test))
+        # Model selection on the held-out validation split (the reference picked on the test set).
+        select = test["ra"] if select is None else select
+        is_best = select > run.best_select
+        if is_best:
+            run.best_select, run.best_ra, run.best_sa, run.best_epoch = select, test["ra"], test["sa"], epoch + 1
     row.update({"best_ra": run.best_ra, "best_epoch": run.best_epoch, "seconds": time.time() - t0})
     if env.is_main:
         state = run.state_dict(epoch + 1)

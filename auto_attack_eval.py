@@ -1,0 +1,21 @@
+"""AutoAttack robust accuracy of a dense or MoE checkpoint, by the official AutoAttack code; resumable.
+
+    python auto_attack_eval.py --arch vgg16_bn_ori --ratio 0.5 --source-net PATH
+    python auto_attack_eval.py --source-net RUN/checkpoint/model_best.pth.tar --dataset Digits --n-ex 100
+    python auto_attack_eval.py --source-net PATH --version custom --attacks apgd-ce apgd-t --epsilon 4
+
+Arch, ratio, experts and normalisation default to what the checkpoint records (reference checkpoints
+record only the arch). Rerunning a killed command resumes from its finished chunks.
+"""
+from args import get_autoattack_parser
+from utils.autoattack_eval import evaluate_checkpoint
+from utils.cli import run_main
+
+
+def main(argv=None):
+    args = get_autoattack_parser().parse_args(argv)
+    evaluate_checkpoint(args)
+
+
+if __name__ == "__main__":
+    run_main(main)
