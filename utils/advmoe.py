@@ -198,3 +198,24 @@ def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=N
     check_finite(out["loss"], "training loss")
     _update(optimizer, out["loss"], scaler, grad_sync)
     return out
+
+
+@torch.no_grad()
+def balance_router_init(model, x):
+    """Data-dependent init of the global router's output bias: every expert gets the same median logit
+    margin on `x`, so a fresh MoE starts with its images spread over the experts.
+
+    A freshly initialised router sends nearly every image to one expert (the logits are dominated by a
+    component shared by all images), and the straight-through gradient then only ever sees that expert.
+    Only the bias moves; decisions stay `argmax` of the logits. Train-mode statistics are used, as in
+    training, without moving any BatchNorm running statistics.
+    """
+    if not getattr(model, "is_moe", False) or model.routing_mode != "global" or model.n_expert < 2:
+        return
+    was_training = model.training
+    model.train()
+    with running_stats_frozen(list(model.modules())):
+        logits = model.route(x)  # (B, N)
+    model.train(was_training)
+    margin = logits - logits.mean(dim=1, keepdim=True)  # (B, N): each expert's logit against the average
+    model.router.fc.bias -= margin.median(dim=0).values

@@ -314,12 +314,13 @@ def _reduce_stats(stats, env, device):
     return {"loss_sum": t[0].item(), "correct": t[1].item(), "seen": t[2].item()}
 
 
-def _eval(run, loader, desc):
+def _eval(run, loader, desc, moe_metrics=None):
     a = run.args
     reduce = (lambda t: all_reduce_sum(t, run.env, run.device)) if run.env.enabled else None
     return evaluate(run.model, loader, eps=a.epsilon_test, step_size=a.step_size_test,
                     num_steps=a.num_steps_test, device=run.device, max_batches=a.max_test_batches,
-                    progress=not a.no_progress and run.env.is_main, desc=desc, reduce=reduce)
+                    progress=not a.no_progress and run.env.is_main, desc=desc, reduce=reduce,
+                    moe_metrics=moe_metrics)
 
 
 def _checkpoint_paths(folder):
@@ -359,6 +360,9 @@ def _fit(args, script, device, env):
     run = setup(args, script, device, env)
     if resume:
         restore(run, resume)
+    elif run.model.is_moe:
+        advmoe.balance_router_init(run.model, _first_images(run, 256))
+        broadcast_module(run.model, env)
     stop = StopFlag().install()
     row = None
     with RunLogger(folder, args, is_main=env.is_main) as log:
@@ -396,6 +400,18 @@ def trim_metrics(path, last_epoch):
         os.replace(tmp, path)
 
 
+def _first_images(run, n):
+    """Up to `n` training images (epoch 0's order), for data-dependent initialisation."""
+    run.train_loader.sampler.set_epoch(0)
+    xs, count = [], 0
+    for x, _ in run.train_loader:
+        xs.append(x)
+        count += len(x)
+        if count >= n:
+            break
+    return torch.cat(xs)[:n].to(run.device)
+
+
 def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
     a = run.args
     t0 = time.time()
@@ -424,7 +440,7 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
     if (epoch + 1) % a.eval_every == 0 or epoch + 1 == a.epochs:
         select = None
         if run.val_loader is not None:
-            val = _eval(run, run.val_loader, "val")
+            val = _eval(run, run.val_loader, "val", moe_metrics=False)  # model selection needs RA only
             row.update({"val_sa": val["sa"], "val_ra": val["ra"]})
             select = val["ra"]
         test = _eval(run, run.test_loader, "test")
