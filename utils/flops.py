@@ -1,24 +1,68 @@
-"""FLOP accounting with torch.utils.flop_counter (FLOPs = 2 x multiply-adds, as the paper's tables).
+"""FLOP accounting with torch.utils.flop_counter, printed like the paper's cost tables.
 
-The sparse MoE runs only each image's own expert, so counting the operations actually executed gives the
-activated cost; the dense-masked mode (the reference's computation) counts every expert.
+FLOPs = 2 x multiply-adds of convolutions and matrix products (forward and backward), the convention of
+the reference's measurements (ResNet-18 CIFAR, dense r=1.0: 1.11 GFLOPs per 32x32 image). BatchNorm,
+activations, pooling and additions are not counted. The sparse MoE runs only each image's own expert, so
+counting what is executed gives the activated cost; the dense-masked mode (the reference's computation)
+counts every expert.
+
+Command line (`python -m utils.flops --help`):
+    python -m utils.flops --arch resnet18_cifar_moe --ratio 0.5 --n-expert 2 --train-step
+prints the dense model at ratio 1.0 and at --ratio, the activated MoE (backbone and router separately), the
+reference's dense-masked MoE, and with --train-step the cost of one training update (AdvMoE or joint for MoE,
+TRADES or PGD-AT for dense), all in GFLOPs per image.
 """
+import argparse
+import copy
+import sys
+
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from .attack import eval_mode
 
 
+class _TotalFlops(TorchDispatchMode):
+    """Sums torch.utils.flop_counter's per-operator FLOP formulas over every operator dispatched.
+
+    `FlopCounterMode` itself also attributes FLOPs to modules through autograd hooks on module inputs, and
+    those hooks make `torch.autograd.grad` with respect to a leaf input fail (as every PGD attack does:
+    "A leaf node was passed to _will_engine_execute_node"); we only need the total.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
 def count_flops(fn) -> int:
-    """FLOPs executed by `fn()` (forward and any backward it runs)."""
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs executed by `fn()` (forward and any backward it runs), as an int."""
+    with _TotalFlops() as counter:
         fn()
-    return counter.get_total_flops()
+    return counter.total
+
+
+def _images(batch, image_size, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, image_size, image_size, generator=g).to(device)
 
 
 def inference_gflops(model, image_size=32, batch=8, device="cpu") -> dict:
-    """GFLOPs per image of one eval-mode forward: total, and for MoE models router and backbone."""
-    x = torch.rand(batch, 3, image_size, image_size, device=device)
+    """GFLOPs per image of one eval-mode forward of `model` on `image_size` x `image_size` images.
+
+    Returns {"total"} and, for a globally routed MoE, also {"router", "backbone"} (total = router + backbone).
+    The model's modes are restored afterwards.
+    """
+    x = _images(batch, image_size, device)
     with eval_mode(model), torch.no_grad():
         total = count_flops(lambda: model(x)) / batch / 1e9
         out = {"total": total}
@@ -33,12 +77,140 @@ def training_step_gflops(step, x, y) -> float:
     return count_flops(lambda: step(x, y)) / len(y) / 1e9
 
 
-def format_flops_table(rows) -> str:
-    """Rows of dicts (name, total, router, backbone, step) -> an aligned text table in GFLOPs/image."""
-    cols = ("model", "total", "backbone", "router", "train step")
+def make_train_step(model, kind="auto", *, num_steps=2, at="trades", lr=0.0, scaler=None, **cfg):
+    """A `step(x, y)` closure doing one update of `model` with fresh SGD optimizers.
+
+    kind: 'advmoe' (router step then expert step), 'joint' (one update of everything; the dense models'
+    TRADES/PGD-AT step) or 'auto' (advmoe for an MoE, joint for a dense model). `lr` 0 by default so that
+    counting or timing steps leaves the weights as they were (BatchNorm running statistics still move).
+    `scaler`: a GradScaler for fp16 autocast, or None. Extra keywords go to `advmoe.StepConfig` (eps,
+    step_size, beta, alpha, router_objective).
+    """
+    from . import advmoe
+    if kind == "auto":
+        kind = "advmoe" if getattr(model, "is_moe", False) else "joint"
+    step_cfg = advmoe.StepConfig(at=at, num_steps=num_steps, **cfg)
+    if kind == "advmoe":
+        opt = torch.optim.SGD(model.backbone_parameters(), lr=lr)
+        router_opt = torch.optim.SGD(model.router_parameters(), lr=lr)
+        return lambda x, y: advmoe.advmoe_step(model, x, y, step_cfg, opt, router_opt, scaler)
+    if kind == "joint":
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        return lambda x, y: advmoe.joint_step(model, x, y, step_cfg, opt, scaler)
+    raise ValueError(f"unknown training step kind {kind!r} (advmoe, joint, auto)")
+
+
+def train_step_gflops(model, kind="auto", *, image_size=32, batch=8, num_classes=10, num_steps=2, at="trades",
+                      device="cpu", **cfg) -> float:
+    """GFLOPs per image of one training update of a copy of `model` (the model itself is left untouched).
+
+    Batch `batch` of random images and labels; `num_steps`-step attacks; see `make_train_step` for `kind`.
+    """
+    model = copy.deepcopy(model).train()
+    x = _images(batch, image_size, device, seed=1)
+    y = torch.randint(0, num_classes, (batch,), generator=torch.Generator().manual_seed(2)).to(device)
+    step = make_train_step(model, kind, num_steps=num_steps, at=at, **cfg)
+    return training_step_gflops(step, x, y)
+
+
+def format_flops_table(rows, title=None) -> str:
+    """Rows of dicts (name, total, backbone, router, step; missing or None -> '-') -> aligned text table.
+
+    Every number is in GFLOPs per image.
+    """
+    cols = ("model", "inference", "backbone", "router", "train step")
     keys = ("name", "total", "backbone", "router", "step")
-    lines = [" | ".join(f"{c:>12}" for c in cols)]
+    width = max([len(cols[0])] + [len(str(r.get("name", ""))) for r in rows])
+
+    def cell(value, i):
+        w = width if i == 0 else 10
+        if isinstance(value, float):
+            return f"{value:>{w}.3f}"
+        text = "-" if value is None else str(value)
+        return f"{text:<{w}}" if i == 0 else f"{text:>{w}}"
+
+    lines = [title] if title else []
+    lines.append(" | ".join(f"{c:<{width}}" if i == 0 else f"{c:>10}" for i, c in enumerate(cols)))
+    lines.append("-+-".join("-" * (width if i == 0 else 10) for i in range(len(cols))))
     for r in rows:
-        cells = [f"{r.get(k):>12.3f}" if isinstance(r.get(k), float) else f"{str(r.get(k, '-')):>12}" for k in keys]
-        lines.append(" | ".join(cells))
+        lines.append(" | ".join(cell(r.get(k), i) for i, k in enumerate(keys)))
     return "\n".join(lines)
+
+
+def _dense_name(arch):
+    return arch[:-len("_moe")] + "_ori" if arch.endswith("_moe") else arch
+
+
+def flops_rows(arch, *, ratio, n_expert=None, num_classes=10, image_size=32, train_step=False, num_steps=2,
+               batch=8, at="trades", moe_training="advmoe", device="cpu") -> list[dict]:
+    """Rows for `format_flops_table`: dense `arch` at ratio 1.0 and `ratio`; for an MoE arch also the
+    activated (sparse) MoE and the reference's dense-masked MoE. GFLOPs per image."""
+    import models
+    rows = []
+    dense = _dense_name(arch)
+    for r in dict.fromkeys((1.0, ratio)):  # both ratios, once each
+        model = models.build_model(dense, num_classes=num_classes, ratio=r).to(device)
+        rows.append(dict(name=f"{dense} r={r:g}", **inference_gflops(model, image_size, batch, device)))
+        if train_step:
+            rows[-1]["step"] = train_step_gflops(model, "joint", image_size=image_size, batch=batch,
+                                                 num_classes=num_classes, num_steps=num_steps, at=at,
+                                                 device=device)
+    if models.is_moe(arch):
+        for sparse, label in ((True, "activated"), (False, "dense-masked, as the reference")):
+            model = models.build_model(arch, num_classes=num_classes, ratio=ratio, n_expert=n_expert,
+                                       sparse=sparse).to(device)
+            row = dict(name=f"{arch} r={ratio:g} N={n_expert} {label}", **inference_gflops(model, image_size,
+                                                                                           batch, device))
+            if train_step:
+                row["step"] = train_step_gflops(model, moe_training, image_size=image_size, batch=batch,
+                                                num_classes=num_classes, num_steps=num_steps, at=at, device=device)
+            rows.append(row)
+    return rows
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(prog="python -m utils.flops",
+                                description="GFLOPs per image of dense and MoE models and of one training step")
+    p.add_argument("--arch", required=True, help="registry name (e.g. resnet18_cifar_moe)")
+    p.add_argument("--ratio", type=float, default=1.0, help="width ratio in (0, 1]")
+    p.add_argument("--n-expert", type=int, default=None, help="experts per MoE layer (MoE archs)")
+    p.add_argument("--dataset", default="CIFAR10", help="sets the image size and the number of classes")
+    p.add_argument("--image-size", type=int, default=None, help="overrides the dataset's image size (pixels)")
+    p.add_argument("--train-step", action="store_true", help="also count one training update")
+    p.add_argument("--num-steps", type=int, default=2, help="attack steps of the training update")
+    p.add_argument("--at", default="trades", choices=("trades", "pgd"), help="robust loss of the update")
+    p.add_argument("--moe-training", default="advmoe", choices=("advmoe", "joint"), help="MoE update")
+    p.add_argument("--batch", type=int, default=8, help="images per counted batch")
+    return p
+
+
+def main(args) -> int:
+    import models
+    from .data import dataset_info
+    from .errors import UsageError
+    try:
+        info = dataset_info(args.dataset)
+        if args.arch not in models.list_models():
+            raise UsageError(f"unknown arch {args.arch!r}; valid: {', '.join(models.list_models())}")
+        if models.is_moe(args.arch) and (args.n_expert is None or args.n_expert < 1):
+            raise UsageError(f"{args.arch} is an MoE arch: give --n-expert N (N >= 1)")
+        if not models.is_moe(args.arch) and args.n_expert not in (None, 1):
+            raise UsageError(f"{args.arch} is dense: --n-expert applies to MoE archs only")
+        if not 0 < args.ratio <= 1:
+            raise UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
+        if args.batch < 1 or args.num_steps < 0 or (args.image_size is not None and args.image_size < 8):
+            raise UsageError("--batch must be >= 1, --num-steps >= 0 and --image-size >= 8")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    image_size = args.image_size or info.image_size
+    rows = flops_rows(args.arch, ratio=args.ratio, n_expert=args.n_expert, num_classes=info.num_classes,
+                      image_size=image_size, train_step=args.train_step, num_steps=args.num_steps,
+                      batch=args.batch, at=args.at, moe_training=args.moe_training)
+    step = f"; train step: {args.num_steps}-step {args.at} attacks, batch {args.batch}" if args.train_step else ""
+    print(format_flops_table(rows, title=f"GFLOPs per image ({args.dataset}, {image_size}x{image_size}{step})"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

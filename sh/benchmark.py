@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Cost of the MoE against dense models, from one run on whatever machine this is (issue 5, item 5).
+
+    python sh/benchmark.py                 # CPU: batch-16 training steps, 3 repeats, a few minutes
+    python sh/benchmark.py --device cuda   # GPU: AMP, channels_last, cudnn flags of utils.gpu; add --compile
+
+ResNet-18 CIFAR (32x32, 10 classes), MoE at --ratio with N in --experts, against dense at --ratio and 1.0:
+ (a) eval forward time at --batch, sparse and dense-masked MoE (the reference's computation);
+ (b) GFLOPs per image of inference and of one training update with 2-step attacks at batch 8: AdvMoE for
+     the MoE, TRADES for the dense models (counted by torch.utils.flop_counter);
+ (c) training images per second (TRADES for dense, AdvMoE for MoE) at --train-batch.
+Times are medians of --repeats after --warmup runs, using the machine's default thread count; the models
+are timed in turn within each repeat, so load from other processes hits them alike. MoE routing is
+balanced (image i goes to expert i mod N, forced through a hook adding a constant to the router's logits,
+so every pass still runs): the worst case for the sparse execution, which then runs N sub-batches.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402
+from utils.flops import inference_gflops, make_train_step, train_step_gflops  # noqa: E402
+from utils.gpu import configure_backends, maybe_compile  # noqa: E402
+from utils.train import Precision  # noqa: E402
+
+ARCH = "resnet18_cifar"
+# The reference's own figures (shared/reference/README.md), GFLOPs per image, for comparison in (b).
+REFERENCE_GFLOPS = {("moe", 2): 0.68, ("moe", 4): 1.26}
+REFERENCE_STEP_GFLOPS = {("moe", 2): 13.3, ("moe", 4): 23.8, ("dense", 1.0): 14.4}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--experts", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--batch", type=int, default=128, help="forward-time batch")
+    p.add_argument("--train-batch", type=int, default=None, help="training batch (default: 128 CUDA, 16 CPU)")
+    p.add_argument("--num-steps", type=int, default=2, help="attack steps of the training updates")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default: 20 CUDA, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default: 5 CUDA, 1 CPU)")
+    p.add_argument("--train-repeats", type=int, default=None, help="timed training steps (default: 10 CUDA, 2 CPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (default: on for CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA)")
+    p.add_argument("--skip-train", action="store_true", help="skip (c)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the machine's); 1 gives steadier ratios on a loaded machine")
+    return p
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_times(fns, device, warmup, repeats):
+    """{key: (median, best)} wall seconds of each `fns[key]()`, timed round-robin.
+
+    Each round runs every function once, so a change of machine load during the run (a shared machine)
+    affects all of them alike and their ratios stay meaningful; `warmup` untimed rounds come first.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return {key: (statistics.median(t), min(t)) for key, t in times.items()}
+
+
+def balance_routing(model):
+    """Force a balanced load (image i -> expert i mod N) by adding a constant to the router's logits."""
+    def hook(module, inputs, logits):
+        n = logits.shape[1]
+        bonus = torch.nn.functional.one_hot(torch.arange(logits.shape[0], device=logits.device) % n, n)
+        return logits + 1e4 * bonus.to(logits.dtype)
+    return model.router.register_forward_hook(hook)
+
+
+def build(kind, n_or_ratio, sparse, ratio, device):
+    """A model of the comparison: ('dense', ratio) or ('moe', N) at `ratio`, balanced routing, on `device`."""
+    torch.manual_seed(0)
+    if kind == "dense":
+        model = models.build_model(f"{ARCH}_ori", ratio=n_or_ratio)
+    else:
+        model = models.build_model(f"{ARCH}_moe", ratio=ratio, n_expert=n_or_ratio, sparse=sparse)
+        balance_routing(model)
+    return model.to(device)
+
+
+def label(kind, n_or_ratio, sparse, ratio):
+    if kind == "dense":
+        return f"dense r={n_or_ratio:g}"
+    return f"MoE r={ratio:g} N={n_or_ratio} {'sparse' if sparse else 'dense-masked'}"
+
+
+def ratio_text(value, base):
+    return f"{value / base:6.2f}x" if base else "     -"
+
+
+def _met(ok):
+    return "met" if ok else "NOT met"
+
+
+def train_throughput(args, configs, prepared, precision, device, warmup, train_batch, train_repeats):
+    """(c): training images per second of the dense models (TRADES) and the sparse MoE (AdvMoE)."""
+    r = args.ratio
+    print(f"\n(c) training images/s, batch {train_batch}, {args.num_steps}-step attacks "
+          f"(TRADES for dense, AdvMoE for MoE; ratios against dense r={r:g})")
+    g = torch.Generator().manual_seed(0)
+    xt = torch.rand(train_batch, 3, 32, 32, generator=g).to(device)
+    yt = torch.randint(0, 10, (train_batch,), generator=g).to(device)
+    steps = {}
+    for cfg in [c for c in configs if c[2]]:  # the sparse MoE: the one we train with
+        model, backends = prepared(cfg, train=True)
+        xin = xt.contiguous(memory_format=torch.channels_last) if backends.channels_last else xt
+        step = make_train_step(model, "auto", num_steps=args.num_steps, scaler=precision.scaler)
+
+        def train_step(step=step, xin=xin):
+            with precision.autocast():
+                step(xin, yt)
+        steps[cfg] = train_step
+    rates = {cfg: train_batch / t for cfg, (t, _) in interleaved_times(steps, device, warmup, train_repeats).items()}
+    base = rates[("dense", r, True)]
+    print(f"{'model':<32} {'images/s':>9} {'/ dense r':>10}")
+    for cfg, rate in rates.items():
+        print(f"{label(*cfg, r):<32} {rate:9.1f} {ratio_text(rate, base):>10}")
+
+
+def main(args):
+    from utils.train import resolve_device
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = device.type == "cuda"
+    repeats = args.repeats or (20 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    train_batch = args.train_batch or (128 if cuda else 16)
+    train_repeats = args.train_repeats or (10 if cuda else 2)
+    precision = Precision(device, args.amp)
+    r = args.ratio
+    configs = [("dense", 1.0, True), ("dense", r, True)]
+    for n in args.experts:
+        configs += [("moe", n, True), ("moe", n, False)]
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    load, cores = os.getloadavg()[0], os.cpu_count()
+    print(f"# {ARCH}, 32x32, 10 classes; device {device} ({name}); torch {torch.__version__}; "
+          f"amp {precision.dtype if precision.enabled else 'off'}; compile {args.compile}; "
+          f"median of {repeats} after {warmup} warm-up; load average {load:.1f} on {cores} cores")
+    if not cuda and load > cores:
+        print(f"# warning: the machine is busier than its {cores} cores; CPU times include waiting for them "
+              f"(multi-threaded runs of many small operations suffer most: try --threads 1)")
+
+    def prepared(cfg, train):
+        model = build(*cfg, r, device)
+        backends = configure_backends(device, model)
+        maybe_compile(model, args.compile)
+        return model.train(train), backends
+
+    # (a) forward time
+    print(f"\n(a) eval forward, batch {args.batch} (ms, median and best of the runs; ratios of the medians "
+          f"against dense r={r:g})")
+    x = torch.rand(args.batch, 3, 32, 32, device=device)
+    forwards = {}
+    for cfg in configs:
+        model, backends = prepared(cfg, train=False)
+        xin = x.contiguous(memory_format=torch.channels_last) if backends.channels_last else x
+
+        def forward(model=model, xin=xin):
+            with torch.inference_mode(), precision.autocast():
+                model(xin)
+        forwards[cfg] = forward
+    timed = interleaved_times(forwards, device, warmup, repeats)
+    times = {cfg: t[0] for cfg, t in timed.items()}
+    del forwards
+    base = times[("dense", r, True)]
+    print(f"{'model':<32} {'median':>9} {'best':>9} {'/ dense r':>10}")
+    for cfg, (t, best) in timed.items():
+        print(f"{label(*cfg, r):<32} {1e3 * t:9.1f} {1e3 * best:9.1f} {ratio_text(t, base):>10}")
+
+    # (b) GFLOPs per image
+    print(f"\n(b) GFLOPs per image: inference, and one training update ({args.num_steps}-step attacks, batch 8; "
+          f"TRADES for dense, AdvMoE for MoE)")
+    flops = {}
+    for cfg in configs:
+        model = build(*cfg, r, device)
+        inf = inference_gflops(model, batch=8, device=device)
+        step = train_step_gflops(model, "auto", batch=8, num_steps=args.num_steps, device=device)
+        flops[cfg] = (inf, step)
+    base_inf, base_step = flops[("dense", r, True)][0]["total"], flops[("dense", r, True)][1]
+    print(f"{'model':<32} {'infer':>7} {'backbone':>9} {'router':>7} {'/ dense r':>10} {'ref':>6}"
+          f" | {'step':>7} {'/ dense r':>10} {'ref':>6}")
+    for cfg, (inf, step) in flops.items():
+        kind, n, sparse = cfg
+        ref = REFERENCE_GFLOPS.get((kind, n)) if not sparse else None
+        ref_step = REFERENCE_STEP_GFLOPS.get((kind, n)) if (kind == "dense" or not sparse) else None
+        print(f"{label(*cfg, r):<32} {inf['total']:7.3f} {inf.get('backbone', inf['total']):9.3f} "
+              f"{inf.get('router', 0.0):7.3f} {ratio_text(inf['total'], base_inf):>10} "
+              f"{ref if ref else '-':>6} | {step:7.2f} {ratio_text(step, base_step):>10} "
+              f"{ref_step if ref_step else '-':>6}")
+    print("ref: the reference's measured cost (its MoE computes every expert; its AdvMoE step also runs extra passes)")
+
+    if not args.skip_train:
+        train_throughput(args, configs, prepared, precision, device, warmup, train_batch, train_repeats)
+    print("\nissue 5 targets (ResNet-18 CIFAR, ratio 0.5):")
+    for n in args.experts:
+        t_ratio = times[("moe", n, True)] / times[("dense", r, True)]
+        inf, step = flops[("moe", n, True)]
+        print(f"  N={n}: inference {inf['total']:.3f} GFLOPs <= 0.39: {_met(inf['total'] <= 0.39)}; "
+              f"AdvMoE step {step:.2f} GFLOPs <= 8.5: {_met(step <= 8.5)}; forward time / dense r={r:g} "
+              f"{t_ratio:.2f} <= 1.6 (CPU target): {_met(t_ratio <= 1.6) if not cuda else 'n/a on GPU'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

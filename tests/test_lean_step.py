@@ -1,0 +1,176 @@
+"""The lean AdvMoE step: exactly the passes that feed a gradient or a reported number (issue 5, item 3).
+
+Expected passes of one TRADES update (`robust_loss`) with a K-step attack, for a globally routed MoE
+(every backbone forward `model(x)` also runs the router once, on the same images, in the same mode):
+    1 eval forward of the clean images, no grad (the attack's KL target)
+    K eval forwards of the adversarial images (one per attack step, each with one input-gradient backward)
+    2 train forwards (clean and adversarial images, the two terms of the loss), then 1 backward.
+So per `robust_loss`: backbone and router each run 1 + K times in eval mode and 2 times in train mode;
+there is no separate `model.route` call (the router's logits come with the model's forward).
+    joint_step  = 1 robust_loss                         -> eval 1 + K, train 2;  autograd: K grads, 1 backward
+    advmoe_step = router_step + expert_step, 2 of them  -> eval 2(1 + K), train 4; autograd: 2K grads, 2 backwards
+BatchNorm running statistics: each BatchNorm moves once per update of the part it belongs to. The part that
+is frozen in a step normalises with batch statistics but does not move them, and of the two train forwards
+of a TRADES update only one moves them, so in one advmoe_step (and in one joint_step) every backbone
+BatchNorm and every router BatchNorm has `num_batches_tracked` + 1.
+"""
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from utils import advmoe
+
+K = 2  # attack steps
+
+
+def _model(n_expert=2):
+    torch.manual_seed(0)
+    return models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=n_expert).train()
+
+
+def _batch(b=8):
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)
+
+
+class PassCounter:
+    """Counts forward calls of the whole model ('backbone') and of its router, by mode; and autograd calls."""
+
+    def __init__(self, model, monkeypatch):
+        self.calls = Counter()
+        self.handles = [model.register_forward_pre_hook(self._hook("backbone")),
+                        model.router.register_forward_pre_hook(self._hook("router"))]
+        grad, backward = torch.autograd.grad, torch.autograd.backward
+
+        def counted_grad(*args, **kwargs):
+            self.calls["autograd.grad"] += 1
+            return grad(*args, **kwargs)
+
+        def counted_backward(*args, **kwargs):
+            self.calls["backward"] += 1
+            return backward(*args, **kwargs)
+        monkeypatch.setattr(torch.autograd, "grad", counted_grad)
+        monkeypatch.setattr(torch.autograd, "backward", counted_backward)  # Tensor.backward calls it
+
+    def _hook(self, part):
+        def hook(module, inputs):
+            self.calls[(part, "train" if module.training else "eval")] += 1
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _bn_counts(model):
+    """num_batches_tracked of every BatchNorm, split into (backbone, router) dicts keyed by module name."""
+    backbone, router = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            (router if name.startswith("router.") else backbone)[name] = int(m.num_batches_tracked)
+    return backbone, router
+
+
+def _cfg():
+    return advmoe.StepConfig(at="trades", num_steps=K)
+
+
+def _optimizers(model):
+    return (torch.optim.SGD(model.backbone_parameters(), lr=0.01),
+            torch.optim.SGD(model.router_parameters(), lr=0.01))
+
+
+def _expected(updates):
+    return {("backbone", "eval"): updates * (1 + K), ("backbone", "train"): updates * 2,
+            ("router", "eval"): updates * (1 + K), ("router", "train"): updates * 2,
+            "autograd.grad": updates * K, "backward": updates}
+
+
+@pytest.mark.parametrize("n_expert", [2, 4])
+def test_advmoe_step_passes(monkeypatch, n_expert):
+    model = _model(n_expert)
+    x, y = _batch()
+    opt, router_opt = _optimizers(model)
+    counter = PassCounter(model, monkeypatch)
+    advmoe.advmoe_step(model, x, y, _cfg(), opt, router_opt)
+    counter.remove()
+    assert dict(counter.calls) == _expected(2)
+
+
+def test_joint_step_passes(monkeypatch):
+    model = _model()
+    x, y = _batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    counter = PassCounter(model, monkeypatch)
+    advmoe.joint_step(model, x, y, _cfg(), opt)
+    counter.remove()
+    assert dict(counter.calls) == _expected(1)
+
+
+def test_advmoe_step_moves_every_batchnorm_once():
+    model = _model()
+    x, y = _batch()
+    opt, router_opt = _optimizers(model)
+    backbone0, router0 = _bn_counts(model)
+    assert backbone0 and router0
+    advmoe.advmoe_step(model, x, y, _cfg(), opt, router_opt)
+    backbone1, router1 = _bn_counts(model)
+    assert {k: v - backbone0[k] for k, v in backbone1.items()} == {k: 1 for k in backbone0}
+    assert {k: v - router0[k] for k, v in router1.items()} == {k: 1 for k in router0}
+
+
+def test_joint_step_moves_every_batchnorm_once():
+    model = _model()
+    x, y = _batch()
+    before = _bn_counts(model)
+    advmoe.joint_step(model, x, y, _cfg(), torch.optim.SGD(model.parameters(), lr=0.01))
+    after = _bn_counts(model)
+    for b, a in zip(before, after):
+        assert {k: v - b[k] for k, v in a.items()} == {k: 1 for k in b}
+
+
+def test_each_step_computes_only_its_own_gradients():
+    """Router step: no weight gradient for the backbone; expert step: none for the router."""
+    model = _model()
+    x, y = _batch()
+    opt, router_opt = _optimizers(model)
+    advmoe.router_step(model, x, y, _cfg(), router_opt)
+    assert all(p.grad is None for p in model.backbone_parameters())
+    assert all(p.grad is not None for p in model.router_parameters())
+    router_opt.zero_grad(set_to_none=True)
+    advmoe.expert_step(model, x, y, _cfg(), opt)
+    assert all(p.grad is None for p in model.router_parameters())
+    assert sum(p.grad is not None for p in model.backbone_parameters()) == len(model.backbone_parameters())
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_reference_router_objective_passes_and_value(monkeypatch):
+    """The released code's router objective: the router's logits come with the model's forward (no extra
+    router pass), then 2 router-only train passes (clean, adversarial), of which one moves its BatchNorms."""
+    model = _model()
+    x, y = _batch()
+    cfg = advmoe.StepConfig(at="trades", num_steps=K, router_objective="reference")
+    _, router_opt = _optimizers(model)
+    before = _bn_counts(model)
+    counter = PassCounter(model, monkeypatch)
+    advmoe.router_step(model, x, y, cfg, router_opt)
+    counter.remove()
+    assert dict(counter.calls) == {("backbone", "eval"): 1 + K, ("router", "eval"): 1 + K,
+                                   ("router", "train"): 2, "autograd.grad": K, "backward": 1}
+    after = _bn_counts(model)
+    assert after[0] == before[0]  # backbone frozen
+    assert {k: v - before[1][k] for k, v in after[1].items()} == {k: 1 for k in before[1]}
+
+    # Its value: alpha * CE(router(x), y mod N) + beta * KL(router(x) || router(x_adv)) / B.
+    model = _model()
+    out = advmoe.reference_router_loss(model, x, y, cfg, generator=torch.Generator().manual_seed(3))
+    with advmoe.running_stats_frozen(list(model.modules())):
+        r_clean, r_adv = model.route(x), model.route(out["x_adv"])
+    p, log_p, log_q = r_clean.softmax(1), r_clean.log_softmax(1), r_adv.log_softmax(1)
+    kl = (p * (log_p - log_q)).sum() / len(y)
+    want = cfg.alpha * torch.nn.functional.cross_entropy(r_clean, y % 2) + cfg.beta * kl
+    assert torch.allclose(out["loss"], want, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,192 @@
+"""The fast path on CUDA: device-resident data with on-device augmentation, backend flags, torch.compile.
+
+Nothing here changes results on CPU: `configure_backends` leaves every flag alone there, the resident loader
+works on any device (the tests run it on CPU), and `maybe_compile` is off unless asked for.
+
+Device-resident loading: CIFAR-10/100 (50,000 x 3 x 32 x 32 uint8 = 147 MiB) and Digits fit in GPU memory
+many times over, so the whole split is copied to the device once and every batch is gathered there:
+no worker processes, no host-to-device copy per batch. The order is the CPU loader's own `EpochSampler`
+(same (seed, epoch) order, same `set_epoch`/`set_start` interface, same distributed split), and the
+augmentation of the CPU path (zero padding + random crop, horizontal flip except for Digits) is done on
+the device by one gather per batch. Its random numbers are drawn on the CPU from a generator seeded with
+(seed, epoch), one crop offset and flip per image of the dataset, so an epoch's batches do not depend on
+where it was resumed, nor on the device.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Subset
+
+from .data import TensorImageDataset
+
+# Augmentation of each dataset's training split, as in utils/data.py: (padding in pixels, horizontal flip).
+RESIDENT_AUGMENTATION = {"CIFAR10": (4, True), "CIFAR100": (4, True), "Digits": (2, False)}
+
+
+def fits_on_device(name: str) -> bool:
+    """Whether dataset `name` has a device-resident loader (small enough for any GPU)."""
+    return name in RESIDENT_AUGMENTATION
+
+
+def _raw_tensors(dataset):
+    """(images (N, C, H, W) uint8 or float in [0, 1], labels (N,) long) of a dataset, without transforms.
+
+    Knows TensorImageDataset (Digits), torchvision's CIFAR10/100 (`.data` (N, H, W, C) uint8, `.targets`)
+    and Subsets of them.
+    """
+    if isinstance(dataset, Subset):
+        images, labels = _raw_tensors(dataset.dataset)
+        index = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+        return images[index], labels[index]
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.images, torch.as_tensor(dataset.labels, dtype=torch.long)
+    data = getattr(dataset, "data", None)
+    if data is not None and hasattr(dataset, "targets") and getattr(data, "ndim", 0) == 4:
+        images = torch.as_tensor(data)
+        if images.shape[-1] in (1, 3):  # (N, H, W, C) as torchvision's CIFAR stores it
+            images = images.permute(0, 3, 1, 2)
+        return images.contiguous(), torch.as_tensor(list(dataset.targets), dtype=torch.long)
+    raise TypeError(f"no device-resident form for {type(dataset).__name__}: needs in-memory images")
+
+
+def crop_flip(images, top, left, flip, padding):
+    """Random crop of zero-padded images and optional horizontal flip, as one gather.
+
+    images (B, C, H, W); top, left (B,) offsets in [0, 2 * padding] into the padded image; flip (B,) bool.
+    Same result as torchvision's RandomCrop(H, padding) at those offsets followed by a flip where `flip`.
+    """
+    b, c, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p)
+    rows = top[:, None] + torch.arange(h, device=images.device)  # (B, H)
+    cols = torch.arange(w, device=images.device).expand(b, w)  # (B, W)
+    cols = left[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)  # (B, W), flipped where asked
+    out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * padding))  # (B, C, H, W+2p)
+    return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))  # (B, C, H, W)
+
+
+class ResidentLoader:
+    """Batches (x, y) of an in-memory dataset held on `device`; a drop-in for utils.data's DataLoaders.
+
+    Args:
+        images: (N, C, H, W) uint8 (scaled by 1/255 per batch) or float in [0, 1].
+        labels: (N,) class indices.
+        sampler: an `EpochSampler` (or any sampler of indices into the N images); `loader.sampler` is it.
+        batch_size: images per batch; the last batch may be smaller.
+        padding, flip: training augmentation (pixels of zero padding for the random crop; horizontal flip).
+        seed: seeds the augmentation stream with the sampler's epoch.
+        memory_format: of the yielded images (torch.channels_last for channels-last models).
+    Iterating yields x (B, C, H, W) float32 in [0, 1] and y (B,) long, both on `device`.
+    """
+
+    def __init__(self, images, labels, sampler, batch_size, device, *, padding=0, flip=False, seed=0,
+                 memory_format=torch.contiguous_format):
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.sampler, self.batch_size = sampler, batch_size
+        self.padding, self.flip, self.seed = padding, flip, seed
+        self.memory_format = memory_format
+
+    def __len__(self):
+        return -(-len(self.sampler) // self.batch_size)
+
+    def _augmentation(self):
+        """Per-image (top, left, flip) of this epoch, indexed by dataset index; None without augmentation."""
+        if not (self.padding or self.flip):
+            return None
+        n = len(self.labels)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + getattr(self.sampler, "epoch", 0) + 1)
+        shifts = torch.randint(0, 2 * self.padding + 1, (2, n), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        return shifts[0].to(self.device), shifts[1].to(self.device), flips.to(self.device)
+
+    def _batch(self, index, aug):
+        x = self.images[index]  # (B, C, H, W)
+        if aug is not None:
+            top, left, flip = (a[index] for a in aug)
+            x = crop_flip(x, top, left, flip, self.padding)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        return x.contiguous(memory_format=self.memory_format), self.labels[index]
+
+    def __iter__(self):
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long).to(self.device)
+        aug = self._augmentation()
+        for start in range(0, len(order), self.batch_size):
+            yield self._batch(order[start:start + self.batch_size], aug)
+
+
+def resident_loader(loader, device, *, padding=0, flip=False, seed=0, memory_format=torch.contiguous_format):
+    """A `ResidentLoader` over the dataset of DataLoader `loader`, with its sampler and batch size."""
+    images, labels = _raw_tensors(loader.dataset)
+    return ResidentLoader(images, labels, loader.sampler, loader.batch_size, device, padding=padding, flip=flip,
+                          seed=seed, memory_format=memory_format)
+
+
+def resident_loaders(name, loaders, device, seed, memory_format=torch.contiguous_format):
+    """(train, val, test) DataLoaders from `utils.data.build_loaders` -> device-resident loaders.
+
+    The training loader gets dataset `name`'s augmentation (see RESIDENT_AUGMENTATION), the others none;
+    None entries stay None. Build the CPU loaders with num_workers=0: their workers are never used.
+    """
+    if not fits_on_device(name):
+        raise ValueError(f"{name} has no device-resident loader (only {', '.join(RESIDENT_AUGMENTATION)})")
+    padding, flip = RESIDENT_AUGMENTATION[name]
+    train, *rest = loaders
+    out = [resident_loader(train, device, padding=padding, flip=flip, seed=seed, memory_format=memory_format)]
+    out += [None if lo is None else resident_loader(lo, device, memory_format=memory_format) for lo in rest]
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """What `configure_backends` switched on."""
+    cudnn_benchmark: bool = False
+    channels_last: bool = False
+    tf32: bool = False
+
+    def describe(self) -> str:
+        on = [k for k, v in vars(self).items() if v]
+        return "backends: " + (", ".join(on) if on else "defaults")
+
+
+def _has_sparse_moe(model) -> bool:
+    return bool(getattr(model, "is_moe", False) and getattr(model, "sparse", False))
+
+
+def configure_backends(device, model, *, channels_last=True, tf32=True) -> BackendConfig:
+    """Set the CUDA backend flags for `model` and convert it (in place) to channels_last. No-op on CPU.
+
+    cudnn.benchmark autotunes every new input shape. The sparse MoE runs each expert on a sub-batch whose
+    size changes every batch (any of 0..B per layer and expert), so benchmark would re-autotune almost every
+    step for the first epochs; padding groups into buckets would fix the shapes but add FLOPs and touch the
+    BatchNorm statistics. We keep benchmark off for sparse MoE models (cuDNN's heuristics pick the
+    algorithms) and on for dense models and the dense-masked MoE, whose shapes are fixed.
+    tf32: TF32 tensor-core matmuls and convolutions (float32 accuracy of ~1e-3 relative, as under AMP).
+    Feed channels_last inputs too (`ResidentLoader(memory_format=torch.channels_last)`).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return BackendConfig()
+    benchmark = not _has_sparse_moe(model)
+    torch.backends.cudnn.benchmark = benchmark
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return BackendConfig(cudnn_benchmark=benchmark, channels_last=channels_last, tf32=tf32)
+
+
+def maybe_compile(model, enabled, **compile_kwargs):
+    """torch.compile `model` in place (`nn.Module.compile`) when `enabled`; returns the model.
+
+    In place, so the state-dict keys, the class and methods such as `route` stay as they are (a
+    `torch.compile(model)` wrapper would prefix every key with `_orig_mod.`). The sparse MoE's per-expert
+    group sizes vary, so MoE models are compiled with dynamic shapes (no recompile per group size; the
+    grouping itself, a host-side `tolist`, is a graph break). `compile_kwargs` go to torch.compile.
+    """
+    if not enabled:
+        return model
+    compile_kwargs.setdefault("dynamic", True if _has_sparse_moe(model) else None)
+    model.compile(**compile_kwargs)
+    return model
