@@ -1,0 +1,234 @@
+"""utils/report.py on fixture run folders: table rows and values, missing/failed/running runs, PNG plots."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from utils import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(save, script, name, args, rows=(), state="finished", message="", device="cpu", world_size=1,
+             aa=None, flops=None, best=True):
+    """A run folder as the entry scripts write it (only the files the report reads)."""
+    folder = save / "training" / script / name
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "args.yaml").write_text(yaml.safe_dump(args))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "status.json").write_text(json.dumps({"state": state, "message": message}))
+    (folder / "provenance.json").write_text(json.dumps({"device": device, "world_size": world_size}))
+    if best:
+        (folder / "checkpoint" / "model_best.pth.tar").write_bytes(b"weights")
+    if aa is not None:
+        (folder / "autoattack.json").write_text(json.dumps(aa))
+    if flops is not None:
+        (folder / "flops.json").write_text(json.dumps({"gflops_inference": flops}))
+    return folder
+
+
+def make_eval(save, script, name, run_folder, sa, ra):
+    folder = save / "evaluate" / script / name
+    folder.mkdir(parents=True)
+    (folder / "args.yaml").write_text(yaml.safe_dump({"evaluate": True, "arch": "x_ori"}))
+    ckpt = os.path.join(run_folder, "checkpoint", "model_best.pth.tar")
+    (folder / "metrics.jsonl").write_text(json.dumps({"checkpoint": ckpt, "epoch": 3, "sa": sa, "ra": ra}) + "\n")
+    (folder / "status.json").write_text(json.dumps({"state": "finished", "message": ""}))
+    return folder
+
+
+def epochs(sa_ra, seconds=100.0, moe=False):
+    rows, best = [], 0.0
+    for e, (sa, ra) in enumerate(sa_ra):
+        best = max(best, ra)
+        row = {"epoch": e, "lr": 0.1, "train_loss": 1.0, "sa": sa, "ra": ra, "best_ra": best, "seconds": seconds}
+        if moe:
+            row.update(load_clean=[70.0, 30.0], load_adv=[60.0, 40.0], collapse=False,
+                       router_robustness=50.0, expert_robustness=40.0)
+        rows.append(row)
+    return rows
+
+
+def args_of(arch, ratio, dataset="CIFAR10", epochs=3, **kw):
+    return {"arch": arch, "ratio": ratio, "dataset": dataset, "epochs": epochs, **kw}
+
+
+@pytest.fixture()
+def sweep(tmp_path):
+    save = tmp_path / "results"
+    dense = make_run(save, "train_ori", "dense_CIFAR10-resnet18_cifar_ori-ratio1.0-epochs3-lr0.1-eps8-steps2-beta6.0-"
+                     "seed1", args_of("resnet18_cifar_ori", 1.0),
+                     epochs([(80.0, 40.0), (85.0, 48.5), (86.0, 47.0)], seconds=1800.0), device="cuda:0",
+                     world_size=2, aa={"clean_accuracy": 84.0, "robust_accuracy": 44.25, "n_ex": 1000,
+                                       "version": "standard", "eps": 8 / 255, "seconds": 5.0}, flops=1.11)
+    make_eval(save, "train_ori", dense.name, dense, sa=85.5, ra=48.0)
+    moe = make_run(save, "train_moe", "advmoe_CIFAR10-resnet18_cifar_moe-ratio0.5-epochs3-lr0.1-eps8-steps2-beta6.0-"
+                   "expert2-seed1", args_of("resnet18_cifar_moe", 0.5, n_expert=2, moe_training="advmoe"),
+                   epochs([(70.0, 30.0), (75.0, 35.0), (76.0, 36.0)], seconds=60.0, moe=True))
+    failed = make_run(save, "train_moe", "joint_CIFAR10-resnet18_cifar_moe-ratio0.5-epochs3-lr0.1-eps8-steps2-"
+                      "beta6.0-expert2-seed1", args_of("resnet18_cifar_moe", 0.5, n_expert=2, moe_training="joint"),
+                      epochs([(20.0, 10.0)]), state="failed", message="RuntimeError: CUDA out of memory")
+    running = make_run(save, "train_ori", "dense_CIFAR10-resnet18_cifar_ori-ratio0.5-epochs3-lr0.1-eps8-steps2-"
+                       "beta6.0-seed1", args_of("resnet18_cifar_ori", 0.5), [], state="running", best=False)
+    missing = save / "training" / "train_moe" / ("advmoe_CIFAR100-resnet18_cifar_moe-ratio0.5-epochs3-lr0.1-eps8-"
+                                                 "steps2-beta6.0-expert2-seed1")
+    manifest = save / "manifest.tsv"
+    cmd = ("python train_moe.py --dataset CIFAR100 --arch resnet18_cifar_moe --ratio 0.5 --n-expert 2 "
+           "--moe-training advmoe --epochs 3 --exp-identifier advmoe")
+    lines = ["#run_dir\teval_dir\tcommand\teval_command\tautoattack_command"]  # as sh/sweep.sh writes it
+    for f in (dense, running, failed, moe):
+        lines.append(f"{f}\t-\tpython x.py --arch whatever\t-\t-")
+    lines.append(f"{missing}\t-\t{cmd}\t{cmd} --evaluate --resume x\tpython auto_attack_eval.py --source-net x")
+    manifest.write_text("\n".join(lines) + "\n")
+    return dict(save=save, dense=dense, moe=moe, failed=failed, running=running, missing=missing, manifest=manifest)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_table_rows_and_values(sweep, tmp_path):
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, "-m", "utils.report", str(sweep["save"]), "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "using manifest" in r.stdout  # found at the top of the sweep folder
+    rows = {row["run_dir"]: row for row in read_csv(out / "table.csv")}
+    assert len(rows) == 5  # 4 folders + 1 missing, nothing dropped
+    # manifest order
+    assert [row["run_dir"] for row in read_csv(out / "table.csv")] == [
+        str(sweep[k]) for k in ("dense", "running", "failed", "moe", "missing")]
+
+    dense = rows[str(sweep["dense"])]
+    assert (dense["arch"], dense["dataset"], dense["method"], dense["ratio"], dense["n_expert"]) == \
+        ("resnet18_cifar", "CIFAR10", "dense", "1.0", "")
+    assert dense["status"] == "finished" and dense["epochs_done"] == "3"
+    assert float(dense["sa"]) == 85.5 and float(dense["pgd_ra"]) == 48.0  # from the --evaluate folder
+    assert dense["pgd_source"] == "evaluate"
+    assert float(dense["aa_ra"]) == 44.25 and dense["aa_n_ex"] == "1000"
+    assert float(dense["gflops"]) == 1.11
+    assert float(dense["gpu_hours"]) == pytest.approx(3 * 1800.0 * 2 / 3600)  # seconds x world size
+    assert dense["cpu_hours"] == ""
+    assert dense["best_epoch"] == "1"
+
+    moe = rows[str(sweep["moe"])]
+    assert (moe["method"], moe["ratio"], moe["n_expert"]) == ("advmoe", "0.5", "2")
+    assert float(moe["sa"]) == 76.0 and float(moe["pgd_ra"]) == 36.0 and moe["pgd_source"] == "training"
+    assert float(moe["cpu_hours"]) == pytest.approx(180.0 / 3600) and moe["gpu_hours"] == ""
+    assert moe["aa_ra"] == ""
+
+    failed = rows[str(sweep["failed"])]
+    assert failed["status"] == "failed" and failed["method"] == "joint"
+    assert "out of memory" in failed["message"]
+    assert rows[str(sweep["running"])]["status"] == "running"
+
+    missing = rows[str(sweep["missing"])]
+    assert (missing["status"], missing["dataset"], missing["method"], missing["arch"], missing["n_expert"]) == \
+        ("missing", "CIFAR100", "advmoe", "resnet18_cifar", "2")
+
+    md = (out / "table.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| resnet18")]
+    assert len(table) == 5
+    assert "| resnet18_cifar | CIFAR10 | dense | 1.0 | - | finished | 3/3 | 85.50 | 48.00 | 44.25 (n=1000) | 1.110 | " \
+           "3.000 | - |" in md
+    assert "| 76.00* | 36.00* |" in md  # from the training log, marked
+    assert "- missing: resnet18_cifar CIFAR100 advmoe r=0.5 N=2" in md
+    assert "- failed: resnet18_cifar CIFAR10 joint r=0.5 N=2: RuntimeError: CUDA out of memory" in md
+    assert md in r.stdout  # the table is also printed
+
+
+def test_report_plots_are_png(sweep, tmp_path):
+    out = tmp_path / "report"
+    assert report.main([str(sweep["save"]), "--out", str(out)]) == 0
+    for name in ("curves.png", "expert_load.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2000, name
+
+
+def test_plot_panels_follow_the_runs(sweep, tmp_path):
+    """One curve panel per run with epochs, one load panel per MoE run with loads."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from PIL import Image
+    rows = report.collect([str(sweep["save"])], [str(sweep["manifest"])])
+    assert [r.label for r in rows if r.curves] == ["resnet18_cifar CIFAR10 dense r=1", "resnet18_cifar CIFAR10 "
+                                                   "joint r=0.5 N=2", "resnet18_cifar CIFAR10 advmoe r=0.5 N=2"]
+    assert [r.load for r in rows if r.load] == [{"clean": [70.0, 30.0], "adv": [60.0, 40.0]}]
+    report.plot_curves(rows, str(tmp_path / "c.png"))
+    report.plot_curves(rows[:1], str(tmp_path / "c1.png"))
+    w3, w1 = Image.open(tmp_path / "c.png").size[0], Image.open(tmp_path / "c1.png").size[0]
+    assert w3 > 2 * w1  # three panels side by side
+
+
+def test_stale_evaluation_is_not_used(sweep, tmp_path):
+    best = sweep["dense"] / "checkpoint" / "model_best.pth.tar"
+    later = time.time() + 60
+    os.utime(best, (later, later))  # the checkpoint changed after the evaluation and the AutoAttack run
+    row = report.summarize_run(str(sweep["dense"]), report.evaluations_by_run(
+        [str(sweep["save"] / "evaluate" / "train_ori" / sweep["dense"].name)])[str(sweep["dense"])])
+    assert row.pgd_source == "training" and row.pgd_ra == 48.5 and row.sa == 85.0
+    assert row.aa_stale
+    assert "stale" in report.markdown_table([row])
+
+
+def test_missing_status_empty_metrics_and_cut_line(tmp_path):
+    save = tmp_path / "s"
+    empty = make_run(save, "train_ori", "CIFAR10-vgg16_bn_ori-ratio0.5-epochs2-lr0.1-eps8-steps2-beta6.0-seed1",
+                     args_of("vgg16_bn_ori", 0.5), [], state="finished")
+    cut = make_run(save, "train_ori", "CIFAR10-vgg16_bn_ori-ratio1.0-epochs2-lr0.1-eps8-steps2-beta6.0-seed1",
+                   args_of("vgg16_bn_ori", 1.0), epochs([(50.0, 20.0)]), state="interrupted")
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 1, "sa": 5')  # the writer was killed mid-line
+    # no args.yaml and no status: described from the folder name
+    bare = save / "training" / "train_moe" / ("t1_CIFAR100-wrn_28_10_cifar_moe-ratio0.5-epochs7-lr0.01-eps8-steps2-"
+                                              "beta6.0-expert4-seed3")
+    bare.mkdir(parents=True)
+    (bare / "metrics.jsonl").write_text("")
+    rows = {r.run_dir: r for r in report.collect([str(save)])}
+    assert rows[str(empty)].status == "failed" and rows[str(empty)].message == "no epoch recorded"
+    assert rows[str(cut)].status == "interrupted" and rows[str(cut)].epochs_done == 1
+    b = rows[str(bare)]
+    assert (b.status, b.arch, b.dataset, b.ratio, b.n_expert, b.epochs, b.method) == \
+        ("failed", "wrn_28_10_cifar", "CIFAR100", 0.5, 4, 7, "advmoe")
+
+
+def test_single_run_folder_finds_its_evaluation(sweep, tmp_path):
+    rows = report.collect([str(sweep["dense"])])
+    assert len(rows) == 1 and rows[0].pgd_source == "evaluate" and rows[0].pgd_ra == 48.0
+
+
+def test_evaluation_without_training_run_is_kept(tmp_path):
+    save = tmp_path / "s"
+    make_eval(save, "train_ori", "CIFAR10-x", tmp_path / "elsewhere" / "run", sa=60.0, ra=30.0)
+    rows = report.collect([str(save)])
+    assert len(rows) == 1 and rows[0].status == "evaluated" and rows[0].pgd_ra == 30.0
+
+
+def test_empty_folder_and_bad_path(tmp_path):
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path), "--out", str(out)]) == 0
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "expert_load.png").read_bytes()[:8] == PNG_MAGIC
+    assert len(read_csv(out / "table.csv")) == 0
+    r = subprocess.run([sys.executable, "-m", "utils.report", str(tmp_path / "nope"), "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.startswith("error: no such file") and "Traceback" not in r.stderr
+
+
+def test_compute_flops_fills_the_column(tmp_path):
+    save = tmp_path / "s"
+    for r in (1.0, 0.5):
+        make_run(save, "train_ori", f"Digits-resnet18_cifar_ori-ratio{r}-epochs1-lr0.1-eps38-steps2-beta6.0-seed1",
+                 args_of("resnet18_cifar_ori", r, dataset="Digits", epochs=1), epochs([(50.0, 20.0)]))
+    rows = report.collect([str(save)])
+    report.add_computed_flops(rows)
+    by_ratio = {r.ratio: r.gflops for r in rows}
+    assert by_ratio[1.0] == pytest.approx(1.11, rel=0.05)  # the reference's ResNet-18 CIFAR figure
+    assert by_ratio[0.5] == pytest.approx(by_ratio[1.0] / 4, rel=0.1)  # width x 0.5: about a quarter

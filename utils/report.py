@@ -1,0 +1,625 @@
+"""Paper-style tables and plots from run folders: `python -m utils.report RUN_OR_SWEEP_DIR... --out DIR`.
+
+Collects every run folder under the given folders (a folder holding `args.yaml`, `metrics.jsonl` or
+`status.json`; training runs and `--evaluate` runs alike) and writes to `--out`:
+
+- `table.md` and `table.csv`: one row per training run: arch, dataset, method, ratio, N, status, epochs,
+  SA, PGD RA, AA RA, GFLOPs, GPU hours (CPU hours for runs on CPU).
+- `curves.png`: SA and RA per epoch, one panel per run.
+- `expert_load.png`: the last epoch's share of test images per expert (clean and adversarial), one panel per
+  MoE run.
+
+Where the numbers come from:
+- SA and PGD RA: the latest `--evaluate` of the run's `model_best.pth.tar` (a run folder under
+  `evaluate/`, matched through the checkpoint path it records) when it is newer than that checkpoint;
+  otherwise the training log's epoch with the best RA (marked `*` in table.md, `pgd_source` in table.csv).
+- AA RA: `autoattack.json` in the run folder (`robust_accuracy`, with `n_ex` test points).
+- GFLOPs: `flops.json` (`gflops_inference`), or with `--compute-flops` counted on the model built from the
+  run's arguments (inference, per image, activated experts only).
+- GPU hours: sum of the training epochs' `seconds` x `world_size` / 3600 for runs whose provenance device is
+  CUDA; the same sum goes to `CPU h` for CPU runs (process-hours).
+
+A manifest (`--manifest FILE`, or `manifest.tsv` found at the top of a given folder; TSV lines starting
+with run_dir, the training command in the column a `#run_dir<TAB>...` header names `command`) lists the
+runs a sweep expects: those without a folder appear as
+`missing`. Failed runs (status failed, or no epoch recorded) appear as `failed`, unfinished ones as
+`running`/`interrupted`: nothing is silently dropped.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
+
+import yaml
+
+RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
+DATASET_ORDER = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits")
+METHOD_ORDER = ("dense", "joint", "advmoe")
+CSV_FIELDS = ("arch", "dataset", "method", "ratio", "n_expert", "status", "epochs_done", "epochs", "best_epoch",
+              "sa", "pgd_ra", "pgd_source", "aa_ra", "aa_sa", "aa_n_ex", "aa_version", "aa_stale", "sa_final",
+              "ra_final", "gflops", "gpu_hours", "cpu_hours", "device", "world_size", "message", "run_dir")
+# A folder name as the runs write it: [ID_]{dataset}-{arch}-ratio{r}-epochs{E}-lr{lr}-eps{e}-steps{k}-beta{b}
+# [-expert{N}]-seed{s}; used only when args.yaml is absent (a run that failed before writing it).
+_NAME = re.compile(r"^(?:(?P<id>.+)_)?(?P<dataset>[A-Za-z0-9]+)-(?P<arch>[A-Za-z0-9_]+)-ratio(?P<ratio>[0-9.]+)"
+                   r"-epochs(?P<epochs>\d+)-lr.+?-eps\d+-steps\d+-beta[^-]+(?:-expert(?P<n_expert>\d+))?-*"
+                   r"seed\d+$")
+
+
+@dataclass
+class RunRow:
+    """One line of the table (accuracies in %, hours of compute)."""
+    arch: str = "?"
+    dataset: str = "?"
+    method: str = "?"
+    ratio: float | None = None
+    n_expert: int | None = None
+    status: str = "unknown"
+    epochs_done: int = 0
+    epochs: int | None = None
+    best_epoch: int | None = None
+    sa: float | None = None
+    pgd_ra: float | None = None
+    pgd_source: str = ""
+    aa_ra: float | None = None
+    aa_sa: float | None = None
+    aa_n_ex: int | None = None
+    aa_version: str = ""
+    aa_stale: bool = False
+    sa_final: float | None = None
+    ra_final: float | None = None
+    gflops: float | None = None
+    gpu_hours: float | None = None
+    cpu_hours: float | None = None
+    device: str = ""
+    world_size: int | None = None
+    message: str = ""
+    run_dir: str = ""
+    # for the plots, not the table
+    registry_arch: str = ""
+    curves: list = field(default_factory=list)  # [(epoch, sa, ra)]
+    load: dict = field(default_factory=dict)  # {"clean": [...%], "adv": [...%]} of the last epoch
+
+    @property
+    def label(self) -> str:
+        n = f" N={self.n_expert}" if self.n_expert else ""
+        r = f" r={self.ratio:g}" if self.ratio is not None else ""
+        return f"{self.arch} {self.dataset} {self.method}{r}{n}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading run folders
+# ----------------------------------------------------------------------------------------------------------
+
+def is_run_folder(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, m)) for m in RUN_MARKERS)
+
+
+def find_run_folders(paths) -> list[str]:
+    """Run folders at or below each path (not below a run folder: its checkpoint/ holds no runs)."""
+    found = []
+    for top in paths:
+        if is_run_folder(top):
+            found.append(os.path.abspath(top))
+            continue
+        for d, subdirs, _ in os.walk(top):
+            subdirs.sort()
+            keep = []
+            for s in subdirs:
+                p = os.path.join(d, s)
+                if is_run_folder(p):
+                    found.append(os.path.abspath(p))
+                elif not s.startswith("."):
+                    keep.append(s)
+            subdirs[:] = keep
+    return list(dict.fromkeys(found))
+
+
+def read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Rows of a metrics.jsonl; a line cut short by a killed writer is skipped."""
+    rows = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+    except OSError:
+        pass
+    return rows
+
+
+def read_args(folder: str) -> dict:
+    """The run's resolved flags (args.yaml), or what its folder name tells when that file is absent."""
+    try:
+        with open(os.path.join(folder, "args.yaml")) as f:
+            args = yaml.safe_load(f)
+        if isinstance(args, dict):
+            return args
+    except (OSError, yaml.YAMLError):
+        pass
+    m = _NAME.match(os.path.basename(folder))
+    if not m:
+        return {}
+    out = {"dataset": m["dataset"], "arch": m["arch"], "ratio": float(m["ratio"]), "epochs": int(m["epochs"])}
+    if m["n_expert"]:
+        out["n_expert"] = int(m["n_expert"])
+    return out
+
+
+def script_of(folder: str, args: dict) -> str:
+    parent = os.path.basename(os.path.dirname(folder))
+    if parent in ("train_ori", "train_moe"):
+        return parent
+    return "train_moe" if str(args.get("arch", "")).endswith("_moe") else "train_ori"
+
+
+def is_evaluation(folder: str, args: dict) -> bool:
+    return bool(args.get("evaluate")) or os.path.basename(os.path.dirname(os.path.dirname(folder))) == "evaluate"
+
+
+def method_of(args: dict, script: str) -> str:
+    """dense, joint or advmoe (advmoe-reference when the router is trained on the reference's objective)."""
+    if script == "train_ori" or str(args.get("arch", "")).endswith("_ori"):
+        return "dense"
+    method = args.get("moe_training") or "advmoe"
+    if args.get("router_objective") == "reference":
+        method += "-reference"
+    return method
+
+
+def base_arch(arch: str) -> str:
+    for suffix in ("_ori", "_moe"):
+        if arch.endswith(suffix):
+            return arch[:-len(suffix)]
+    return arch
+
+
+def _float(x):
+    try:
+        return None if x is None else float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The epoch model_best holds: the row of `best_epoch` when recorded, else the last row whose RA is the
+    run's best RA, else the highest RA."""
+    scored = [r for r in rows if _float(r.get("ra")) is not None]
+    if not scored:
+        return None
+    best_epoch = scored[-1].get("best_epoch")  # chosen on the validation split when the run had one
+    if best_epoch is not None:
+        same = [r for r in scored if r.get("epoch") == best_epoch]
+        if same:
+            return same[-1]
+    best = _float(scored[-1].get("best_ra"))
+    if best is not None:
+        same = [r for r in scored if math.isclose(_float(r["ra"]), best, abs_tol=1e-6)]
+        if same:
+            return same[-1]
+    return max(scored, key=lambda r: _float(r["ra"]))
+
+
+def compute_hours(rows: list[dict], provenance: dict | None) -> tuple[float | None, float | None, str, int]:
+    """(GPU hours, CPU hours, device, world size) of the training epochs: sum of seconds x processes."""
+    provenance = provenance or {}
+    device = str(provenance.get("device") or "")
+    world = int(provenance.get("world_size") or 1)
+    seconds = sum(_float(r.get("seconds")) or 0.0 for r in rows)
+    if not rows or not device:
+        return None, None, device, world
+    hours = seconds * world / 3600.0
+    return (hours, None, device, world) if device.startswith("cuda") else (None, hours, device, world)
+
+
+def _newer(path: str, than: str) -> bool:
+    """Whether `path` was written after `than` (True when `than` does not exist)."""
+    try:
+        return os.path.getmtime(path) >= os.path.getmtime(than)
+    except OSError:
+        return os.path.exists(path)
+
+
+def evaluations_by_run(eval_folders: list[str]) -> dict:
+    """{training run folder: latest `--evaluate` row of its model_best checkpoint (+ the metrics path)}."""
+    found = {}
+    for folder in eval_folders:
+        path = os.path.join(folder, "metrics.jsonl")
+        for row in read_metrics(path):
+            ckpt = row.get("checkpoint")
+            if not ckpt or os.path.basename(ckpt) != "model_best.pth.tar" or _float(row.get("ra")) is None:
+                continue
+            run = os.path.dirname(os.path.dirname(os.path.abspath(ckpt)))
+            found[run] = {**row, "_metrics": path}  # later rows overwrite: the latest evaluation wins
+    return found
+
+
+def referenced_runs(eval_folder: str) -> set:
+    """Training run folders whose checkpoints an `--evaluate` folder evaluated."""
+    return {os.path.dirname(os.path.dirname(os.path.abspath(r["checkpoint"])))
+            for r in read_metrics(os.path.join(eval_folder, "metrics.jsonl")) if r.get("checkpoint")}
+
+
+def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
+    """The table row of one training run folder."""
+    args = read_args(folder)
+    script = script_of(folder, args)
+    rows = [r for r in read_metrics(os.path.join(folder, "metrics.jsonl")) if "epoch" in r]
+    status = read_json(os.path.join(folder, "status.json")) or {}
+    arch = str(args.get("arch", "?"))
+    row = RunRow(arch=base_arch(arch), registry_arch=arch, dataset=str(args.get("dataset", "?")),
+                 method=method_of(args, script), ratio=_float(args.get("ratio")),
+                 n_expert=args.get("n_expert") if script == "train_moe" else None,
+                 epochs=args.get("epochs"), epochs_done=len({r["epoch"] for r in rows}), run_dir=folder)
+    state = status.get("state")
+    row.message = str(status.get("message") or "")
+    if state == "failed":
+        row.status = "failed"
+    elif state in ("running", "interrupted"):
+        row.status = state
+    elif not rows:
+        row.status = "failed"
+        row.message = row.message or ("no epoch recorded" if state == "finished" else "no status and no epochs")
+    else:
+        row.status = state or "unknown"
+    row.curves = [(r["epoch"], _float(r.get("sa")), _float(r.get("ra"))) for r in rows]
+    if rows:
+        row.sa_final, row.ra_final = _float(rows[-1].get("sa")), _float(rows[-1].get("ra"))
+        if rows[-1].get("load_clean"):
+            row.load = {"clean": list(rows[-1]["load_clean"]), "adv": list(rows[-1].get("load_adv") or [])}
+    best = best_row(rows)
+    if best is not None:
+        row.best_epoch = best.get("epoch")
+        row.sa, row.pgd_ra, row.pgd_source = _float(best.get("sa")), _float(best.get("ra")), "training"
+    model_best = os.path.join(folder, "checkpoint", "model_best.pth.tar")
+    if evaluation and _newer(evaluation["_metrics"], model_best):
+        row.sa, row.pgd_ra, row.pgd_source = _float(evaluation.get("sa")), _float(evaluation["ra"]), "evaluate"
+    aa = read_json(os.path.join(folder, "autoattack.json"))
+    if isinstance(aa, dict) and _float(aa.get("robust_accuracy")) is not None:
+        row.aa_ra, row.aa_sa = _float(aa["robust_accuracy"]), _float(aa.get("clean_accuracy"))
+        row.aa_n_ex, row.aa_version = aa.get("n_ex"), str(aa.get("version") or "")
+        row.aa_stale = not _newer(os.path.join(folder, "autoattack.json"), model_best)
+    flops = read_json(os.path.join(folder, "flops.json"))
+    if isinstance(flops, dict):
+        row.gflops = _float(flops.get("gflops_inference"))
+    row.gpu_hours, row.cpu_hours, row.device, row.world_size = compute_hours(
+        rows, read_json(os.path.join(folder, "provenance.json")))
+    return row
+
+
+def summarize_evaluation_only(folder: str) -> RunRow:
+    """A row for an `--evaluate` folder whose training run is not among the collected folders."""
+    args = read_args(folder)
+    evals = [r for r in read_metrics(os.path.join(folder, "metrics.jsonl")) if _float(r.get("ra")) is not None]
+    status = read_json(os.path.join(folder, "status.json")) or {}
+    arch = str(args.get("arch", "?"))
+    row = RunRow(arch=base_arch(arch), registry_arch=arch, dataset=str(args.get("dataset", "?")),
+                 method=method_of(args, script_of(folder, args)), ratio=_float(args.get("ratio")),
+                 n_expert=args.get("n_expert") if arch.endswith("_moe") else None, run_dir=folder,
+                 status="evaluated" if evals else "failed", message=str(status.get("message") or ""))
+    if evals:
+        row.sa, row.pgd_ra, row.pgd_source = _float(evals[-1].get("sa")), _float(evals[-1]["ra"]), "evaluate"
+        row.message = row.message or f"evaluation only: {evals[-1].get('checkpoint', '')}"
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Manifests
+# ----------------------------------------------------------------------------------------------------------
+
+def read_manifest(path: str) -> list[tuple[str, str]]:
+    """[(run folder, training command)] of a sweep manifest.
+
+    TSV, run_dir first; the training command is the column named `command` in a `#run_dir<TAB>...` header
+    line (sh/sweep.sh writes run_dir, eval_dir, command, eval_command, autoattack_command), else the last.
+    """
+    out, column = [], -1
+    with open(path) as f:
+        for line in f:
+            if line.startswith("#"):
+                names = line[1:].rstrip("\n").split("\t")
+                if names[0].strip() == "run_dir" and "command" in names:
+                    column = names.index("command")
+                continue
+            if not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            command = fields[column] if len(fields) > 1 and -len(fields) <= column < len(fields) else ""
+            out.append((os.path.abspath(fields[0]), command))
+    return out
+
+
+def _flags(argv: list[str]) -> dict:
+    flags, i = {}, 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--"):
+            if "=" in tok:
+                k, v = tok[2:].split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                k, v = tok[2:], argv[i + 1]
+                i += 1
+            else:
+                k, v = tok[2:], True
+            flags[k.replace("-", "_")] = v
+        i += 1
+    return flags
+
+
+def row_from_command(run_dir: str, command: str) -> RunRow:
+    """A `missing` row described by the command that would create it."""
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        argv = []
+    script = next((os.path.basename(t)[:-3] for t in argv if t.endswith(".py")), "")
+    args = _flags(argv) or read_args(run_dir)
+    arch = str(args.get("arch", "?"))
+    if script not in ("train_ori", "train_moe"):
+        script = script_of(run_dir, args)
+    n = args.get("n_expert")
+    return RunRow(arch=base_arch(arch), registry_arch=arch, dataset=str(args.get("dataset", "CIFAR10")),
+                  method=method_of(args, script), ratio=_float(args.get("ratio", 1.0)),
+                  n_expert=int(n) if n not in (None, True) and script == "train_moe" else None,
+                  epochs=int(args["epochs"]) if str(args.get("epochs", "")).isdigit() else None,
+                  status="missing", message="in the manifest, no run folder", run_dir=run_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Collecting
+# ----------------------------------------------------------------------------------------------------------
+
+def _sort_key(row: RunRow):
+    def index(seq, x):
+        return seq.index(x) if x in seq else len(seq)
+    return (index(DATASET_ORDER, row.dataset), row.dataset, row.arch, index(METHOD_ORDER, row.method.split("-")[0]),
+            row.method, -(row.ratio or 0), row.n_expert or 0, row.run_dir)
+
+
+def collect(paths, manifests=()) -> list[RunRow]:
+    """All rows: manifest runs in manifest order (missing ones included), then other runs found, sorted."""
+    folders = find_run_folders(paths)
+    entries = [e for m in manifests for e in read_manifest(m)]
+    for run_dir, _ in entries:
+        if is_run_folder(run_dir) and run_dir not in folders:
+            folders.append(run_dir)
+    args_of = {f: read_args(f) for f in folders}
+    evals = [f for f in folders if is_evaluation(f, args_of[f])]
+    training = [f for f in folders if f not in evals]
+    for f in training:  # the usual sibling place of a run's --evaluate folder, if not collected yet
+        parts = f.split(os.sep)
+        if "training" in parts:
+            i = len(parts) - 1 - parts[::-1].index("training")
+            sibling = os.sep.join(parts[:i] + ["evaluate"] + parts[i + 1:])
+            if sibling not in evals and is_run_folder(sibling):
+                evals.append(sibling)
+    by_run = evaluations_by_run(evals)
+    summaries = {f: summarize_run(f, by_run.get(f)) for f in training}
+    rows, seen = [], set()
+    for run_dir, command in entries:
+        if run_dir in seen:
+            continue
+        seen.add(run_dir)
+        rows.append(summaries[run_dir] if run_dir in summaries else row_from_command(run_dir, command))
+    orphans = [f for f in evals if not referenced_runs(f) & set(training)]
+    rest = [summaries[f] for f in training if f not in seen] + [summarize_evaluation_only(f) for f in orphans]
+    return rows + sorted(rest, key=_sort_key)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------
+
+def _fmt(x, digits=2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(rows: list[RunRow]) -> str:
+    """table.md: the paper's columns plus status and epochs; notes below explain marks and sources."""
+    head = ["arch", "dataset", "method", "ratio", "N", "status", "epochs", "SA", "PGD RA", "AA RA", "GFLOPs",
+            "GPU h", "CPU h"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        mark = "*" if r.pgd_source == "training" else ""
+        aa = _fmt(r.aa_ra)
+        if r.aa_ra is not None:
+            details = [r.aa_version] if r.aa_version and r.aa_version != "standard" else []
+            details += [f"n={r.aa_n_ex}"] if r.aa_n_ex else []
+            details += ["stale"] if r.aa_stale else []
+            aa += f" ({', '.join(details)})" if details else ""
+        epochs = f"{r.epochs_done}/{r.epochs}" if r.epochs else str(r.epochs_done or "-")
+        cells = [r.arch, r.dataset, r.method, "-" if r.ratio is None else str(r.ratio),
+                 str(r.n_expert) if r.n_expert else "-", r.status, epochs,
+                 _fmt(r.sa) + (mark if r.sa is not None else ""), _fmt(r.pgd_ra) + (mark if r.pgd_ra is not None else ""),
+                 aa, _fmt(r.gflops, 3), _fmt(r.gpu_hours, 3), _fmt(r.cpu_hours, 3)]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    notes = ["", "SA, RA: % of test images; PGD RA of the best-RA checkpoint from its `--evaluate` run "
+             "(`*`: from the training log's best-RA epoch instead). AA RA: AutoAttack on the first n test images. "
+             "GFLOPs: inference, per image. GPU h / CPU h: training epochs' wall time x processes."]
+    problems = [r for r in rows if r.status not in ("finished", "evaluated")]
+    if problems:
+        notes.append("")
+        notes += [f"- {r.status}: {r.label}" + (f": {r.message}" if r.message else "") + f" ({r.run_dir})"
+                  for r in problems]
+    return "\n".join(lines + notes) + "\n"
+
+
+def write_csv(rows: list[RunRow], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            d = asdict(r)
+            w.writerow({k: ("" if d[k] is None else d[k]) for k in CSV_FIELDS})
+
+
+def _grid(plt, n, title, width=4.0, height=3.0):
+    cols = max(1, min(4, n))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig.suptitle(title)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
+def _empty(plt, path, text):
+    fig, ax = plt.subplots(figsize=(5, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_curves(rows: list[RunRow], path: str, title: str = "SA and PGD RA per epoch") -> None:
+    """curves.png: one panel per run with epochs, SA solid and RA dashed (% of test images)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    runs = [r for r in rows if r.curves]
+    if not runs:
+        return _empty(plt, path, "no epochs recorded yet")
+    fig, axes = _grid(plt, len(runs), title)
+    for ax, r in zip(axes, runs):
+        epochs = [c[0] for c in r.curves]
+        ax.plot(epochs, [c[1] for c in r.curves], "o-", ms=3, label="SA")
+        ax.plot(epochs, [c[2] for c in r.curves], "s--", ms=3, label="PGD RA")
+        ax.set_title(r.label + ("" if r.status == "finished" else f" [{r.status}]"), fontsize=8)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("accuracy (%)", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_expert_load(rows: list[RunRow], path: str, title: str = "Expert load, last epoch") -> None:
+    """expert_load.png: per MoE run, % of test images routed to each expert (clean and adversarial)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [r for r in rows if r.load.get("clean")]
+    if not runs:
+        return _empty(plt, path, "no MoE run with expert load recorded")
+    fig, axes = _grid(plt, len(runs), title)
+    for ax, r in zip(axes, runs):
+        n = len(r.load["clean"])
+        xs = list(range(n))
+        adv = r.load.get("adv") or []
+        width = 0.4 if adv else 0.8
+        ax.bar([x - width / 2 if adv else x for x in xs], r.load["clean"], width, label="clean")
+        if adv:
+            ax.bar([x + width / 2 for x in xs[:len(adv)]], adv, width, label="adversarial")
+        ax.axhline(100.0 / n, color="grey", lw=0.8, ls=":", label="uniform")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"expert {i}" for i in xs], fontsize=7)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("% of test images", fontsize=8)
+        ax.set_title(r.label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def add_computed_flops(rows: list[RunRow]) -> None:
+    """Fill missing GFLOPs by counting one inference of each (arch, ratio, N, dataset) model once."""
+    import models
+    from .data import dataset_info
+    from .flops import inference_gflops
+    cache = {}
+    for r in rows:
+        if r.gflops is not None or r.registry_arch not in models.list_models() or r.ratio is None:
+            continue
+        try:
+            info = dataset_info(r.dataset)
+        except Exception:  # an unknown dataset name: leave the cell empty
+            continue
+        key = (r.registry_arch, r.ratio, r.n_expert, info.num_classes, info.image_size)
+        if key not in cache:
+            kw = {"n_expert": r.n_expert} if r.n_expert else {}
+            model = models.build_model(r.registry_arch, num_classes=info.num_classes, ratio=r.ratio, **kw)
+            cache[key] = inference_gflops(model, image_size=info.image_size, batch=2)["total"]
+        r.gflops = cache[key]
+
+
+def write_report(rows: list[RunRow], out: str, title: str = "") -> dict:
+    """Write table.md, table.csv, curves.png and expert_load.png into `out`; returns their paths."""
+    os.makedirs(out, exist_ok=True)
+    paths = {k: os.path.join(out, k) for k in ("table.md", "table.csv", "curves.png", "expert_load.png")}
+    md = markdown_table(rows)
+    with open(paths["table.md"], "w") as f:
+        f.write((f"# {title}\n\n" if title else "") + md)
+    write_csv(rows, paths["table.csv"])
+    suffix = f" ({title})" if title else ""
+    plot_curves(rows, paths["curves.png"], "SA and PGD RA per epoch" + suffix)
+    plot_expert_load(rows, paths["expert_load.png"], "Expert load, last epoch" + suffix)
+    return paths
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m utils.report",
+                                description="Collect run folders into table.md, table.csv and PNG plots")
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run folders or folders holding them")
+    p.add_argument("--manifest", action="append", default=None,
+                   help="sweep manifest (repeatable); default: manifest.tsv at the top of a given folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--title", default="", help="heading of table.md and the plots")
+    p.add_argument("--compute-flops", action="store_true",
+                   help="count inference GFLOPs of runs without flops.json (builds each model once)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    missing = [p for p in args.paths + (args.manifest or []) if not os.path.exists(p)]
+    if missing:
+        print(f"error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    manifests = args.manifest
+    if manifests is None:
+        manifests = [os.path.join(p, "manifest.tsv") for p in args.paths
+                     if os.path.isfile(os.path.join(p, "manifest.tsv"))]
+        for m in manifests:
+            print(f"using manifest {m}")
+    try:
+        rows = collect(args.paths, manifests)
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.compute_flops:
+        add_computed_flops(rows)
+    paths = write_report(rows, args.out, args.title)
+    print(markdown_table(rows), end="")
+    counts = {}
+    for r in rows:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    print(f"{len(rows)} runs ({', '.join(f'{n} {s}' for s, n in counts.items())}); wrote "
+          + ", ".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
