@@ -118,8 +118,10 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                    help="advmoe: alternating router and expert updates; joint: one AT update of both")
     g.add_argument("--router-objective", choices=("robust", "reference"), default="robust",
                    help="router step loss: the MoE's robust loss, or the released code's router loss")
-    g.add_argument("--balance-weight", type=number, default=0.0,
-                   help="weight of a load-balancing term on the router (0: off)")
+    g.add_argument("--balance-weight", type=number, default=1.0,
+                   help="weight of the load-balancing term in the router's loss (0: off, the paper's objective)")
+    g.add_argument("--router-grad-clip", type=number, default=1.0,
+                   help="clip the router's gradient norm in the router step (0: off, as the released code)")
     g.add_argument("--epsilon", type=number, default=8 / 255, help="training L-inf radius")
     g.add_argument("--num-steps", type=int, default=2, help="training attack steps")
     g.add_argument("--step-size", type=number, default=5 / 255, help="training attack step size")
@@ -251,7 +253,7 @@ def validate_args(args):
     _check(args, ("ratio", "data_fraction"), lambda v: 0 < v <= 1, "in (0, 1]")
     _check(args, ("epsilon", "epsilon_test"), lambda v: 0 <= v <= 1, "in [0, 1] (pixel units, e.g. 8/255)")
     _check(args, ("step_size", "step_size_test", "lr", "router_lr", "wd", "momentum", "beta", "alpha",
-                  "balance_weight"), lambda v: v >= 0, ">= 0")
+                  "balance_weight", "router_grad_clip"), lambda v: v >= 0, ">= 0")
     _check(args, ("num_steps", "num_steps_test", "num_workers"), lambda v: v >= 0, ">= 0")
     _check(args, ("epochs", "batch_size", "test_batch_size", "eval_every", "max_batches", "max_test_batches"),
            lambda v: v >= 1, ">= 1")

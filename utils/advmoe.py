@@ -15,16 +15,18 @@ router's KL to the model's.
 
 Lean by construction: frozen parameters have `requires_grad` off during a step (autograd skips their
 weight gradients), and the frozen part's BatchNorm layers normalise with batch statistics without
-moving their running statistics, so each BatchNorm is updated once per batch, by the step that trains it.
+moving their running statistics; of TRADES' clean and adversarial training-mode passes only the adversarial
+one moves them. So each BatchNorm is updated once per batch, by the step that trains it. No pass is run
+that does not feed a gradient or a reported number (tests/test_lean_step.py counts them).
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attack import pgd_attack, trades_kl_loss_fn, eval_mode
+from .attack import eval_mode, kl_divergence, pgd_attack
 from .losses import robust_loss
 
 
@@ -43,6 +45,7 @@ class StepConfig:
     alpha: float = 6.0
     router_objective: str = "robust"
     balance_weight: float = 0.0
+    router_grad_clip: float = 0.0
 
 
 @contextmanager
@@ -106,30 +109,43 @@ def load_balance_loss(router_logits, n_expert):
 
 def _robust(model, x, y, cfg, generator, balance=False):
     """The robust loss; with `balance`, plus balance_weight x the load-balancing loss of the routing of the
-    first training-mode forward (the clean batch for TRADES, the adversarial one for PGD-AT)."""
-    if not (balance and cfg.balance_weight > 0 and getattr(model, "is_moe", False)):
-        return robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size,
-                           num_steps=cfg.num_steps, beta=cfg.beta, generator=generator)
+    first training-mode forward (the clean batch for TRADES, the adversarial one for PGD-AT).
+
+    Of TRADES' two training-mode passes only the adversarial one moves BatchNorm running statistics (the
+    clean one normalises with its own batch statistics all the same, so losses and gradients are those of
+    two plain train-mode passes): each BatchNorm moves once per update, as with PGD-AT's single pass.
+    """
+    balance = balance and cfg.balance_weight > 0 and getattr(model, "is_moe", False)
     routed = []
 
     def forward(m, inp):
-        logits, info = m(inp, return_routing=True)
+        with running_stats_frozen(list(m.modules())) if inp is x else nullcontext():
+            if not balance:
+                return m(inp)
+            logits, info = m(inp, return_routing=True)
         routed.append(info.logits)
         return logits
 
     out = robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size, num_steps=cfg.num_steps,
                       beta=cfg.beta, generator=generator, forward=forward)
-    out["balance_loss"] = load_balance_loss(routed[0], model.n_expert)
-    out["loss"] = out["loss"] + cfg.balance_weight * out["balance_loss"]
+    if balance:
+        out["balance_loss"] = load_balance_loss(routed[0], model.n_expert)
+        out["loss"] = out["loss"] + cfg.balance_weight * out["balance_loss"]
     return out
 
 
-def _update(optimizer, loss, scaler=None, grad_sync=None):
-    """Backward and step; `grad_sync(params)` (distributed gradient averaging) runs in between."""
+def _update(optimizer, loss, scaler=None, grad_sync=None, clip=0.0):
+    """Backward and step; `grad_sync(params)` (distributed gradient averaging) runs in between, then
+    gradient-norm clipping at `clip` (0: none)."""
     optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler is not None else loss).backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     if grad_sync is not None:
-        grad_sync([p for group in optimizer.param_groups for p in group["params"]])
+        grad_sync(params)
+    if clip > 0:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -142,21 +158,25 @@ def reference_router_loss(model, x, y, cfg, generator=None):
 
     Attack: TRADES-style, maximising KL(model(x)||model(x_adv)) + KL(router(x)||router(x_adv)).
     Loss: alpha * CE(router(x), y mod N) + beta * KL(router(x) || router(x_adv)) / B, both router
-    forwards in the caller's mode. KL is computed from log-probabilities, so no NaN on underflow.
+    forwards in the caller's mode; only the adversarial one moves the router's BatchNorm running statistics.
+    KL is computed from log-probabilities, so no NaN on underflow. The router's logits are taken from the
+    model's own forward (`return_routing`), not from a second router pass.
     """
     with torch.no_grad(), eval_mode(model):
-        logits_clean, router_clean = model(x), model.route(x)
-    model_kl, router_kl = trades_kl_loss_fn(logits_clean), trades_kl_loss_fn(router_clean)
+        logits_clean, info = model(x, return_routing=True)
+    router_clean = info.logits
 
     def attack_loss(m, x_adv):
-        return model_kl(m, x_adv) + router_kl(m.route, x_adv)
+        logits, info_adv = m(x_adv, return_routing=True)
+        return kl_divergence(logits_clean, logits) + kl_divergence(router_clean, info_adv.logits)
 
     x_adv = pgd_attack(model, x, attack_loss, eps=cfg.eps, step_size=cfg.step_size,
                        num_steps=cfg.num_steps, random_start="normal", generator=generator)
-    r_clean, r_adv = model.route(x), model.route(x_adv)
-    kl = F.kl_div(F.log_softmax(r_adv.float(), 1), F.log_softmax(r_clean.float(), 1),
-                  log_target=True, reduction="sum") / x.shape[0]
-    loss = cfg.alpha * F.cross_entropy(r_clean, y % model.n_expert) + cfg.beta * kl
+    with running_stats_frozen(list(model.router.modules())):
+        r_clean = model.route(x)
+    r_adv = model.route(x_adv)
+    kl = kl_divergence(r_clean, r_adv) / x.shape[0]
+    loss = cfg.alpha * F.cross_entropy(r_clean.float(), y % model.n_expert) + cfg.beta * kl
     return {"loss": loss, "x_adv": x_adv}
 
 
@@ -168,7 +188,7 @@ def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, gen
         else:
             out = _robust(model, x, y, cfg, generator, balance=True)
         check_finite(out["loss"], "router-step loss")
-        _update(router_optimizer, out["loss"], scaler, grad_sync)
+        _update(router_optimizer, out["loss"], scaler, grad_sync, clip=cfg.router_grad_clip)
     return out
 
 

@@ -28,6 +28,7 @@ from .distributed import (DistEnv, all_reduce_sum, any_rank, average_gradients, 
                           gather_objects, init_distributed, shutdown)
 from .errors import UsageError
 from .evaluate import evaluate
+from .gpu import configure_backends, fits_on_device, maybe_compile, resident_loaders
 from .runlog import RunLogger, format_epoch_line, run_dir
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; sh/ scripts and SLURM requeue on it
@@ -203,6 +204,12 @@ def setup(args, script, device, env=DistEnv()):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     broadcast_module(model, env)
+    backends = configure_backends(device, model)  # cudnn/TF32/channels_last on CUDA, nothing on CPU
+    if device.type == "cuda" and fits_on_device(args.dataset):  # whole dataset on the GPU, augmented there
+        memory_format = torch.channels_last if backends.channels_last else torch.contiguous_format
+        train_loader, val_loader, test_loader = resident_loaders(
+            args.dataset, (train_loader, val_loader, test_loader), device, args.seed, memory_format)
+    maybe_compile(model, args.compile)
     precision = Precision(device, getattr(args, "amp", None))
     moe_training = getattr(args, "moe_training", None) if model.is_moe else None
     if moe_training == "advmoe":
@@ -261,7 +268,8 @@ def make_step(run: Run):
     a = run.args
     cfg = advmoe.StepConfig(at=a.at, eps=a.epsilon, step_size=a.step_size, num_steps=a.num_steps, beta=a.beta,
                             alpha=a.alpha, router_objective=getattr(a, "router_objective", "robust"),
-                            balance_weight=getattr(a, "balance_weight", 0.0))
+                            balance_weight=getattr(a, "balance_weight", 0.0),
+                            router_grad_clip=getattr(a, "router_grad_clip", 0.0))
     scaler = run.precision.scaler
     sync = (lambda params: average_gradients(params, run.env)) if run.env.enabled else None
     if run.router_optimizer is not None:
@@ -320,7 +328,7 @@ def _eval(run, loader, desc, moe_metrics=None):
     return evaluate(run.model, loader, eps=a.epsilon_test, step_size=a.step_size_test,
                     num_steps=a.num_steps_test, device=run.device, max_batches=a.max_test_batches,
                     progress=not a.no_progress and run.env.is_main, desc=desc, reduce=reduce,
-                    moe_metrics=moe_metrics)
+                    moe_metrics=moe_metrics, seed=a.seed, rank=run.env.rank, world_size=run.env.world_size)
 
 
 def _checkpoint_paths(folder):
@@ -369,8 +377,8 @@ def _fit(args, script, device, env):
         log.info(f"{script} {args.arch} on {args.dataset} ({device}); run folder {folder}")
         if resume:
             log.info(f"resumed from {resume} at epoch {run.start_epoch + 1}, batch {run.start_batch}")
-            if env.is_main:
-                trim_metrics(os.path.join(folder, "metrics.jsonl"), run.start_epoch)
+        if env.is_main:  # rows of epochs the checkpoint does not hold (all of them on a fresh start) are redone
+            trim_metrics(os.path.join(folder, "metrics.jsonl"), run.start_epoch)
         log.set_status("running")
         try:
             for epoch in range(run.start_epoch, args.epochs):
@@ -386,13 +394,21 @@ def _fit(args, script, device, env):
     return row
 
 
+def _row_epoch(line):
+    """Epoch of a metrics row; a line cut short by a kill counts as after every epoch (it is dropped)."""
+    try:
+        return json.loads(line).get("epoch", 0)
+    except json.JSONDecodeError:
+        return float("inf")
+
+
 def trim_metrics(path, last_epoch):
     """Drop metrics rows of epochs after `last_epoch` (logged before a kill, redone after the resume)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         rows = [line for line in f if line.strip()]
-    keep = [line for line in rows if json.loads(line).get("epoch", 0) <= last_epoch]
+    keep = [line for line in rows if _row_epoch(line) <= last_epoch]
     if len(keep) != len(rows):
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -452,14 +468,16 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
         if is_best:
             run.best_select, run.best_ra, run.best_sa, run.best_epoch = select, test["ra"], test["sa"], epoch + 1
     row.update({"best_ra": run.best_ra, "best_epoch": run.best_epoch, "seconds": time.time() - t0})
-    if env.is_main:
-        state = run.state_dict(epoch + 1)
-        save_checkpoint(state, latest)
-        if is_best:
-            save_checkpoint(state, best)
-    barrier(env)
+    # The row goes out before the checkpoint: a kill in between leaves a row that the resume trims and redoes,
+    # never a checkpointed epoch without its row. model_best before checkpoint, so a resumed epoch rewrites both.
     log.log_metrics(row)
     log.info(format_epoch_line({**row, "epochs": a.epochs}))
+    if env.is_main:
+        state = run.state_dict(epoch + 1)
+        if is_best:
+            save_checkpoint(state, best)
+        save_checkpoint(state, latest)
+    barrier(env)
     if row.get("collapse"):
         log.warning(f"expert load collapse: {max(row['load_clean']):.1f}% of test images use one expert")
     return row
@@ -468,7 +486,7 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
 def evaluate_checkpoint(args, script, device, env=DistEnv()):
     """--evaluate --resume CKPT: SA and RA (and the MoE dissection) of a checkpoint, recorded in a run folder."""
     check_arch_for_script(args, script)
-    seed_everything(args.seed + 7919 * env.rank)
+    seed_everything(args.seed)
     ckpt = load_checkpoint(args.resume)
     _, _, test_loader, info = build_loaders(
         args.dataset, args.data_dir, batch_size=args.batch_size, test_batch_size=args.test_batch_size,
@@ -482,7 +500,8 @@ def evaluate_checkpoint(args, script, device, env=DistEnv()):
         t0 = time.time()
         ev = evaluate(model, test_loader, eps=args.epsilon_test, step_size=args.step_size_test,
                       num_steps=args.num_steps_test, device=device, max_batches=args.max_test_batches,
-                      progress=not args.no_progress and env.is_main, desc="test", reduce=reduce)
+                      progress=not args.no_progress and env.is_main, desc="test", reduce=reduce, seed=args.seed,
+                      rank=env.rank, world_size=env.world_size)
         row = {"checkpoint": os.path.abspath(args.resume), "epoch": ckpt.get("epoch"), "sa": ev["sa"],
                "ra": ev["ra"], "n": ev["n"], "eps": args.epsilon_test, "num_steps": args.num_steps_test,
                **_moe_row(ev), "seconds": time.time() - t0}
