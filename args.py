@@ -118,10 +118,13 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                    help="advmoe: alternating router and expert updates; joint: one AT update of both")
     g.add_argument("--router-objective", choices=("robust", "reference"), default="robust",
                    help="router step loss: the MoE's robust loss, or the released code's router loss")
-    g.add_argument("--balance-weight", type=number, default=1.0,
-                   help="weight of the load-balancing term in the router's loss (0: off, the paper's objective)")
+    g.add_argument("--balance-weight", type=number, default=0.0,
+                   help="weight of a load-balancing loss in the router's loss (0: off, the paper's objective)")
     g.add_argument("--router-grad-clip", type=number, default=1.0,
                    help="clip the router's gradient norm in the router step (0: off, as the released code)")
+    g.add_argument("--balance-bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="after each router update, re-centre the router's output bias so that the experts share "
+                        "the batch evenly (--no-balance-bias: off, as the released code)")
     g.add_argument("--epsilon", type=number, default=8 / 255, help="training L-inf radius")
     g.add_argument("--num-steps", type=int, default=2, help="training attack steps")
     g.add_argument("--step-size", type=number, default=5 / 255, help="training attack step size")

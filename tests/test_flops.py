@@ -99,8 +99,10 @@ def test_inference_count_does_not_depend_on_the_routing():
 
 def test_inference_gflops_restores_training_mode():
     model = _build("resnet18_cifar_moe", ratio=0.125, n_expert=2).train()
+    before = {name: m.training for name, m in model.named_modules()}  # the router's BatchNorms stay in eval
     inference_gflops(model, batch=2)
-    assert all(m.training for m in model.modules())
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert model.training and model.layer1[0].bn1.training
 
 
 # One AdvMoE step with K-step attacks, counted in activated forward passes F (F = backbone + router):

@@ -46,6 +46,7 @@ class StepConfig:
     router_objective: str = "robust"
     balance_weight: float = 0.0
     router_grad_clip: float = 0.0
+    balance_bias: bool = False
 
 
 @contextmanager
@@ -107,20 +108,21 @@ def load_balance_loss(router_logits, n_expert):
     return n_expert * (share * probs.mean(0)).sum()
 
 
-def _robust(model, x, y, cfg, generator, balance=False):
-    """The robust loss; with `balance`, plus balance_weight x the load-balancing loss of the routing of the
-    first training-mode forward (the clean batch for TRADES, the adversarial one for PGD-AT).
+def _robust(model, x, y, cfg, generator, routing=False):
+    """The robust loss. With `routing` (an MoE), also the router logits of the first training-mode forward
+    (the clean batch for TRADES, the adversarial one for PGD-AT) as `router_logits`, and balance_weight x
+    their load-balancing loss added to the loss.
 
     Of TRADES' two training-mode passes only the adversarial one moves BatchNorm running statistics (the
     clean one normalises with its own batch statistics all the same, so losses and gradients are those of
     two plain train-mode passes): each BatchNorm moves once per update, as with PGD-AT's single pass.
     """
-    balance = balance and cfg.balance_weight > 0 and getattr(model, "is_moe", False)
+    routing = routing and getattr(model, "is_moe", False)
     routed = []
 
     def forward(m, inp):
         with running_stats_frozen(list(m.modules())) if inp is x else nullcontext():
-            if not balance:
+            if not routing:
                 return m(inp)
             logits, info = m(inp, return_routing=True)
         routed.append(info.logits)
@@ -128,9 +130,11 @@ def _robust(model, x, y, cfg, generator, balance=False):
 
     out = robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size, num_steps=cfg.num_steps,
                       beta=cfg.beta, generator=generator, forward=forward)
-    if balance:
-        out["balance_loss"] = load_balance_loss(routed[0], model.n_expert)
-        out["loss"] = out["loss"] + cfg.balance_weight * out["balance_loss"]
+    if routing:
+        out["router_logits"] = routed[0]
+        if cfg.balance_weight > 0:
+            out["balance_loss"] = load_balance_loss(routed[0], model.n_expert)
+            out["loss"] = out["loss"] + cfg.balance_weight * out["balance_loss"]
     return out
 
 
@@ -172,23 +176,28 @@ def reference_router_loss(model, x, y, cfg, generator=None):
 
     x_adv = pgd_attack(model, x, attack_loss, eps=cfg.eps, step_size=cfg.step_size,
                        num_steps=cfg.num_steps, random_start="normal", generator=generator)
-    with running_stats_frozen(list(model.router.modules())):
-        r_clean = model.route(x)
-    r_adv = model.route(x_adv)
+    r_clean, r_adv = model.route(x), model.route(x_adv)  # the router's BatchNorm uses running statistics
     kl = kl_divergence(r_clean, r_adv) / x.shape[0]
     loss = cfg.alpha * F.cross_entropy(r_clean.float(), y % model.n_expert) + cfg.beta * kl
-    return {"loss": loss, "x_adv": x_adv}
+    return {"loss": loss, "x_adv": x_adv, "router_logits": r_clean}
 
 
-def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, generator=None, grad_sync=None):
-    """Update the router only (experts frozen). Returns the step's loss dict."""
+def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, generator=None, grad_sync=None,
+                average=None):
+    """Update the router only (experts frozen). Returns the step's loss dict.
+
+    With `cfg.balance_bias`, the router's output bias is then re-centred on the step's own routing logits
+    (`center_router_bias`; `average` averages the shift over processes).
+    """
     with frozen(model.backbone_parameters()), running_stats_frozen(_backbone_modules(model)):
         if cfg.router_objective == "reference":
             out = reference_router_loss(model, x, y, cfg, generator)
         else:
-            out = _robust(model, x, y, cfg, generator, balance=True)
+            out = _robust(model, x, y, cfg, generator, routing=True)
         check_finite(out["loss"], "router-step loss")
         _update(router_optimizer, out["loss"], scaler, grad_sync, clip=cfg.router_grad_clip)
+    if cfg.balance_bias:
+        center_router_bias(model, out["router_logits"], average)
     return out
 
 
@@ -202,9 +211,9 @@ def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=
 
 
 def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scaler=None, generator=None,
-                grad_sync=None):
+                grad_sync=None, average=None):
     """One AdvMoE update: router step, then expert step on fresh adversarial examples."""
-    r = router_step(model, x, y, cfg, router_optimizer, scaler, generator, grad_sync)
+    r = router_step(model, x, y, cfg, router_optimizer, scaler, generator, grad_sync, average)
     for p in model.router_parameters():
         check_finite(p, "router parameter")
     out = expert_step(model, x, y, cfg, optimizer, scaler, generator, grad_sync)
@@ -212,30 +221,69 @@ def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scale
     return out
 
 
-def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None):
-    """Conventional adversarial training of the whole model (dense, or MoE router and experts together)."""
-    out = _robust(model, x, y, cfg, generator, balance=True)
+def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None,
+               average=None):
+    """Conventional adversarial training of the whole model (dense, or MoE router and experts together);
+    for an MoE with `cfg.balance_bias`, the router's bias is re-centred after the update as in AdvMoE."""
+    out = _robust(model, x, y, cfg, generator, routing=True)
     check_finite(out["loss"], "training loss")
     _update(optimizer, out["loss"], scaler, grad_sync)
+    if cfg.balance_bias and "router_logits" in out:
+        center_router_bias(model, out["router_logits"], average)
     return out
 
 
 @torch.no_grad()
-def balance_router_init(model, x):
-    """Data-dependent init of the global router's output bias: every expert gets the same median logit
-    margin on `x`, so a fresh MoE starts with its images spread over the experts.
+def calibrate_router_statistics(model, x):
+    """Set the global router's BatchNorm running statistics to those of images `x` (one batch, in [0, 1]).
 
-    A freshly initialised router sends nearly every image to one expert (the logits are dominated by a
-    component shared by all images), and the straight-through gradient then only ever sees that expert.
-    Only the bias moves; decisions stay `argmax` of the logits. Train-mode statistics are used, as in
-    training, without moving any BatchNorm running statistics.
+    The router normalises with running statistics in training too (models.layers.Router), so they must
+    describe real data: each BatchNorm gets the mean and variance of its input over `x`, as a train-mode
+    pass computes them.
+    """
+    bns = [m for m in model.router.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(bn.momentum, bn.training) for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average: after one pass, exactly this batch's statistics
+        bn.train(True)
+    try:
+        model.router(model.normalize(x))
+    finally:
+        for bn, (momentum, training) in zip(bns, saved):
+            bn.momentum = momentum
+            bn.train(training)
+
+
+@torch.no_grad()
+def center_router_bias(model, router_logits, average=None):
+    """Shift the global router's output bias so that every expert's median logit margin over the images
+    behind `router_logits` (B, N) is zero: with 2 experts, half of them on each; with more, close to an
+    even split. `average(tensor)` averages the shift over processes (distributed runs keep one router).
+
+    Decisions stay `argmax` of the logits; what the router learns is which images go where. Without this
+    the straight-through gradient drives the router to one expert within a few batches (the better-trained
+    expert lowers the loss of any image routed to it, so it attracts more images and trains more), and a
+    load-balancing loss alone does not hold it.
     """
     if not getattr(model, "is_moe", False) or model.routing_mode != "global" or model.n_expert < 2:
         return
-    was_training = model.training
-    model.train()
-    with running_stats_frozen(list(model.modules())):
-        logits = model.route(x)  # (B, N)
-    model.train(was_training)
-    margin = logits - logits.mean(dim=1, keepdim=True)  # (B, N): each expert's logit against the average
-    model.router.fc.bias -= margin.median(dim=0).values
+    logits = router_logits.detach().float()
+    shift = (logits - logits.mean(dim=1, keepdim=True)).median(dim=0).values  # (N,)
+    if average is not None:
+        shift = average(shift)
+    model.router.fc.bias -= shift.to(model.router.fc.bias.dtype)
+
+
+@torch.no_grad()
+def balance_router_init(model, x):
+    """Data-dependent start of a fresh global router on training images `x`: BatchNorm running statistics
+    from `x` (`calibrate_router_statistics`), then the output bias centred on `x` (`center_router_bias`).
+
+    A freshly initialised router sends nearly every image to one expert (the logits are dominated by a
+    component shared by all images), and the straight-through gradient then only ever sees that expert.
+    """
+    if not getattr(model, "is_moe", False) or model.routing_mode != "global" or model.n_expert < 2:
+        return
+    calibrate_router_statistics(model, x)
+    center_router_bias(model, model.route(x))

@@ -141,16 +141,15 @@ class Run:
     best_epoch: int = -1
     rng_after_resume: dict = None
 
-    def state_dict(self, epoch, step_in_epoch=0, partial=None, rng=None):
-        """The checkpoint; `rng` is every rank's RNG state (a list), captured by all ranks together."""
+    def state_dict(self, epoch, step_in_epoch=0, mid_epoch=None):
+        """The checkpoint; `mid_epoch` (at an interrupt) is every rank's `mid_epoch_state`, gathered by all ranks."""
         m = self.model
         state = {
             "format": CHECKPOINT_FORMAT, "epoch": epoch, "arch": self.args.arch, "state_dict": m.state_dict(),
             "best_acc": self.best_ra, "sa_record": self.best_sa, "best_epoch": self.best_epoch,
             "best_select": self.best_select,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "step_in_epoch": step_in_epoch, "partial": partial or {}, "rng": rng[0] if rng else capture_rng_state(),
-            "rng_per_rank": rng or [], "world_size": self.env.world_size,
+            "step_in_epoch": step_in_epoch, "mid_epoch": mid_epoch or [], "world_size": self.env.world_size,
             "args": args_to_dict(self.args), "ratio": self.args.ratio, "n_expert": m.n_expert,
             "num_classes": _num_classes(m), "dataset": self.args.dataset, "normalize": bool(self.args.normalize),
             "routing": m.routing_mode,
@@ -163,6 +162,14 @@ class Run:
         if self.precision.scaler is not None:
             state["scaler"] = self.precision.scaler.state_dict()
         return state
+
+
+def mid_epoch_state(run, stats):
+    """What this rank needs to go on with its share of an interrupted epoch: its RNG state, its partial sums
+    and its buffers. Each rank updates its own BatchNorm running statistics during an epoch (they are made
+    equal at its end), and the training attacks run in eval mode, which uses them."""
+    return {"rng": capture_rng_state(), "partial": stats,
+            "buffers": {name: b.detach().cpu().clone() for name, b in run.model.named_buffers()}}
 
 
 def _num_classes(model):
@@ -252,15 +259,19 @@ def restore(run: Run, path: str):
         raise UsageError(f"{path}: optimizer state does not fit this run ({e}); "
                          f"was it trained with other --moe-training/--optimizer flags?") from None
     run.start_epoch, run.start_batch = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
-    run.partial = ckpt.get("partial") or {}
     run.best_ra, run.best_sa = float(ckpt["best_acc"]), float(ckpt["sa_record"])
     run.best_epoch = int(ckpt.get("best_epoch", -1))
     run.best_select = float(ckpt.get("best_select", run.best_ra))
-    rngs = ckpt.get("rng_per_rank") or [ckpt["rng"]]
-    if run.start_batch and len(rngs) != run.env.world_size:
-        raise UsageError(f"{path} was interrupted mid-epoch with {len(rngs)} processes; resume it with the same "
-                         f"number of processes (now {run.env.world_size})")
-    run.rng_after_resume = rngs[run.env.rank] if run.start_batch else None
+    if run.start_batch:
+        ranks = ckpt.get("mid_epoch") or []
+        if len(ranks) != run.env.world_size:
+            raise UsageError(f"{path} was interrupted mid-epoch with {len(ranks)} processes; resume it with the "
+                             f"same number of processes (now {run.env.world_size})")
+        mine = ranks[run.env.rank]
+        run.rng_after_resume, run.partial = mine["rng"], mine["partial"]
+        with torch.no_grad():
+            for name, b in run.model.named_buffers():
+                b.copy_(mine["buffers"][name])
 
 
 def make_step(run: Run):
@@ -269,13 +280,17 @@ def make_step(run: Run):
     cfg = advmoe.StepConfig(at=a.at, eps=a.epsilon, step_size=a.step_size, num_steps=a.num_steps, beta=a.beta,
                             alpha=a.alpha, router_objective=getattr(a, "router_objective", "robust"),
                             balance_weight=getattr(a, "balance_weight", 0.0),
-                            router_grad_clip=getattr(a, "router_grad_clip", 0.0))
+                            router_grad_clip=getattr(a, "router_grad_clip", 0.0),
+                            balance_bias=getattr(a, "balance_bias", False))
     scaler = run.precision.scaler
-    sync = (lambda params: average_gradients(params, run.env)) if run.env.enabled else None
+    env = run.env
+    sync = (lambda params: average_gradients(params, env)) if env.enabled else None
+    average = (lambda t: all_reduce_sum(t, env) / env.world_size) if env.enabled else None
     if run.router_optimizer is not None:
         return lambda x, y: advmoe.advmoe_step(run.model, x, y, cfg, run.optimizer, run.router_optimizer, scaler,
-                                               grad_sync=sync)
-    return lambda x, y: advmoe.joint_step(run.model, x, y, cfg, run.optimizer, scaler, grad_sync=sync)
+                                               grad_sync=sync, average=average)
+    return lambda x, y: advmoe.joint_step(run.model, x, y, cfg, run.optimizer, scaler, grad_sync=sync,
+                                          average=average)
 
 
 def train_epoch(run: Run, epoch: int, stop: StopFlag):
@@ -437,7 +452,7 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
     lr = run.optimizer.param_groups[0]["lr"]
     stats, interrupted_at = train_epoch(run, epoch, stop)
     if interrupted_at is not None:
-        state = run.state_dict(epoch, interrupted_at, stats, rng=gather_objects(capture_rng_state(), env))
+        state = run.state_dict(epoch, interrupted_at, gather_objects(mid_epoch_state(run, stats), env))
         if env.is_main:
             save_checkpoint(state, latest)
         barrier(env)

@@ -40,7 +40,15 @@ class _RouterBlock(nn.Module):
 
 
 class Router(nn.Module):
-    """The reference's global router: a ResNet-20-like net (16/32/64 channels) reading the input image."""
+    """The reference's global router: a ResNet-20-like net (16/32/64 channels) reading the input image.
+
+    Its BatchNorm layers always normalise with their running statistics, in training too (`train()` leaves
+    them in eval mode): an image's expert then never depends on the rest of its batch (with batch statistics,
+    perturbing one image moves the others' routing, and the routing seen in training is not the one at test
+    time), and AdvMoE's router step trains exactly the decisions that evaluation makes. The statistics are
+    estimated once from training images when a run starts (`utils.advmoe.balance_router_init`), then fixed;
+    checkpoints of the released code bring their own.
+    """
 
     def __init__(self, n_expert: int, in_channels: int = 3, blocks_per_stage: int = 3):
         super().__init__()
@@ -54,6 +62,13 @@ class Router(nn.Module):
             in_planes = planes
         self.layer1, self.layer2, self.layer3 = stages
         self.fc = nn.Linear(64, n_expert)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):  # SyncBatchNorm too
+                m.train(False)
+        return self
 
     def forward(self, x):  # (B, 3, H, W) normalised image -> (B, N) logits
         out = F.relu(self.bn1(self.conv1(x)))
