@@ -101,6 +101,19 @@ def test_advmoe_step_passes(monkeypatch, n_expert):
     assert dict(counter.calls) == _expected(2)
 
 
+def test_bias_recentring_adds_one_router_pass_per_router_update(monkeypatch):
+    """--balance-bias: after the router's update, one router-only forward (no gradient) re-centres its bias."""
+    model = _model()
+    x, y = _batch()
+    opt, router_opt = _optimizers(model)
+    counter = PassCounter(model, monkeypatch)
+    advmoe.advmoe_step(model, x, y, advmoe.StepConfig(at="trades", num_steps=K, balance_bias=True), opt, router_opt)
+    counter.remove()
+    want = _expected(2)
+    want[("router", "train")] += 1
+    assert dict(counter.calls) == want
+
+
 def test_joint_step_passes(monkeypatch):
     model = _model()
     x, y = _batch()

@@ -186,8 +186,10 @@ def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, gen
                 average=None):
     """Update the router only (experts frozen). Returns the step's loss dict.
 
-    With `cfg.balance_bias`, the router's output bias is then re-centred on the step's own routing logits
-    (`center_router_bias`; `average` averages the shift over processes).
+    With `cfg.balance_bias`, the router's output bias is then re-centred on the updated router's logits for
+    the batch (`center_router_bias`; one router-only forward without gradient; `average` averages the shift
+    over processes). Centring on the logits from before the update would miss the shift the update itself
+    makes, which the straight-through gradient makes in the same direction step after step.
     """
     with frozen(model.backbone_parameters()), running_stats_frozen(_backbone_modules(model)):
         if cfg.router_objective == "reference":
@@ -197,8 +199,14 @@ def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, gen
         check_finite(out["loss"], "router-step loss")
         _update(router_optimizer, out["loss"], scaler, grad_sync, clip=cfg.router_grad_clip)
     if cfg.balance_bias:
-        center_router_bias(model, out["router_logits"], average)
+        _recenter(model, x, average)
     return out
+
+
+def _recenter(model, x, average):
+    if getattr(model, "is_moe", False) and model.routing_mode == "global":
+        with torch.no_grad():
+            center_router_bias(model, model.route(x), average)
 
 
 def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None):
@@ -228,8 +236,8 @@ def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=N
     out = _robust(model, x, y, cfg, generator, routing=True)
     check_finite(out["loss"], "training loss")
     _update(optimizer, out["loss"], scaler, grad_sync)
-    if cfg.balance_bias and "router_logits" in out:
-        center_router_bias(model, out["router_logits"], average)
+    if cfg.balance_bias:
+        _recenter(model, x, average)
     return out
 
 
