@@ -3,6 +3,7 @@
     python auto_attack_eval.py --arch vgg16_bn_ori --ratio 0.5 --source-net PATH
     python auto_attack_eval.py --source-net RUN/checkpoint/model_best.pth.tar --dataset Digits --n-ex 100
     python auto_attack_eval.py --source-net PATH --version custom --attacks apgd-ce apgd-t --epsilon 4
+    torchrun --nproc_per_node=4 auto_attack_eval.py --source-net PATH   (chunks shared by 4 processes)
 
 Arch, ratio, experts and normalisation default to what the checkpoint records (reference checkpoints
 record only the arch). Rerunning a killed command resumes from its finished chunks.

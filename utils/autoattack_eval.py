@@ -11,6 +11,8 @@ first `n_ex` test points in index order, split them into chunks of `chunk_size` 
 `run_standard_evaluation` on each chunk with seed `seed + chunk index`. Every chunk's per-point flags are
 written atomically to `<out>.chunks/<fingerprint>/chunk_NNNNN.json`; a rerun with the same settings skips
 finished chunks, so a killed and resumed evaluation reports exactly what an uninterrupted one would.
+Under torchrun the chunks are shared among the processes (rank r takes chunks r, r + K, ...); process 0
+waits for the others, then reads every chunk from the folder and writes the report.
 Different settings have a different fingerprint and therefore their own folder: nothing is mixed, nothing
 is thrown away, and going back to earlier settings resumes their folder. The fingerprint covers everything
 that changes a chunk's flags: the checkpoint file (absolute path, size, mtime), the resolved model (arch,
@@ -44,6 +46,7 @@ import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -53,6 +56,7 @@ from tqdm import tqdm
 import models
 from .checkpoint import load_checkpoint, load_model_weights
 from .data import build_datasets, dataset_info
+from .distributed import gather_objects, init_distributed, shutdown
 from .errors import UsageError
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -63,6 +67,9 @@ _DEFAULT_DATASET = "CIFAR10"
 # Sub-attacks of an AutoAttack object whose settings `attack_params` may change (the authors' README
 # customises them the same way, e.g. `adversary.apgd.n_restarts = 1`).
 _COMPONENTS = ("apgd", "apgd_targeted", "fab", "square")
+# How long a process that finished its chunks waits for the others (torchrun): chunks are unevenly shared
+# (one more for some ranks, or already done on a resumed run), so the wait can be hours.
+BARRIER_TIMEOUT = timedelta(days=2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -542,8 +549,8 @@ def run_evaluation(model, dataset, *, n_ex, chunk_size, folder, key, library, ep
     records = {c: load_chunk(folder, c, *ranges[c], key) for c in mine}
     resumed = sum(r is not None for r in records.values())
     todo = [c for c in mine if records[c] is None]
-    bar = tqdm(total=len(mine), initial=resumed, desc="AutoAttack chunks", unit="chunk", disable=not progress,
-               dynamic_ncols=True)
+    desc = "AutoAttack chunks" + (f" (rank {rank})" if world_size > 1 else "")
+    bar = tqdm(total=len(mine), initial=resumed, desc=desc, unit="chunk", disable=not progress, dynamic_ncols=True)
     for c, (x, y) in zip(todo, _chunk_points(dataset, [ranges[c] for c in todo], num_workers)):
         t0 = time.time()
         result = attack_chunk(model, x, y, library=library, eps=eps, norm=norm, version=version, attacks=attacks,
@@ -582,16 +589,27 @@ def format_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(args, *, attack_params=None, progress=None) -> dict:
+def evaluate_checkpoint(args, *, attack_params=None, progress=None) -> dict | None:
     """The whole `auto_attack_eval.py` run; returns the report also written to `--out`.
 
     Everything that can fail on user input (checkpoint, flags, data) is checked before anything is written.
     attack_params: optional overrides of AutoAttack's sub-attack settings (see `make_adversary`); part of
     the fingerprint and of the report.
+    Under torchrun every process attacks its share of the chunks (`chunks_for_rank`) and stores them; after
+    all have finished, process 0 alone reads every chunk, prints the summary, writes `--out` and returns the
+    report (the others return None).
     """
+    env, device = init_distributed(resolve_device(getattr(args, "device", "auto")), backend="gloo",
+                                   timeout=BARRIER_TIMEOUT)
+    try:
+        return _evaluate_checkpoint(args, device, env, attack_params, progress)
+    finally:
+        shutdown()
+
+
+def _evaluate_checkpoint(args, device, env, attack_params, progress):
     t_start = time.time()
     library = load_library()
-    device = resolve_device(getattr(args, "device", "auto"))
     source = args.source_net
     if not source:
         raise UsageError("--source-net is required (the checkpoint to evaluate)")
@@ -627,7 +645,8 @@ def evaluate_checkpoint(args, *, attack_params=None, progress=None) -> dict:
     key = fingerprint(settings)
     folder = os.path.join(f"{out}.chunks", key)
     os.makedirs(folder, exist_ok=True)
-    write_json_atomic(os.path.join(folder, "settings.json"), settings)
+    if env.is_main:
+        write_json_atomic(os.path.join(folder, "settings.json"), settings)
     if device.type == "cuda":
         # Same kernels on a rerun: a resumed evaluation must reproduce the chunks it did not keep.
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
@@ -635,7 +654,16 @@ def evaluate_checkpoint(args, *, attack_params=None, progress=None) -> dict:
     records, resumed = run_evaluation(
         model, test_ds, n_ex=n_ex, chunk_size=args.chunk_size, folder=folder, key=key, library=library, eps=eps,
         norm=args.norm, version=args.version, attacks=attacks, seed=args.seed, batch_size=args.batch_size,
-        device=device, num_workers=args.num_workers, attack_params=attack_params, progress=show)
+        device=device, num_workers=args.num_workers, attack_params=attack_params, rank=env.rank,
+        world_size=env.world_size, progress=show)
+    resumed = sum(gather_objects(resumed, env))  # also the barrier: every rank's chunks are on disk after it
+    if not env.is_main:
+        return None
+    if env.enabled:
+        records = [load_chunk(folder, c, start, stop, key)
+                   for c, (start, stop) in enumerate(chunk_ranges(n_ex, args.chunk_size))]
+        if any(r is None for r in records):
+            raise RuntimeError(f"chunks missing in {folder} after every process finished")
     report = summarize(records, library=library)
     report.update({
         "eps": eps, "epsilon_255": args.epsilon, "norm": args.norm, "version": args.version,

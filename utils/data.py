@@ -300,15 +300,21 @@ class EpochSampler(Sampler):
     `range(n)` without shuffle). With `world_size > 1` rank r takes `order[r::world_size]`; with `pad` the
     order is first extended by repeating its head (like DistributedSampler) so every rank gets the same
     count, with `drop_last` its tail is cut instead, and with neither (`pad=False`, for evaluation) the
-    counts differ by at most one and sum exactly to n. `set_start` skips the first indices of this rank's
-    order to resume mid-epoch; `len()` is the number of indices still to come.
+    counts sum exactly to n. With `block` > 1 (evaluation only: needs `pad=False`) rank r takes whole blocks
+    of `block` consecutive indices of the order, blocks r, r + world_size, ...: with `block` equal to the
+    loader's batch size every batch holds the same images as the single-process batch of the same number.
+    `set_start` skips the first indices of this rank's order to resume mid-epoch; `len()` is the number of
+    indices still to come.
     """
 
-    def __init__(self, n, *, shuffle, seed, rank=0, world_size=1, drop_last=False, pad=True):
+    def __init__(self, n, *, shuffle, seed, rank=0, world_size=1, drop_last=False, pad=True, block=1):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in range for world_size {world_size}")
+        if block < 1 or (block > 1 and (pad or drop_last)):
+            raise ValueError(f"block={block}: must be >= 1, and only blocks of 1 can be padded or dropped")
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.rank, self.world_size, self.drop_last, self.pad = rank, world_size, drop_last, pad
+        self.block = block
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch):
@@ -334,15 +340,19 @@ class EpochSampler(Sampler):
         elif ws > 1 and self.pad and self.n % ws:
             missing = ws - self.n % ws
             order += (order * (missing // max(self.n, 1) + 1))[:missing]  # repeat the head, cycling if n < ws
-        return order[self.rank::ws]
+        b = self.block
+        return [i for start in range(self.rank * b, len(order), ws * b) for i in order[start:start + b]]
 
     def _rank_count(self):
-        ws, n = self.world_size, self.n
+        ws, n, b = self.world_size, self.n, self.block
         if self.drop_last:
             return n // ws
         if self.pad:
             return -(-n // ws)
-        return len(range(self.rank, n, ws))
+        blocks = -(-n // b)
+        mine = range(self.rank, blocks, ws)
+        short = blocks * b - n if mine and mine[-1] == blocks - 1 else 0  # this rank holds the last, short block
+        return len(mine) * b - short
 
     def __iter__(self):
         return iter(self._rank_indices()[self.start:])
@@ -385,8 +395,9 @@ def build_loaders(name, data_dir, *, batch_size, test_batch_size, num_workers, s
     batches; the last batch may be smaller. Callers must call `train_loader.sampler.set_epoch(epoch)` every
     epoch (then optionally `set_start(batch, batch_size)` to resume). With `data_fraction` < 1 the rest of
     the training set, without augmentation, is the validation loader used for model selection (else None).
-    Validation and test sets are split across ranks without padding, so the per-rank counts sum exactly to
-    their size. `device` only decides pin_memory. Worker seeds come from a generator seeded with `seed`, so
+    Validation and test sets are split across ranks by whole batches without padding: rank r gets batches
+    r, r + world_size, ... of the single-process loader, image for image, and the counts sum exactly to
+    the set's size. `device` only decides pin_memory. Worker seeds come from a generator seeded with `seed`, so
     augmentation is reproducible for a given (seed, num_workers).
     """
     info = dataset_info(name)
@@ -398,7 +409,8 @@ def build_loaders(name, data_dir, *, batch_size, test_batch_size, num_workers, s
     common = dict(num_workers=num_workers, pin_memory=_is_cuda(device), persistent_workers=num_workers > 0)
 
     def eval_loader(ds, offset):
-        sampler = EpochSampler(len(ds), shuffle=False, seed=seed, rank=rank, world_size=world_size, pad=False)
+        sampler = EpochSampler(len(ds), shuffle=False, seed=seed, rank=rank, world_size=world_size, pad=False,
+                               block=test_batch_size)
         return DataLoader(ds, batch_size=test_batch_size, sampler=sampler, drop_last=False,
                           generator=torch.Generator().manual_seed(seed + offset), **common)
 

@@ -32,8 +32,12 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device) -> tuple[DistEnv, torch.device]:
-    """Join the torchrun process group if WORLD_SIZE > 1; returns (env, this rank's device)."""
+def init_distributed(device: torch.device, *, backend=None, timeout=None) -> tuple[DistEnv, torch.device]:
+    """Join the torchrun process group if WORLD_SIZE > 1; returns (env, this rank's device).
+
+    backend: default nccl on CUDA, gloo on CPU; timeout (a timedelta): how long a collective may wait for
+    the slowest rank (default: torch's, 10 to 30 minutes).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistEnv(), device
@@ -42,7 +46,8 @@ def init_distributed(device: torch.device) -> tuple[DistEnv, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     return DistEnv(rank, world_size, local_rank), device
 
 

@@ -2,6 +2,9 @@
 
 All attacks are L-inf PGD with a uniform random start on the model's own loss, in [0,1] pixel space,
 model in eval mode (the reference's evaluation attacked a router-augmented loss instead: a defect).
+The random start of batch b is drawn from a generator seeded with (seed, b), b counted in the single-process
+order, so the result does not depend on the global RNG, on earlier batches or on how many processes share
+the batches (with evaluation loaders from `utils.data.build_loaders`, whose ranks take whole batches).
 For MoE models, besides SA/RA of the whole MoE (routing inside the attacked function, gradients through
 the straight-through path):
 - router robustness: % of images whose expert choice survives PGD on the router's own decision;
@@ -57,27 +60,37 @@ def _predict(model, x, **kw):
     return model(x, return_routing=True, **kw)
 
 
+def _start_generator(seed, batch, device):
+    """The random-start generator of (single-process) batch number `batch`."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch)
+
+
 def evaluate(model, loader, *, eps, step_size, num_steps, device, moe_metrics=None, max_batches=None,
-             progress=True, reduce=None, desc="eval"):
+             progress=True, reduce=None, desc="eval", seed=0, rank=0, world_size=1):
     """Evaluate on `loader`; returns percentages (and raw counts under 'counts').
 
     Args:
+        loader: this process's batches: batches rank, rank + world_size, ... of the single-process order.
         eps, step_size: PGD radius and step in [0,1] pixel units; num_steps: PGD iterations.
         moe_metrics: compute the MoE dissection (default: when the model is an MoE).
+        max_batches: evaluate the first max_batches batches of the single-process order (all ranks together).
         reduce: callable summing a tensor over processes (distributed evaluation), or None.
+        seed: seeds the random starts (with the batch number).
     """
     moe = getattr(model, "is_moe", False) if moe_metrics is None else moe_metrics
     n_expert = model.n_expert if moe else 0
     counts = torch.zeros(len(_COUNTS), dtype=torch.float64)
     load_clean = torch.zeros(max(n_expert, 1), dtype=torch.float64)
     load_adv = torch.zeros_like(load_clean)
-    attack = dict(eps=eps, step_size=step_size, num_steps=num_steps, random_start="uniform")
     with eval_mode(model):
         bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
         for i, (x, y) in enumerate(bar):
-            if max_batches is not None and i >= max_batches:
+            batch_number = i * world_size + rank
+            if max_batches is not None and batch_number >= max_batches:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            attack = dict(eps=eps, step_size=step_size, num_steps=num_steps, random_start="uniform",
+                          generator=_start_generator(seed, batch_number, x.device))
             logits, info = _predict(model, x)
             x_adv = pgd_attack(model, x, ce_loss_fn(y), **attack)
             logits_adv, info_adv = _predict(model, x_adv)
