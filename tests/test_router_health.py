@@ -132,3 +132,18 @@ def test_multi_epoch_advmoe_router_finite_and_every_expert_used(tmp_path):
     ckpt = torch.load(os.path.join(run_dir(tmp_path), "checkpoint", "checkpoint.pth.tar"), weights_only=True)
     router = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("router.")}
     assert router and all(torch.isfinite(v.float()).all() for v in router.values())
+
+
+def test_joint_step_clips_only_the_router_gradient(monkeypatch):
+    model = _model().train()
+    x, y = _images(8)
+    clipped = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, c: clipped.append((list(params), c)) or
+                        real(params, c))
+    advmoe.joint_step(model, x, y, advmoe.StepConfig(num_steps=1, router_grad_clip=0.5),
+                      torch.optim.SGD(model.parameters(), lr=0.0))
+    assert len(clipped) == 1 and clipped[0][1] == 0.5
+    assert {id(p) for p in clipped[0][0]} == {id(p) for p in model.router_parameters()}
+    router_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.router_parameters()]))
+    assert router_norm <= 0.5 + 1e-5

@@ -138,9 +138,9 @@ def _robust(model, x, y, cfg, generator, routing=False):
     return out
 
 
-def _update(optimizer, loss, scaler=None, grad_sync=None, clip=0.0):
+def _update(optimizer, loss, scaler=None, grad_sync=None, clip=0.0, clip_params=None):
     """Backward and step; `grad_sync(params)` (distributed gradient averaging) runs in between, then
-    gradient-norm clipping at `clip` (0: none)."""
+    gradient-norm clipping at `clip` (0: none) of `clip_params` (default: every parameter of the optimizer)."""
     optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -149,7 +149,7 @@ def _update(optimizer, loss, scaler=None, grad_sync=None, clip=0.0):
     if clip > 0:
         if scaler is not None:
             scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, clip)
+        torch.nn.utils.clip_grad_norm_(params if clip_params is None else clip_params, clip)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -232,10 +232,13 @@ def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scale
 def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None,
                average=None):
     """Conventional adversarial training of the whole model (dense, or MoE router and experts together);
-    for an MoE with `cfg.balance_bias`, the router's bias is re-centred after the update as in AdvMoE."""
+    for an MoE, the router's gradient is clipped at `cfg.router_grad_clip` and, with `cfg.balance_bias`, its
+    bias re-centred after the update, as in AdvMoE's router step."""
     out = _robust(model, x, y, cfg, generator, routing=True)
     check_finite(out["loss"], "training loss")
-    _update(optimizer, out["loss"], scaler, grad_sync)
+    moe = getattr(model, "is_moe", False)
+    _update(optimizer, out["loss"], scaler, grad_sync, clip=cfg.router_grad_clip if moe else 0.0,
+            clip_params=model.router_parameters() if moe else None)
     if cfg.balance_bias:
         _recenter(model, x, average)
     return out
