@@ -84,11 +84,12 @@ def make_train_step(model, kind="auto", *, num_steps=2, at="trades", lr=0.0, sca
     TRADES/PGD-AT step) or 'auto' (advmoe for an MoE, joint for a dense model). `lr` 0 by default so that
     counting or timing steps leaves the weights as they were (BatchNorm running statistics still move).
     `scaler`: a GradScaler for fp16 autocast, or None. Extra keywords go to `advmoe.StepConfig` (eps,
-    step_size, beta, alpha, router_objective).
+    step_size, beta, alpha, router_objective, balance_bias: on by default, as in training).
     """
     from . import advmoe
     if kind == "auto":
         kind = "advmoe" if getattr(model, "is_moe", False) else "joint"
+    cfg.setdefault("balance_bias", True)  # as the entry scripts train by default (one extra router pass)
     step_cfg = advmoe.StepConfig(at=at, num_steps=num_steps, **cfg)
     if kind == "advmoe":
         opt = torch.optim.SGD(model.backbone_parameters(), lr=lr)
