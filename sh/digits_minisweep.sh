@@ -11,16 +11,16 @@
 # curves use one test batch (128 images) and one validation batch; the final PGD evaluation of model_best uses
 # the whole test set (360 images). AutoAttack: version custom with APGD-CE and APGD-DLR (AutoAttack's two
 # losses, untargeted; the standard version's targeted APGD-T, FAB-T and Square run about 10x more sequential
-# iterations, ~400 s per model on this CPU even for the smallest net) on the first 128 test images (one
-# AutoAttack batch) at eps 0.15 = 38.25/255. Everything runs with --num-workers 0; results go to results/digits_minisweep (report
-# in results/digits_minisweep/report).
+# iterations, ~400 s per model on this CPU even for the smallest net) on the first 32 test images (128 images
+# took 870 s for one model on this CPU while other runs shared it) at eps 0.15 = 38.25/255. Everything runs
+# with --num-workers 0; results go to results/digits_minisweep (report in results/digits_minisweep/report).
 #
 # Ratios are small because the CPU budget is: the router (a fixed 0.08 GFLOPs per image) costs more than an
 # r=0.125 backbone, and AdvMoE runs two attacks per batch.
 #
 # Environment overrides (defaults in brackets): DIGITS_EPOCHS [3], DIGITS_DENSE_RATIOS [0.25,0.125],
 # DIGITS_MOE_RATIO [0.125], DIGITS_N_EXPERT [2], DIGITS_METHODS [dense,joint,advmoe], DIGITS_ARCHS [resnet18],
-# DIGITS_EPS [0.15], DIGITS_BATCH_SIZE [64], DIGITS_EPOCH_TEST_BATCHES [1], DIGITS_AA_N_EX [128],
+# DIGITS_EPS [0.15], DIGITS_BATCH_SIZE [64], DIGITS_EPOCH_TEST_BATCHES [1], DIGITS_AA_N_EX [32],
 # DIGITS_AA_VERSION [custom], DIGITS_AA_ATTACKS ["apgd-ce apgd-dlr"], and sweep.sh's SWEEP_SAVE_DIR,
 # SWEEP_BACKEND. A rerun skips what is done. This is sweep.sh --preset digits.
 set -euo pipefail

@@ -107,7 +107,7 @@ digits)
     : "${datasets:=Digits}" "${archs:=${DIGITS_ARCHS:-resnet18}}" "${methods:=${DIGITS_METHODS:-dense,joint,advmoe}}"
     : "${epochs:=${DIGITS_EPOCHS:-3}}" "${dense_ratios:=${DIGITS_DENSE_RATIOS:-0.25,0.125}}"
     : "${moe_ratio:=${DIGITS_MOE_RATIO:-0.125}}" "${n_expert:=${DIGITS_N_EXPERT:-2}}"
-    : "${aa_n_ex:=${DIGITS_AA_N_EX:-128}}" "${aa_version:=${DIGITS_AA_VERSION:-custom}}"
+    : "${aa_n_ex:=${DIGITS_AA_N_EX:-32}}" "${aa_version:=${DIGITS_AA_VERSION:-custom}}"
     [ "$aa_version" != custom ] || : "${aa_attacks:=${DIGITS_AA_ATTACKS:-apgd-ce apgd-dlr}}"
     : "${aa_epsilon:=$(sw_calc "$eps * 255")}" "${save_dir:=results/digits_minisweep}"
     preset_args=(--epsilon "$eps" --step-size "$(sw_calc "$eps * 5 / 8")" --epsilon-test "$eps"

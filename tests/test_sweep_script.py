@@ -91,7 +91,7 @@ def test_manifest_lines_and_names(planned):
         assert r["train"].endswith(" --max-test-batches 1")
         assert r["eval"] == f"{r['train'][:-len(' --max-test-batches 1')]} --evaluate --resume {best}"
         assert f"--source-net {best} --out {r['run_dir']}/autoattack.json --dataset Digits --epsilon 38.25" in r["aa"]
-        assert "--version custom --attacks apgd-ce apgd-dlr --n-ex 128" in r["aa"]
+        assert "--version custom --attacks apgd-ce apgd-dlr --n-ex 32" in r["aa"]
         assert "--epsilon 0.15 --step-size 0.09375 --epsilon-test 0.15 --step-size-test 0.0375 --batch-size 64 " \
             "--num-workers 0" in r["train"]
     assert "--moe-training joint" in rows[2]["train"] and "--moe-training advmoe" in rows[3]["train"]
