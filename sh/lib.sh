@@ -180,6 +180,28 @@ sw_exec() {
 # Prints one line per step ("[N] skip train (finished): NAME", "[N] start train: CMD", ...). Returns 0, the
 # failing step's status (75: training interrupted, checkpoint written; SW_SIGNALLED=1 when a signal
 # arrived during any step): run the line again.
+# One evaluation stage of a manifest line (eval or autoattack): skipped when its command is "-", or when the
+# run was not (re)trained now and `done_fn done_args...` says its result is current; else run, and on success
+# record the command in `record`. Returns the command's status.
+#   sw_stage N NAME TRAINED THEN DRY LABEL CMD RECORD DONE_FN [DONE_ARGS...]
+sw_stage() {
+    local n="$1" name="$2" trained="$3" then="$4" dry="$5" label="$6" cmd="$7" record="$8" rc=0
+    shift 8
+    [ "$cmd" != - ] || return 0
+    if [ "$trained" = 1 ] && "$@" "$cmd"; then
+        sw_say "[$n] skip $label (done): $name"
+        return 0
+    fi
+    sw_say "[$n] ${then}$label: $cmd"
+    [ "$dry" != 1 ] || return 0
+    sw_exec "$cmd" || rc=$?
+    if [ "$rc" != 0 ]; then
+        sw_say "[$n] $label exited with status $rc: $name"
+        return "$rc"
+    fi
+    printf '%s\n' "$cmd" >"$record"
+}
+
 sw_run_line() {
     local manifest="$1" n="$2" dry="${3:-0}" line run_dir eval_dir train_cmd eval_cmd aa_cmd
     line="$(sw_manifest_line "$manifest" "$n")" || return 2
@@ -209,38 +231,10 @@ sw_run_line() {
     fi
     local then=""
     [ "$trained" = 1 ] || then="then "
-    if [ "$eval_cmd" != - ]; then
-        if [ "$trained" = 1 ] && sw_eval_done "$run_dir" "$eval_dir" "$eval_cmd"; then
-            sw_say "[$n] skip eval (done): $name"
-        else
-            sw_say "[$n] ${then}eval: $eval_cmd"
-            if [ "$dry" != 1 ]; then
-                rc=0
-                sw_exec "$eval_cmd" || rc=$?
-                if [ "$rc" != 0 ]; then
-                    sw_say "[$n] eval exited with status $rc: $name"
-                    return "$rc"
-                fi
-                printf '%s\n' "$eval_cmd" >"$run_dir/$SW_EVAL_RECORD"
-            fi
-        fi
-    fi
-    if [ "$aa_cmd" != - ]; then
-        if [ "$trained" = 1 ] && sw_aa_done "$run_dir" "$aa_cmd"; then
-            sw_say "[$n] skip autoattack (done): $name"
-        else
-            sw_say "[$n] ${then}autoattack: $aa_cmd"
-            if [ "$dry" != 1 ]; then
-                rc=0
-                sw_exec "$aa_cmd" || rc=$?
-                if [ "$rc" != 0 ]; then
-                    sw_say "[$n] autoattack exited with status $rc: $name"
-                    return "$rc"
-                fi
-                printf '%s\n' "$aa_cmd" >"$run_dir/$SW_AA_RECORD"
-            fi
-        fi
-    fi
+    sw_stage "$n" "$name" "$trained" "$then" "$dry" eval "$eval_cmd" "$run_dir/$SW_EVAL_RECORD" \
+        sw_eval_done "$run_dir" "$eval_dir" || return $?
+    sw_stage "$n" "$name" "$trained" "$then" "$dry" autoattack "$aa_cmd" "$run_dir/$SW_AA_RECORD" \
+        sw_aa_done "$run_dir" || return $?
     return 0
 }
 

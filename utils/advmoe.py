@@ -109,9 +109,8 @@ def load_balance_loss(router_logits, n_expert):
 
 
 def _robust(model, x, y, cfg, generator, routing=False):
-    """The robust loss. With `routing` (an MoE), also the router logits of the first training-mode forward
-    (the clean batch for TRADES, the adversarial one for PGD-AT) as `router_logits`, and balance_weight x
-    their load-balancing loss added to the loss.
+    """The robust loss. With `routing` (an MoE), plus balance_weight x the load-balancing loss of the router
+    logits of the first training-mode forward (the clean batch for TRADES, the adversarial one for PGD-AT).
 
     Of TRADES' two training-mode passes only the adversarial one moves BatchNorm running statistics (the
     clean one normalises with its own batch statistics all the same, so losses and gradients are those of
@@ -130,11 +129,9 @@ def _robust(model, x, y, cfg, generator, routing=False):
 
     out = robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size, num_steps=cfg.num_steps,
                       beta=cfg.beta, generator=generator, forward=forward)
-    if routing:
-        out["router_logits"] = routed[0]
-        if cfg.balance_weight > 0:
-            out["balance_loss"] = load_balance_loss(routed[0], model.n_expert)
-            out["loss"] = out["loss"] + cfg.balance_weight * out["balance_loss"]
+    if routing and cfg.balance_weight > 0:
+        out["balance_loss"] = load_balance_loss(routed[0], model.n_expert)
+        out["loss"] = out["loss"] + cfg.balance_weight * out["balance_loss"]
     return out
 
 
@@ -179,7 +176,7 @@ def reference_router_loss(model, x, y, cfg, generator=None):
     r_clean, r_adv = model.route(x), model.route(x_adv)  # the router's BatchNorm uses running statistics
     kl = kl_divergence(r_clean, r_adv) / x.shape[0]
     loss = cfg.alpha * F.cross_entropy(r_clean.float(), y % model.n_expert) + cfg.beta * kl
-    return {"loss": loss, "x_adv": x_adv, "router_logits": r_clean}
+    return {"loss": loss, "x_adv": x_adv}
 
 
 def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, generator=None, grad_sync=None,
