@@ -122,6 +122,9 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                    help="weight of a load-balancing loss in the router's loss (0: off, the paper's objective)")
     g.add_argument("--router-grad-clip", type=number, default=1.0,
                    help="clip the router's gradient norm in the router step (0: off, as the released code)")
+    g.add_argument("--grad-clip", type=number, default=1.0,
+                   help="MoE training: clip the backbone's (experts' and shared layers') gradient norm in each "
+                        "update (0: off, as the released code); dense training never clips")
     g.add_argument("--balance-bias", action=argparse.BooleanOptionalAction, default=True,
                    help="after each router update, re-centre the router's output bias so that the experts share "
                         "the batch evenly (--no-balance-bias: off, as the released code)")
@@ -256,7 +259,7 @@ def validate_args(args):
     _check(args, ("ratio", "data_fraction"), lambda v: 0 < v <= 1, "in (0, 1]")
     _check(args, ("epsilon", "epsilon_test"), lambda v: 0 <= v <= 1, "in [0, 1] (pixel units, e.g. 8/255)")
     _check(args, ("step_size", "step_size_test", "lr", "router_lr", "wd", "momentum", "beta", "alpha",
-                  "balance_weight", "router_grad_clip"), lambda v: v >= 0, ">= 0")
+                  "balance_weight", "router_grad_clip", "grad_clip"), lambda v: v >= 0, ">= 0")
     _check(args, ("num_steps", "num_steps_test", "num_workers"), lambda v: v >= 0, ">= 0")
     _check(args, ("epochs", "batch_size", "test_batch_size", "eval_every", "max_batches", "max_test_batches"),
            lambda v: v >= 1, ">= 1")

@@ -47,6 +47,7 @@ class StepConfig:
     balance_weight: float = 0.0
     router_grad_clip: float = 0.0
     balance_bias: bool = False
+    grad_clip: float = 0.0
 
 
 @contextmanager
@@ -135,18 +136,20 @@ def _robust(model, x, y, cfg, generator, routing=False):
     return out
 
 
-def _update(optimizer, loss, scaler=None, grad_sync=None, clip=0.0, clip_params=None):
+def _update(optimizer, loss, scaler=None, grad_sync=None, clips=()):
     """Backward and step; `grad_sync(params)` (distributed gradient averaging) runs in between, then
-    gradient-norm clipping at `clip` (0: none) of `clip_params` (default: every parameter of the optimizer)."""
+    gradient-norm clipping: `clips` is a sequence of (params, max_norm), each group clipped on its own
+    (max_norm 0: that group is not clipped)."""
     optimizer.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler is not None else loss).backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if grad_sync is not None:
         grad_sync(params)
-    if clip > 0:
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params if clip_params is None else clip_params, clip)
+    clips = [(list(group), norm) for group, norm in clips if norm > 0]
+    if clips and scaler is not None:
+        scaler.unscale_(optimizer)
+    for group, norm in clips:
+        torch.nn.utils.clip_grad_norm_(group, norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -194,7 +197,8 @@ def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, gen
         else:
             out = _robust(model, x, y, cfg, generator, routing=True)
         check_finite(out["loss"], "router-step loss")
-        _update(router_optimizer, out["loss"], scaler, grad_sync, clip=cfg.router_grad_clip)
+        _update(router_optimizer, out["loss"], scaler, grad_sync,
+                clips=[(model.router_parameters(), cfg.router_grad_clip)])
     if cfg.balance_bias:
         _recenter(model, x, average)
     return out
@@ -207,11 +211,12 @@ def _recenter(model, x, average):
 
 
 def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None):
-    """Update the backbone (experts and shared layers) only, router frozen. Returns the loss dict."""
+    """Update the backbone (experts and shared layers) only, router frozen, its gradient norm clipped at
+    `cfg.grad_clip`. Returns the loss dict."""
     with frozen(model.router_parameters()), running_stats_frozen(_router_modules(model)):
         out = _robust(model, x, y, cfg, generator)
         check_finite(out["loss"], "expert-step loss")
-        _update(optimizer, out["loss"], scaler, grad_sync)
+        _update(optimizer, out["loss"], scaler, grad_sync, clips=[(model.backbone_parameters(), cfg.grad_clip)])
     return out
 
 
@@ -229,13 +234,14 @@ def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scale
 def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None,
                average=None):
     """Conventional adversarial training of the whole model (dense, or MoE router and experts together);
-    for an MoE, the router's gradient is clipped at `cfg.router_grad_clip` and, with `cfg.balance_bias`, its
-    bias re-centred after the update, as in AdvMoE's router step."""
+    for an MoE, the router's gradient norm is clipped at `cfg.router_grad_clip` and the backbone's at
+    `cfg.grad_clip` (each on its own, as in AdvMoE's two steps) and, with `cfg.balance_bias`, the router's bias
+    is re-centred after the update, as in AdvMoE's router step. A dense model is never clipped."""
     out = _robust(model, x, y, cfg, generator, routing=True)
     check_finite(out["loss"], "training loss")
     moe = getattr(model, "is_moe", False)
-    _update(optimizer, out["loss"], scaler, grad_sync, clip=cfg.router_grad_clip if moe else 0.0,
-            clip_params=model.router_parameters() if moe else None)
+    clips = [(model.router_parameters(), cfg.router_grad_clip), (model.backbone_parameters(), cfg.grad_clip)]
+    _update(optimizer, out["loss"], scaler, grad_sync, clips=clips if moe else ())
     if cfg.balance_bias:
         _recenter(model, x, average)
     return out

@@ -281,6 +281,7 @@ def make_step(run: Run):
                             alpha=a.alpha, router_objective=getattr(a, "router_objective", "robust"),
                             balance_weight=getattr(a, "balance_weight", 0.0),
                             router_grad_clip=getattr(a, "router_grad_clip", 0.0),
+                            grad_clip=getattr(a, "grad_clip", 0.0),
                             balance_bias=getattr(a, "balance_bias", False))
     scaler = run.precision.scaler
     env = run.env
