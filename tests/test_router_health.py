@@ -134,16 +134,44 @@ def test_multi_epoch_advmoe_router_finite_and_every_expert_used(tmp_path):
     assert router and all(torch.isfinite(v.float()).all() for v in router.values())
 
 
-def test_joint_step_clips_only_the_router_gradient(monkeypatch):
-    model = _model().train()
-    x, y = _images(8)
+def _norm(params):
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+
+
+def _record_clips(monkeypatch):
     clipped = []
     real = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, c: clipped.append((list(params), c)) or
-                        real(params, c))
-    advmoe.joint_step(model, x, y, advmoe.StepConfig(num_steps=1, router_grad_clip=0.5),
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, c: clipped.append(({id(p) for p in params}, c))
+                        or real(params, c))
+    return clipped
+
+
+def test_joint_step_clips_router_and_backbone_each_on_its_own(monkeypatch):
+    x, y = _images(8)
+    free = _model().train()  # the same step unclipped: both groups' gradients are above the clip norms
+    advmoe.joint_step(free, x, y, advmoe.StepConfig(num_steps=1), torch.optim.SGD(free.parameters(), lr=0.0))
+    assert _norm(free.router_parameters()) > 1e-3 and _norm(free.backbone_parameters()) > 1e-3
+    model = _model().train()
+    clipped = _record_clips(monkeypatch)
+    advmoe.joint_step(model, x, y, advmoe.StepConfig(num_steps=1, router_grad_clip=1e-3, grad_clip=5e-4),
                       torch.optim.SGD(model.parameters(), lr=0.0))
-    assert len(clipped) == 1 and clipped[0][1] == 0.5
-    assert {id(p) for p in clipped[0][0]} == {id(p) for p in model.router_parameters()}
-    router_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.router_parameters()]))
-    assert router_norm <= 0.5 + 1e-5
+    assert clipped == [({id(p) for p in model.router_parameters()}, 1e-3),
+                       ({id(p) for p in model.backbone_parameters()}, 5e-4)]
+    assert _norm(model.router_parameters()) <= 1e-3 * (1 + 1e-4)
+    assert _norm(model.backbone_parameters()) <= 5e-4 * (1 + 1e-4)
+
+
+def test_expert_step_clips_the_backbone_and_dense_training_never_clips(monkeypatch):
+    x, y = _images(8)
+    model = _model().train()
+    clipped = _record_clips(monkeypatch)
+    advmoe.expert_step(model, x, y, advmoe.StepConfig(num_steps=1, grad_clip=5e-4),
+                       torch.optim.SGD(model.backbone_parameters(), lr=0.0))
+    assert clipped == [({id(p) for p in model.backbone_parameters()}, 5e-4)]
+    assert _norm(model.backbone_parameters()) <= 5e-4 * (1 + 1e-4)
+    clipped.clear()
+    torch.manual_seed(0)
+    dense = models.build_model("resnet18_cifar_ori", ratio=0.125).train()
+    advmoe.joint_step(dense, x, y, advmoe.StepConfig(num_steps=1, grad_clip=5e-4, router_grad_clip=1e-3),
+                      torch.optim.SGD(dense.parameters(), lr=0.0))
+    assert clipped == [] and _norm(dense.parameters()) > 5e-4

@@ -125,6 +125,7 @@ BAD_INPUTS = [
     ("train_ori.py", DENSE + ["--ratio", "0"]),
     ("train_ori.py", DENSE + ["--epsilon", "-0.1"]),                          # negative eps
     ("train_ori.py", DENSE + ["--num-steps", "-1"]),                          # negative steps
+    ("train_moe.py", MOE + ["--grad-clip", "-1"]),                            # negative clip norm
     ("train_ori.py", DENSE + ["--n-expert", "4"]),                            # n_expert for a dense arch
     ("train_moe.py", ["--arch", "resnet18_cifar_moe"] + TINY),                # missing --n-expert
     ("train_ori.py", ["--arch", "resnet18_cifar_moe", "--n-expert", "2"] + TINY),  # MoE arch in dense script
