@@ -5,8 +5,12 @@ model in eval mode (the reference's evaluation attacked a router-augmented loss 
 The random start of batch b is drawn from a generator seeded with (seed, b), b counted in the single-process
 order, so the result does not depend on the global RNG, on earlier batches or on how many processes share
 the batches (with evaluation loaders from `utils.data.build_loaders`, whose ranks take whole batches).
-For MoE models, besides SA/RA of the whole MoE (routing inside the attacked function, gradients through
-the straight-through path):
+For MoE models, RA is the per-image worst case of two PGD attacks on the whole MoE, both adversarial examples
+judged by the whole MoE (routing recomputed on them): one through the router's straight-through gradient, one
+with the routing held at the clean image's choice. The second keeps a router whose straight-through gradient is
+useless (saturated, or logits so large that it swamps the experts' gradient) from masking the experts: such a
+router once reported RA 85% where the experts alone kept 32%. `ra_ste` is the straight-through attack alone;
+`ra_ste` well above `ra` means the router's gradient misleads gradient attacks. Besides these:
 - router robustness: % of images whose expert choice survives PGD on the router's own decision;
 - expert robustness: RA with the routing fixed to the clean image's choice (attacks the experts only);
 - expert load: % of images per expert, clean and under the RA attack.
@@ -17,7 +21,7 @@ from tqdm import tqdm
 
 from .attack import ce_loss_fn, eval_mode, pgd_attack
 
-_COUNTS = ("n", "clean_correct", "adv_correct", "router_kept", "expert_adv_correct")
+_COUNTS = ("n", "clean_correct", "adv_correct", "router_kept", "expert_adv_correct", "ste_adv_correct")
 
 
 def _as_list(expert):
@@ -77,7 +81,8 @@ def evaluate(model, loader, *, eps, step_size, num_steps, device, moe_metrics=No
         reduce: callable summing a tensor over processes (distributed evaluation), or None.
         seed: seeds the random starts (with the batch number).
     """
-    moe = getattr(model, "is_moe", False) if moe_metrics is None else moe_metrics
+    routed = getattr(model, "is_moe", False)
+    moe = routed if moe_metrics is None else moe_metrics and routed
     n_expert = model.n_expert if moe else 0
     counts = torch.zeros(len(_COUNTS), dtype=torch.float64)
     load_clean = torch.zeros(max(n_expert, 1), dtype=torch.float64)
@@ -94,12 +99,16 @@ def evaluate(model, loader, *, eps, step_size, num_steps, device, moe_metrics=No
             logits, info = _predict(model, x)
             x_adv = pgd_attack(model, x, ce_loss_fn(y), **attack)
             logits_adv, info_adv = _predict(model, x_adv)
-            batch = [len(y), (logits.argmax(1) == y).sum().item(), (logits_adv.argmax(1) == y).sum().item(), 0, 0]
-            if moe:
+            robust = logits_adv.argmax(1) == y
+            batch = [len(y), (logits.argmax(1) == y).sum().item(), 0, 0, 0, robust.sum().item()]
+            if routed:  # second attack, routing held at the clean choice; RA takes the worse of the two
                 clean_expert = info.expert
+                x_e = pgd_attack(model, x, fixed_routing_ce_fn(y, clean_expert), **attack)
+                robust &= _predict(model, x_e)[0].argmax(1) == y
+            batch[2] = robust.sum().item()
+            if moe:
                 x_r = pgd_attack(model, x, router_decision_loss_fn(clean_expert), **attack)
                 batch[3] = _same_decision(_decision(model, x_r), clean_expert).sum().item()
-                x_e = pgd_attack(model, x, fixed_routing_ce_fn(y, clean_expert), **attack)
                 logits_e, _ = _predict(model, x_e, expert=clean_expert)
                 batch[4] = (logits_e.argmax(1) == y).sum().item()
                 for e in _as_list(clean_expert):
@@ -113,6 +122,8 @@ def evaluate(model, loader, *, eps, step_size, num_steps, device, moe_metrics=No
     c = dict(zip(_COUNTS, counts.tolist()))
     n = max(c["n"], 1)
     out = {"sa": 100 * c["clean_correct"] / n, "ra": 100 * c["adv_correct"] / n, "n": int(c["n"]), "counts": c}
+    if routed:
+        out["ra_ste"] = 100 * c["ste_adv_correct"] / n
     if moe:
         out["router_robustness"] = 100 * c["router_kept"] / n
         out["expert_robustness"] = 100 * c["expert_adv_correct"] / n

@@ -354,7 +354,7 @@ def _checkpoint_paths(folder):
 
 def _moe_row(ev, prefix=""):
     row = {}
-    for k in ("router_robustness", "expert_robustness", "load_clean", "load_adv"):
+    for k in ("ra_ste", "router_robustness", "expert_robustness", "load_clean", "load_adv"):
         if k in ev:
             row[prefix + k] = ev[k]
     if "load_clean" in ev and len(ev["load_clean"]) > 1:
@@ -524,6 +524,6 @@ def evaluate_checkpoint(args, script, device, env=DistEnv()):
         log.log_metrics(row)
         log.info(f"evaluate {args.resume}: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}% "
                  f"(PGD-{args.num_steps_test}, eps {args.epsilon_test * 255:.1f}/255, {ev['n']} images)"
-                 + "".join(f" | {k} {v:.2f}%" for k, v in row.items() if k.endswith("robustness")))
+                 + "".join(f" | {k} {v:.2f}%" for k, v in row.items() if k.endswith("robustness") or k == "ra_ste"))
         log.set_status("finished")
     return row

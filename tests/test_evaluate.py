@@ -1,0 +1,109 @@
+"""MoE evaluation: RA is the per-image worst case of the straight-through and the fixed-routing attack; the
+router's BatchNorm statistics follow its weights."""
+import torch
+
+import models
+from utils import advmoe, evaluate as ev
+from utils.attack import ce_loss_fn, pgd_attack
+
+EPS, STEP, STEPS = 8 / 255, 2 / 255, 3
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=2).eval()
+
+
+def _batch(model, b=32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(b, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        return x, model(x).argmax(1)  # labels = clean predictions: SA 100%, RA counts what the attacks flip
+
+
+def _evaluate(model, x, y):
+    return ev.evaluate(model, [(x, y)], eps=EPS, step_size=STEP, num_steps=STEPS, device="cpu", progress=False,
+                       seed=5)
+
+
+def _by_hand(model, x, y, ste_loss_fn):
+    """The two attacks in evaluate's order, from the same random-start generator; each judged by the whole MoE."""
+    g = ev._start_generator(5, 0, x.device)
+    attack = dict(eps=EPS, step_size=STEP, num_steps=STEPS, random_start="uniform", generator=g)
+    x_ste = pgd_attack(model, x, ste_loss_fn(y), **attack)
+    with torch.no_grad():
+        clean_expert = model.route(x).argmax(1)
+    x_fix = pgd_attack(model, x, ev.fixed_routing_ce_fn(y, clean_expert), **attack)
+    with torch.no_grad():
+        return model(x_ste).argmax(1) == y, model(x_fix).argmax(1) == y
+
+
+def test_moe_ra_is_the_per_image_worst_case_of_both_attacks():
+    model = _model()
+    x, y = _batch(model)
+    out = _evaluate(model, x, y)
+    ste, fix = _by_hand(model, x, y, ce_loss_fn)
+    assert out["sa"] == 100.0
+    assert out["ra_ste"] == 100 * ste.float().mean().item()
+    assert out["ra"] == 100 * (ste & fix).float().mean().item()
+    assert out["ra"] <= out["ra_ste"] and out["ra"] < 100.0
+
+
+def test_a_useless_straight_through_gradient_cannot_hide_the_experts(monkeypatch):
+    """A router whose gradient tells the attack nothing (here: the straight-through attack's gradient is zero, so
+    it only takes its random start) leaves RA to the fixed-routing attack."""
+    def masked(y):
+        return lambda model, x_adv: (model(x_adv) * 0.0).sum()
+    monkeypatch.setattr(ev, "ce_loss_fn", masked)
+    model = _model()
+    x, y = _batch(model)
+    out = _evaluate(model, x, y)
+    ste, fix = _by_hand(model, x, y, masked)
+    assert out["ra_ste"] == 100 * ste.float().mean().item() >= 90.0  # random noise alone flips little
+    assert out["ra"] == 100 * (ste & fix).float().mean().item() <= out["ra_ste"] - 20.0
+
+
+def test_dense_models_have_no_second_attack():
+    torch.manual_seed(0)
+    model = models.build_model("resnet18_cifar_ori", ratio=0.125).eval()
+    x, y = _batch(model)
+    out = _evaluate(model, x, y)
+    assert "ra_ste" not in out and "router_robustness" not in out
+
+
+def _router_bn_variances(model, x):
+    """(running variance, variance of the layer's input over x) of the router's last BatchNorm."""
+    bn = advmoe._router_batchnorms(model)[-1]
+    seen = []
+    handle = bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].var(dim=(0, 2, 3), unbiased=True)))
+    with torch.no_grad():
+        model.route(x)
+    handle.remove()
+    return bn.running_var.clone(), seen[0]
+
+
+def test_router_statistics_follow_the_router_weights():
+    model = _model().train()
+    x, _ = _batch(model, 64)
+    advmoe.calibrate_router_statistics(model, x)
+    with torch.no_grad():  # the router's weights grow, as they did under training
+        for m in model.router.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(3.0)
+    running, actual = _router_bn_variances(model, x)
+    assert (actual / running).median() > 100  # fixed statistics have fallen far behind
+    for _ in range(60):  # momentum 0.1: 0.9 ** 60 < 0.2% of the old value is left
+        advmoe.track_router_statistics(model, x)
+    running, actual = _router_bn_variances(model, x)
+    assert torch.allclose(running, actual, rtol=0.05)
+    bns = advmoe._router_batchnorms(model)
+    assert not any(bn.training for bn in bns) and model.router.training  # routing still on running statistics
+
+
+def test_router_statistics_are_averaged_over_processes():
+    model = _model().train()
+    x, _ = _batch(model, 16)
+    bn = advmoe._router_batchnorms(model)[0]
+    before = bn.running_mean.clone()
+    advmoe.track_router_statistics(model, x, average=lambda t: t * 0 + 7.0)
+    assert not torch.equal(before, bn.running_mean) and torch.all(bn.running_mean == 7.0)
