@@ -186,10 +186,11 @@ def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, gen
                 average=None):
     """Update the router only (experts frozen). Returns the step's loss dict.
 
-    With `cfg.balance_bias`, the router's output bias is then re-centred on the updated router's logits for
-    the batch (`center_router_bias`; one router-only forward without gradient; `average` averages the shift
-    over processes). Centring on the logits from before the update would miss the shift the update itself
-    makes, which the straight-through gradient makes in the same direction step after step.
+    Then the router's BatchNorm statistics follow the update (`track_router_statistics`) and, with
+    `cfg.balance_bias`, its output bias is re-centred on the updated router's logits for the batch
+    (`center_router_bias`; `average` averages both over processes). Centring on the logits from before the
+    update would miss the shift the update itself makes, which the straight-through gradient makes in the same
+    direction step after step.
     """
     with frozen(model.backbone_parameters()), running_stats_frozen(_backbone_modules(model)):
         if cfg.router_objective == "reference":
@@ -199,14 +200,19 @@ def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, gen
         check_finite(out["loss"], "router-step loss")
         _update(router_optimizer, out["loss"], scaler, grad_sync,
                 clips=[(model.router_parameters(), cfg.router_grad_clip)])
-    if cfg.balance_bias:
-        _recenter(model, x, average)
+    _after_router_update(model, x, cfg, average)
     return out
 
 
-def _recenter(model, x, average):
-    if getattr(model, "is_moe", False) and model.routing_mode == "global":
-        with torch.no_grad():
+def _after_router_update(model, x, cfg, average):
+    """After the global router moved: its BatchNorm statistics follow it (`track_router_statistics`), then, with
+    `cfg.balance_bias`, its output bias is re-centred on the updated router's logits for the batch (one router-only
+    forward each, without gradient)."""
+    if not (getattr(model, "is_moe", False) and model.routing_mode == "global"):
+        return
+    with torch.no_grad():
+        track_router_statistics(model, x, average)
+        if cfg.balance_bias:
             center_router_bias(model, model.route(x), average)
 
 
@@ -236,14 +242,14 @@ def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=N
     """Conventional adversarial training of the whole model (dense, or MoE router and experts together);
     for an MoE, the router's gradient norm is clipped at `cfg.router_grad_clip` and the backbone's at
     `cfg.grad_clip` (each on its own, as in AdvMoE's two steps) and, with `cfg.balance_bias`, the router's bias
-    is re-centred after the update, as in AdvMoE's router step. A dense model is never clipped."""
+    is re-centred after the update (and its BatchNorm statistics follow it), as in AdvMoE's router step. A dense
+    model is never clipped."""
     out = _robust(model, x, y, cfg, generator, routing=True)
     check_finite(out["loss"], "training loss")
     moe = getattr(model, "is_moe", False)
     clips = [(model.router_parameters(), cfg.router_grad_clip), (model.backbone_parameters(), cfg.grad_clip)]
     _update(optimizer, out["loss"], scaler, grad_sync, clips=clips if moe else ())
-    if cfg.balance_bias:
-        _recenter(model, x, average)
+    _after_router_update(model, x, cfg, average)
     return out
 
 
@@ -255,7 +261,7 @@ def calibrate_router_statistics(model, x):
     describe real data: each BatchNorm gets the mean and variance of its input over `x`, as a train-mode
     pass computes them.
     """
-    bns = [m for m in model.router.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = _router_batchnorms(model)
     saved = [(bn.momentum, bn.training) for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
@@ -267,6 +273,34 @@ def calibrate_router_statistics(model, x):
         for bn, (momentum, training) in zip(bns, saved):
             bn.momentum = momentum
             bn.train(training)
+
+
+def _router_batchnorms(model):
+    return [m for m in model.router.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def track_router_statistics(model, x, average=None):
+    """Move the global router's BatchNorm running statistics towards those of images `x` (in [0, 1]) by each
+    layer's momentum, as a train-mode pass does; `average(tensor)` averages them over processes.
+
+    The router normalises with its running statistics (models.layers.Router), so they must follow its weights as
+    it trains. Fixed at their starting values they fell behind: on Digits (r=0.5, N=2) the activations' variance
+    reached 1e13 against running variances of 0.1 within 4 epochs, the logits 1e14, at which float32 cannot tell
+    the experts apart (every image went to expert 0) and the straight-through gradient swamped the experts' own.
+    """
+    bns = _router_batchnorms(model)
+    for bn in bns:
+        bn.train(True)
+    try:
+        model.router(model.normalize(x))
+    finally:
+        for bn in bns:
+            bn.train(False)
+    if average is not None:
+        for bn in bns:
+            bn.running_mean.copy_(average(bn.running_mean))
+            bn.running_var.copy_(average(bn.running_var))
 
 
 @torch.no_grad()

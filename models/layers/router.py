@@ -46,7 +46,8 @@ class Router(nn.Module):
     them in eval mode): an image's expert then never depends on the rest of its batch (with batch statistics,
     perturbing one image moves the others' routing, and the routing seen in training is not the one at test
     time), and AdvMoE's router step trains exactly the decisions that evaluation makes. The statistics are
-    estimated once from training images when a run starts (`utils.advmoe.balance_router_init`), then fixed;
+    estimated from training images when a run starts (`utils.advmoe.balance_router_init`) and follow the router
+    after each of its updates (`utils.advmoe.track_router_statistics`, outside any forward that decides);
     checkpoints of the released code bring their own.
     """
 
