@@ -123,8 +123,8 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g.add_argument("--router-grad-clip", type=number, default=1.0,
                    help="clip the router's gradient norm in the router step (0: off, as the released code)")
     g.add_argument("--grad-clip", type=number, default=1.0,
-                   help="MoE training: clip the backbone's (experts' and shared layers') gradient norm in each "
-                        "update (0: off, as the released code); dense training never clips")
+                   help="clip the gradient norm in each update (0: off, as the released code): a dense model's "
+                        "parameters; an MoE's backbone (experts and shared layers), its router on its own")
     g.add_argument("--balance-bias", action=argparse.BooleanOptionalAction, default=True,
                    help="after each router update, re-centre the router's output bias so that the experts share "
                         "the batch evenly (--no-balance-bias: off, as the released code)")

@@ -141,8 +141,8 @@ def _norm(params):
 def _record_clips(monkeypatch):
     clipped = []
     real = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, c: clipped.append(({id(p) for p in params}, c))
-                        or real(params, c))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, c: clipped.append(({id(p) for p in params}, c)) or real(params, c))
     return clipped
 
 
@@ -161,7 +161,7 @@ def test_joint_step_clips_router_and_backbone_each_on_its_own(monkeypatch):
     assert _norm(model.backbone_parameters()) <= 5e-4 * (1 + 1e-4)
 
 
-def test_expert_step_clips_the_backbone_and_dense_training_never_clips(monkeypatch):
+def test_expert_step_clips_the_backbone_and_dense_training_clips_everything(monkeypatch):
     x, y = _images(8)
     model = _model().train()
     clipped = _record_clips(monkeypatch)
@@ -174,4 +174,9 @@ def test_expert_step_clips_the_backbone_and_dense_training_never_clips(monkeypat
     dense = models.build_model("resnet18_cifar_ori", ratio=0.125).train()
     advmoe.joint_step(dense, x, y, advmoe.StepConfig(num_steps=1, grad_clip=5e-4, router_grad_clip=1e-3),
                       torch.optim.SGD(dense.parameters(), lr=0.0))
-    assert clipped == [] and _norm(dense.parameters()) > 5e-4
+    assert clipped == [({id(p) for p in dense.parameters()}, 5e-4)]
+    assert _norm(dense.parameters()) <= 5e-4 * (1 + 1e-4)
+    clipped.clear()
+    advmoe.joint_step(dense, x, y, advmoe.StepConfig(num_steps=1, grad_clip=0.0),
+                      torch.optim.SGD(dense.parameters(), lr=0.0))
+    assert clipped == [] and _norm(dense.parameters()) > 5e-4  # 0: off

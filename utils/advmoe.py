@@ -240,15 +240,17 @@ def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scale
 def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None,
                average=None):
     """Conventional adversarial training of the whole model (dense, or MoE router and experts together);
-    for an MoE, the router's gradient norm is clipped at `cfg.router_grad_clip` and the backbone's at
-    `cfg.grad_clip` (each on its own, as in AdvMoE's two steps) and, with `cfg.balance_bias`, the router's bias
-    is re-centred after the update (and its BatchNorm statistics follow it), as in AdvMoE's router step. A dense
-    model is never clipped."""
+    the gradient norm is clipped at `cfg.grad_clip` (a dense model: all its parameters; an MoE: the backbone,
+    and the router on its own at `cfg.router_grad_clip`, as in AdvMoE's two steps). For an MoE, with
+    `cfg.balance_bias`, the router's bias is re-centred after the update (and its BatchNorm statistics follow
+    it), as in AdvMoE's router step."""
     out = _robust(model, x, y, cfg, generator, routing=True)
     check_finite(out["loss"], "training loss")
-    moe = getattr(model, "is_moe", False)
-    clips = [(model.router_parameters(), cfg.router_grad_clip), (model.backbone_parameters(), cfg.grad_clip)]
-    _update(optimizer, out["loss"], scaler, grad_sync, clips=clips if moe else ())
+    if getattr(model, "is_moe", False):
+        clips = [(model.router_parameters(), cfg.router_grad_clip), (model.backbone_parameters(), cfg.grad_clip)]
+    else:
+        clips = [(model.parameters(), cfg.grad_clip)]
+    _update(optimizer, out["loss"], scaler, grad_sync, clips=clips)
     _after_router_update(model, x, cfg, average)
     return out
 
