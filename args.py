@@ -18,7 +18,7 @@ import yaml
 
 from utils.errors import UsageError
 
-DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits")
+DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits", "Digits16")
 
 _REAL = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _FRACTION = re.compile(rf"^\s*({_REAL})\s*/\s*({_REAL})\s*$")
@@ -53,6 +53,7 @@ def _is_moe(arch: str) -> bool:
 def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     """The shared training/evaluation parser of train_ori.py and train_moe.py (reference flags and defaults)."""
     archs = _arch_names()
+    from utils.balance import BALANCE_MODES, DEFAULT_STRENGTH  # lazy like the registry (imports torch)
     p = argparse.ArgumentParser(
         prog=prog, add_help=add_help, allow_abbrev=False,  # `--epoch 5` must not silently mean --epochs
         usage="%(prog)s --arch ARCH [--n-expert N] [--configs FILE.yaml] [options]   (--help lists them)",
@@ -118,16 +119,26 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                    help="advmoe: alternating router and expert updates; joint: one AT update of both")
     g.add_argument("--router-objective", choices=("robust", "reference"), default="robust",
                    help="router step loss: the MoE's robust loss, or the released code's router loss")
-    g.add_argument("--balance-weight", type=number, default=0.0,
-                   help="weight of a load-balancing loss in the router's loss (0: off, the paper's objective)")
+    g.add_argument("--balance", choices=BALANCE_MODES, default="median",
+                   help="expert load balancing (not in the paper; README: Router balancing): bias: selection-only "
+                        "expert bias moved towards equal load on un-augmented training images (bias-sign: by fixed "
+                        "steps, as DeepSeek-V3); switch / entropy: "
+                        "a balancing loss in the router's loss; median: re-centre the router's output bias after "
+                        "each update (the previous default); none: off, as the released code")
+    g.add_argument("--balance-strength", type=number, default=None,
+                   help="bias: fraction of the balancing shift applied per update; bias-sign: step of the selection "
+                        "bias per update; switch/entropy: weight of the loss; median: "
+                        "fraction of the re-centring shift applied (default per mode: "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_STRENGTH.items() if k != "none") + ")")
+    g.add_argument("--router-logit-cap", type=number, default=2.0,
+                   help="not in the paper: after each router update, scale the router's output layer down (decisions "
+                        "unchanged) when the median top-1 minus top-2 logit margin on un-augmented training images "
+                        "exceeds this, so the straight-through gradient stays alive (0: off)")
     g.add_argument("--router-grad-clip", type=number, default=1.0,
                    help="clip the router's gradient norm in the router step (0: off, as the released code)")
     g.add_argument("--grad-clip", type=number, default=1.0,
                    help="clip the gradient norm in each update (0: off, as the released code): a dense model's "
                         "parameters; an MoE's backbone (experts and shared layers), its router on its own")
-    g.add_argument("--balance-bias", action=argparse.BooleanOptionalAction, default=True,
-                   help="after each router update, re-centre the router's output bias so that the experts share "
-                        "the batch evenly (--no-balance-bias: off, as the released code)")
     g.add_argument("--epsilon", type=number, default=8 / 255, help="training L-inf radius")
     g.add_argument("--num-steps", type=int, default=2, help="training attack steps")
     g.add_argument("--step-size", type=number, default=5 / 255, help="training attack step size")
@@ -237,7 +248,7 @@ def parse_args(argv=None, parser=None, *, script="train_moe"):
 
 # The reference's defaults, except for Digits (ours, not the paper's): its 1437 in-memory training images
 # want smaller batches (more updates per epoch) and no loader processes.
-DATASET_DEFAULTS = {"batch_size": (128, {"Digits": 32}), "num_workers": (6, {"Digits": 0})}
+DATASET_DEFAULTS = {"batch_size": (128, {"Digits": 32, "Digits16": 32}), "num_workers": (6, {"Digits": 0, "Digits16": 0})}
 
 
 def apply_dataset_defaults(args):
@@ -259,7 +270,7 @@ def validate_args(args):
     _check(args, ("ratio", "data_fraction"), lambda v: 0 < v <= 1, "in (0, 1]")
     _check(args, ("epsilon", "epsilon_test"), lambda v: 0 <= v <= 1, "in [0, 1] (pixel units, e.g. 8/255)")
     _check(args, ("step_size", "step_size_test", "lr", "router_lr", "wd", "momentum", "beta", "alpha",
-                  "balance_weight", "router_grad_clip", "grad_clip"), lambda v: v >= 0, ">= 0")
+                  "balance_strength", "router_logit_cap", "router_grad_clip", "grad_clip"), lambda v: v >= 0, ">= 0")
     _check(args, ("num_steps", "num_steps_test", "num_workers"), lambda v: v >= 0, ">= 0")
     _check(args, ("epochs", "batch_size", "test_batch_size", "eval_every", "max_batches", "max_test_batches"),
            lambda v: v >= 1, ">= 1")
@@ -279,6 +290,13 @@ def validate_args(args):
             raise UsageError(f"--resume {args.resume}: is a directory, not a checkpoint file")
         if not os.path.isfile(args.resume):
             raise UsageError(f"--resume {args.resume}: no such file")
+    if getattr(args, "balance", None) is not None:
+        from utils.balance import DEFAULT_STRENGTH
+        if args.balance_strength is None:
+            args.balance_strength = DEFAULT_STRENGTH[args.balance]
+        if args.balance == "median" and not 0 < args.balance_strength <= 1:
+            raise UsageError(f"--balance-strength for --balance median is the fraction of the shift applied, in "
+                             f"(0, 1]; got {args.balance_strength}")
     if args.routing == "layer" and args.router_objective == "reference":
         raise UsageError("--router-objective reference needs --routing global (it trains the one global router)")
 

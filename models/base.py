@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import LayerRouter, MoEConv2d, Normalize, Router, Routing, expert_groups, hard_top1
+from .layers import LayerRouter, MoEConv2d, Normalize, Router, Routing, expert_groups, hard_top1, selection_scores
 
 
 def call(layer: nn.Module, x: torch.Tensor, routing: Routing | None):
@@ -63,9 +63,31 @@ class RoutedNet(nn.Module):
             raise RuntimeError("route() needs global routing")
         return self.router(self.normalize(x))
 
+    def route_scores(self, x):
+        """Global routing scores (B, N) for [0,1] images: the router logits plus its selection-only bias, whose
+        argmax is the decision (what a router attack must flip)."""
+        return selection_scores(self.route(x), self.router.balance.select_bias)
+
+    def routers(self):
+        """The global router, or every per-layer router (in module order)."""
+        return [m for m in self.modules() if isinstance(m, (Router, LayerRouter))]
+
+    def balance_state(self) -> dict:
+        """The routers' load-balancing buffers (not in the state dict, which keeps the reference's layout)."""
+        return {name: b.detach().clone() for name, b in self.named_buffers() if ".balance." in f".{name}"}
+
+    def load_balance_state(self, state: dict):
+        """Restore `balance_state()`; names it does not hold are a KeyError, shapes must match."""
+        own = dict(self.named_buffers())
+        with torch.no_grad():
+            for name, value in state.items():
+                if ".balance." not in f".{name}" or own[name].shape != value.shape:
+                    raise KeyError(name)
+                own[name].copy_(value)
+
     def router_parameters(self):
         """Parameters of the router(s): the global router or every per-layer router."""
-        return [p for m in self.modules() if isinstance(m, (Router, LayerRouter)) for p in m.parameters()]
+        return [p for m in self.routers() for p in m.parameters()]
 
     def backbone_parameters(self):
         """Every parameter that is not a router's (the experts and the shared layers)."""
@@ -92,7 +114,7 @@ class RoutedNet(nn.Module):
             return (out, info) if return_routing else out
         if expert is None:
             logits = self.router(x)
-            expert, gate = hard_top1(logits)
+            expert, gate = hard_top1(logits, self.router.balance.select_bias)
         else:
             logits, gate = None, None
         if self.sparse and x.shape[0] > 0:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attack import eval_mode, kl_divergence, pgd_attack
+from .balance import DEFAULT_STRENGTH, LOSS_MODES, RouterUpkeep, balance_loss
 from .losses import robust_loss
 
 
@@ -44,9 +45,9 @@ class StepConfig:
     beta: float = 6.0
     alpha: float = 6.0
     router_objective: str = "robust"
-    balance_weight: float = 0.0
+    balance: str = "median"
+    balance_strength: float = DEFAULT_STRENGTH["median"]
     router_grad_clip: float = 0.0
-    balance_bias: bool = False
     grad_clip: float = 0.0
 
 
@@ -95,23 +96,10 @@ def check_finite(tensor, what):
         raise NonFiniteError(f"{what} is not finite (NaN/inf); stopping, last good checkpoint kept")
 
 
-def load_balance_loss(router_logits, n_expert):
-    """Switch-Transformer load balancing, N * sum_e f_e * P_e: 1 when balanced, N when one expert takes all.
-
-    f_e is the share of images routed to e (no gradient), P_e the mean router probability of e; the
-    gradient lowers the probabilities of overloaded experts. `router_logits` (B, N) or a list of them
-    (layer routing, averaged).
-    """
-    if isinstance(router_logits, (list, tuple)):
-        return sum(load_balance_loss(lg, n_expert) for lg in router_logits) / len(router_logits)
-    probs = F.softmax(router_logits.float(), dim=1)  # (B, N)
-    share = F.one_hot(router_logits.argmax(1), n_expert).float().mean(0)  # (N,)
-    return n_expert * (share * probs.mean(0)).sum()
-
-
 def _robust(model, x, y, cfg, generator, routing=False):
-    """The robust loss. With `routing` (an MoE), plus balance_weight x the load-balancing loss of the router
-    logits of the first training-mode forward (the clean batch for TRADES, the adversarial one for PGD-AT).
+    """The robust loss. With `routing` (an MoE) and a loss-based `cfg.balance` (switch, entropy), plus
+    `cfg.balance_strength` x that balancing loss of the router logits of the first training-mode forward (the
+    clean batch for TRADES, the adversarial one for PGD-AT).
 
     Of TRADES' two training-mode passes only the adversarial one moves BatchNorm running statistics (the
     clean one normalises with its own batch statistics all the same, so losses and gradients are those of
@@ -130,9 +118,9 @@ def _robust(model, x, y, cfg, generator, routing=False):
 
     out = robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size, num_steps=cfg.num_steps,
                       beta=cfg.beta, generator=generator, forward=forward)
-    if routing and cfg.balance_weight > 0:
-        out["balance_loss"] = load_balance_loss(routed[0], model.n_expert)
-        out["loss"] = out["loss"] + cfg.balance_weight * out["balance_loss"]
+    if routing and cfg.balance in LOSS_MODES and cfg.balance_strength > 0:
+        out["balance_loss"] = balance_loss(cfg.balance, routed[0], model.n_expert)
+        out["loss"] = out["loss"] + cfg.balance_strength * out["balance_loss"]
     return out
 
 
@@ -182,16 +170,8 @@ def reference_router_loss(model, x, y, cfg, generator=None):
     return {"loss": loss, "x_adv": x_adv}
 
 
-def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, generator=None, grad_sync=None,
-                average=None):
-    """Update the router only (experts frozen). Returns the step's loss dict.
-
-    Then the router's BatchNorm statistics follow the update (`track_router_statistics`) and, with
-    `cfg.balance_bias`, its output bias is re-centred on the updated router's logits for the batch
-    (`center_router_bias`; `average` averages both over processes). Centring on the logits from before the
-    update would miss the shift the update itself makes, which the straight-through gradient makes in the same
-    direction step after step.
-    """
+def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, generator=None, grad_sync=None):
+    """Update the router only (experts frozen) to lower the robust loss of the whole MoE. Returns the loss dict."""
     with frozen(model.backbone_parameters()), running_stats_frozen(_backbone_modules(model)):
         if cfg.router_objective == "reference":
             out = reference_router_loss(model, x, y, cfg, generator)
@@ -200,20 +180,7 @@ def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, gen
         check_finite(out["loss"], "router-step loss")
         _update(router_optimizer, out["loss"], scaler, grad_sync,
                 clips=[(model.router_parameters(), cfg.router_grad_clip)])
-    _after_router_update(model, x, cfg, average)
     return out
-
-
-def _after_router_update(model, x, cfg, average):
-    """After the global router moved: its BatchNorm statistics follow it (`track_router_statistics`), then, with
-    `cfg.balance_bias`, its output bias is re-centred on the updated router's logits for the batch (one router-only
-    forward each, without gradient)."""
-    if not (getattr(model, "is_moe", False) and model.routing_mode == "global"):
-        return
-    with torch.no_grad():
-        track_router_statistics(model, x, average)
-        if cfg.balance_bias:
-            center_router_bias(model, model.route(x), average)
 
 
 def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None):
@@ -227,9 +194,16 @@ def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=
 
 
 def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scaler=None, generator=None,
-                grad_sync=None, average=None):
-    """One AdvMoE update: router step, then expert step on fresh adversarial examples."""
-    r = router_step(model, x, y, cfg, router_optimizer, scaler, generator, grad_sync, average)
+                grad_sync=None, upkeep: RouterUpkeep | None = None):
+    """One AdvMoE update: router step, then expert step on fresh adversarial examples.
+
+    In between, not in the paper: `upkeep.after_router_update` (the router's BatchNorm statistics follow the
+    update, then load balancing, `utils.balance`); it runs on the updated router, since balancing on the logits
+    from before the update would miss the shift the update itself makes.
+    """
+    r = router_step(model, x, y, cfg, router_optimizer, scaler, generator, grad_sync)
+    if upkeep is not None:
+        upkeep.after_router_update(model, x)
     for p in model.router_parameters():
         check_finite(p, "router parameter")
     out = expert_step(model, x, y, cfg, optimizer, scaler, generator, grad_sync)
@@ -238,12 +212,11 @@ def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scale
 
 
 def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None,
-               average=None):
+               upkeep: RouterUpkeep | None = None):
     """Conventional adversarial training of the whole model (dense, or MoE router and experts together);
     the gradient norm is clipped at `cfg.grad_clip` (a dense model: all its parameters; an MoE: the backbone,
-    and the router on its own at `cfg.router_grad_clip`, as in AdvMoE's two steps). For an MoE, with
-    `cfg.balance_bias`, the router's bias is re-centred after the update (and its BatchNorm statistics follow
-    it), as in AdvMoE's router step."""
+    and the router on its own at `cfg.router_grad_clip`, as in AdvMoE's two steps). For an MoE, the same
+    `upkeep` as in AdvMoE follows the update."""
     out = _robust(model, x, y, cfg, generator, routing=True)
     check_finite(out["loss"], "training loss")
     if getattr(model, "is_moe", False):
@@ -251,89 +224,6 @@ def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=N
     else:
         clips = [(model.parameters(), cfg.grad_clip)]
     _update(optimizer, out["loss"], scaler, grad_sync, clips=clips)
-    _after_router_update(model, x, cfg, average)
+    if upkeep is not None:
+        upkeep.after_router_update(model, x)
     return out
-
-
-@torch.no_grad()
-def calibrate_router_statistics(model, x):
-    """Set the global router's BatchNorm running statistics to those of images `x` (one batch, in [0, 1]).
-
-    The router normalises with running statistics in training too (models.layers.Router), so they must
-    describe real data: each BatchNorm gets the mean and variance of its input over `x`, as a train-mode
-    pass computes them.
-    """
-    bns = _router_batchnorms(model)
-    saved = [(bn.momentum, bn.training) for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average: after one pass, exactly this batch's statistics
-        bn.train(True)
-    try:
-        model.router(model.normalize(x))
-    finally:
-        for bn, (momentum, training) in zip(bns, saved):
-            bn.momentum = momentum
-            bn.train(training)
-
-
-def _router_batchnorms(model):
-    return [m for m in model.router.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def track_router_statistics(model, x, average=None):
-    """Move the global router's BatchNorm running statistics towards those of images `x` (in [0, 1]) by each
-    layer's momentum, as a train-mode pass does; `average(tensor)` averages them over processes.
-
-    The router normalises with its running statistics (models.layers.Router), so they must follow its weights as
-    it trains. Fixed at their starting values they fell behind: on Digits (r=0.5, N=2) the activations' variance
-    reached 1e13 against running variances of 0.1 within 4 epochs, the logits 1e14, at which float32 cannot tell
-    the experts apart (every image went to expert 0) and the straight-through gradient swamped the experts' own.
-    """
-    bns = _router_batchnorms(model)
-    for bn in bns:
-        bn.train(True)
-    try:
-        model.router(model.normalize(x))
-    finally:
-        for bn in bns:
-            bn.train(False)
-    if average is not None:
-        for bn in bns:
-            bn.running_mean.copy_(average(bn.running_mean))
-            bn.running_var.copy_(average(bn.running_var))
-
-
-@torch.no_grad()
-def center_router_bias(model, router_logits, average=None):
-    """Shift the global router's output bias so that every expert's median logit margin over the images
-    behind `router_logits` (B, N) is zero: with 2 experts, half of them on each; with more, close to an
-    even split. `average(tensor)` averages the shift over processes (distributed runs keep one router).
-
-    Decisions stay `argmax` of the logits; what the router learns is which images go where. Without this
-    the straight-through gradient drives the router to one expert within a few batches (the better-trained
-    expert lowers the loss of any image routed to it, so it attracts more images and trains more), and a
-    load-balancing loss alone does not hold it.
-    """
-    if not getattr(model, "is_moe", False) or model.routing_mode != "global" or model.n_expert < 2:
-        return
-    logits = router_logits.detach().float()
-    shift = (logits - logits.mean(dim=1, keepdim=True)).median(dim=0).values  # (N,)
-    if average is not None:
-        shift = average(shift)
-    model.router.fc.bias -= shift.to(model.router.fc.bias.dtype)
-
-
-@torch.no_grad()
-def balance_router_init(model, x):
-    """Data-dependent start of a fresh global router on training images `x`: BatchNorm running statistics
-    from `x` (`calibrate_router_statistics`), then the output bias centred on `x` (`center_router_bias`).
-
-    A freshly initialised router sends nearly every image to one expert (the logits are dominated by a
-    component shared by all images), and the straight-through gradient then only ever sees that expert.
-    """
-    if not getattr(model, "is_moe", False) or model.routing_mode != "global" or model.n_expert < 2:
-        return
-    calibrate_router_statistics(model, x)
-    center_router_bias(model, model.route(x))

@@ -191,6 +191,12 @@ def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
             raise UsageError(f"{where}: shapes differ for {k}: checkpoint {tuple(v.shape)} vs model "
                              f"{tuple(own[k].shape)}: wrong --ratio or --n-expert?")
     model.load_state_dict(sd, strict=True)
+    balance = ckpt.get("balance_state") if isinstance(ckpt, dict) else None
+    if balance and hasattr(model, "load_balance_state"):  # checkpoints of the released code have none: zero bias
+        try:
+            model.load_balance_state(balance)
+        except (KeyError, AttributeError, RuntimeError) as e:
+            raise UsageError(f"{where}: its router balance state does not fit the model ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

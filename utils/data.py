@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .errors import UsageError
 
-DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits")
+DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits", "Digits16")
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -45,6 +45,8 @@ _INFO = {
     # Measured once offline on the Digits training split below (after the 8x8 -> 32x32 bilinear upsampling);
     # the three channels are copies of one grey channel, hence equal statistics.
     "Digits": DatasetInfo("Digits", 10, 32, (0.3054, 0.3054, 0.3054), (0.3237, 0.3237, 0.3237)),
+    # The same digits upsampled to 16x16 only: a 4x cheaper setting for CPU studies (README: Routing study).
+    "Digits16": DatasetInfo("Digits16", 10, 16, (0.3054, 0.3054, 0.3054), (0.319, 0.319, 0.319)),
 }
 
 
@@ -73,8 +75,8 @@ def build_datasets(name: str, data_dir: str, download: bool = True):
     for Digits) is applied to the training set only. Raises UsageError when the data cannot be found.
     """
     info = dataset_info(name)
-    if name == "Digits":
-        return _digits_datasets()
+    if name in ("Digits", "Digits16"):
+        return _digits_datasets(info.image_size)
     data_dir = os.path.expanduser(str(data_dir))
     if name in ("CIFAR10", "CIFAR100"):
         return _cifar_datasets(name, data_dir, download)
@@ -265,9 +267,9 @@ class TensorImageDataset(Dataset):
         return img, int(self.labels[index])
 
 
-@lru_cache(maxsize=1)
-def _digits_tensors():
-    """scikit-learn's 1797 8x8 digits as (N, 3, 32, 32) in [0, 1], split 80/20 stratified with seed 0.
+@lru_cache(maxsize=2)
+def _digits_tensors(size=32):
+    """scikit-learn's 1797 8x8 digits as (N, 3, size, size) in [0, 1], split 80/20 stratified with seed 0.
 
     The split is fixed (independent of --seed) so that every run is evaluated on the same 360 images.
     """
@@ -275,8 +277,8 @@ def _digits_tensors():
     from sklearn.model_selection import train_test_split
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0  # pixel values are 0..16
-    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp(0, 1)  # (N, 1, 32, 32)
-    x = x.expand(-1, 3, -1, -1).contiguous()  # (N, 3, 32, 32), grey -> RGB so RGB models apply unchanged
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).clamp(0, 1)  # (N, 1, size, size)
+    x = x.expand(-1, 3, -1, -1).contiguous()  # (N, 3, size, size), grey -> RGB so RGB models apply unchanged
     y = torch.tensor(digits.target, dtype=torch.long)
     train_idx, test_idx = train_test_split(torch.arange(len(y)).numpy(), test_size=0.2, random_state=0,
                                            stratify=digits.target)
@@ -284,9 +286,10 @@ def _digits_tensors():
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 
-def _digits_datasets():
-    x_train, y_train, x_test, y_test = _digits_tensors()
-    return TensorImageDataset(x_train, y_train, padding=2), TensorImageDataset(x_test, y_test)
+def _digits_datasets(size=32):
+    """Training shifts of up to 2 pixels at 32x32 (1 at 16x16): the same share of the image."""
+    x_train, y_train, x_test, y_test = _digits_tensors(size)
+    return TensorImageDataset(x_train, y_train, padding=size // 16), TensorImageDataset(x_test, y_test)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -373,6 +376,30 @@ def without_augmentation(train_ds, test_ds):
     else:
         view.transform = test_ds.transform
     return view
+
+
+class TrainingProbe:
+    """A fixed sample of training images, to see the router as evaluation sees them (`plain`, without
+    augmentation) and as training sees them (`augmented()`, a fresh training-transform draw of the same images).
+
+    Used by load balancing (`utils.balance.RouterUpkeep`) and the per-epoch routing report. The sample is the
+    first `n` images of a permutation seeded with `seed`; images are (n, C, H, W) in [0, 1] on the CPU.
+    """
+
+    def __init__(self, train_ds, test_ds, n=256, seed=0):
+        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed))
+        self.indices = order[:n].tolist()
+        self.train_ds = train_ds
+        plain = without_augmentation(train_ds.dataset, test_ds) if isinstance(train_ds, Subset) else \
+            without_augmentation(train_ds, test_ds)
+        if isinstance(train_ds, Subset):
+            plain = Subset(plain, train_ds.indices)
+        self.plain = torch.stack([plain[i][0] for i in self.indices])  # (n, C, H, W)
+
+    def augmented(self):
+        """The same images through the training transform (torch's RNG forked: training's draws are unchanged)."""
+        with torch.random.fork_rng(devices=[]):
+            return torch.stack([self.train_ds[i][0] for i in self.indices])  # (n, C, H, W)
 
 
 def split_indices(n, data_fraction, seed=0):

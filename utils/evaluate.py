@@ -32,7 +32,7 @@ def router_decision_loss_fn(clean_expert):
     """Attack loss on the routing itself: CE of the router logits against the clean choice (every layer)."""
     def loss(model, x_adv):
         if model.routing_mode == "global":
-            return F.cross_entropy(model.route(x_adv), clean_expert, reduction="sum")
+            return F.cross_entropy(model.route_scores(x_adv), clean_expert, reduction="sum")
         _, info = model(x_adv, return_routing=True)
         return sum(F.cross_entropy(lg, e, reduction="sum") for lg, e in zip(info.logits, clean_expert))
     return loss
@@ -48,7 +48,7 @@ def fixed_routing_ce_fn(y, clean_expert):
 def _decision(model, x):
     with torch.no_grad():
         if model.routing_mode == "global":
-            return model.route(x).argmax(1)
+            return model.route_scores(x).argmax(1)
         return model(x, return_routing=True)[1].expert
 
 

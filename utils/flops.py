@@ -84,20 +84,23 @@ def make_train_step(model, kind="auto", *, num_steps=2, at="trades", lr=0.0, sca
     TRADES/PGD-AT step) or 'auto' (advmoe for an MoE, joint for a dense model). `lr` 0 by default so that
     counting or timing steps leaves the weights as they were (BatchNorm running statistics still move).
     `scaler`: a GradScaler for fp16 autocast, or None. Extra keywords go to `advmoe.StepConfig` (eps,
-    step_size, beta, alpha, router_objective, balance_bias: on by default, as in training).
+    step_size, beta, alpha, router_objective, balance, balance_strength: the entry scripts' defaults). The
+    router upkeep of training follows each router update; its balancing pass runs on the batch itself (training
+    draws 64 un-augmented training images per update instead).
     """
     from . import advmoe
+    from .balance import RouterUpkeep
     if kind == "auto":
         kind = "advmoe" if getattr(model, "is_moe", False) else "joint"
-    cfg.setdefault("balance_bias", True)  # as the entry scripts train by default (one extra router pass)
     step_cfg = advmoe.StepConfig(at=at, num_steps=num_steps, **cfg)
+    upkeep = RouterUpkeep(step_cfg.balance, step_cfg.balance_strength)
     if kind == "advmoe":
         opt = torch.optim.SGD(model.backbone_parameters(), lr=lr)
         router_opt = torch.optim.SGD(model.router_parameters(), lr=lr)
-        return lambda x, y: advmoe.advmoe_step(model, x, y, step_cfg, opt, router_opt, scaler)
+        return lambda x, y: advmoe.advmoe_step(model, x, y, step_cfg, opt, router_opt, scaler, upkeep=upkeep)
     if kind == "joint":
         opt = torch.optim.SGD(model.parameters(), lr=lr)
-        return lambda x, y: advmoe.joint_step(model, x, y, step_cfg, opt, scaler)
+        return lambda x, y: advmoe.joint_step(model, x, y, step_cfg, opt, scaler, upkeep=upkeep)
     raise ValueError(f"unknown training step kind {kind!r} (advmoe, joint, auto)")
 
 

@@ -20,7 +20,8 @@ from torch.utils.data import Subset
 from .data import TensorImageDataset
 
 # Augmentation of each dataset's training split, as in utils/data.py: (padding in pixels, horizontal flip).
-RESIDENT_AUGMENTATION = {"CIFAR10": (4, True), "CIFAR100": (4, True), "Digits": (2, False)}
+RESIDENT_AUGMENTATION = {"CIFAR10": (4, True), "CIFAR100": (4, True), "Digits": (2, False),
+                         "Digits16": (1, False)}
 
 
 def fits_on_device(name: str) -> bool:

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 import models
 from . import advmoe
+from .balance import RouterUpkeep, init_router, routing_report
 from .checkpoint import (args_to_dict, capture_rng_state, load_checkpoint, load_model_weights,
                          restore_rng_state, save_checkpoint)
-from .data import build_loaders
+from .data import TrainingProbe, build_loaders
 from .distributed import (DistEnv, all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module,
                           gather_objects, init_distributed, shutdown)
 from .errors import UsageError
@@ -140,6 +141,7 @@ class Run:
     best_sa: float = 0.0
     best_epoch: int = -1
     rng_after_resume: dict = None
+    probe: TrainingProbe = None  # MoE: training images with and without augmentation, for balancing and reports
 
     def state_dict(self, epoch, step_in_epoch=0, mid_epoch=None):
         """The checkpoint; `mid_epoch` (at an interrupt) is every rank's `mid_epoch_state`, gathered by all ranks."""
@@ -154,6 +156,8 @@ class Run:
             "num_classes": _num_classes(m), "dataset": self.args.dataset, "normalize": bool(self.args.normalize),
             "routing": m.routing_mode,
         }
+        if m.is_moe:
+            state["balance_state"] = m.balance_state()
         if m.is_moe and m.routing_mode == "global":
             state["router"] = m.router.state_dict()
         if self.router_optimizer is not None:
@@ -207,6 +211,7 @@ def setup(args, script, device, env=DistEnv()):
         num_workers=args.num_workers, seed=args.seed, device=device, data_fraction=args.data_fraction,
         rank=env.rank, world_size=env.world_size)
     model = build_model_from_args(args, info.num_classes, (info.mean, info.std))
+    probe = TrainingProbe(train_loader.dataset, test_loader.dataset) if model.is_moe else None
     if args.sync_bn and env.enabled:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -229,7 +234,7 @@ def setup(args, script, device, env=DistEnv()):
         router_optimizer = router_scheduler = None
     scheduler = make_scheduler(optimizer, args.lr_schedule, args.epochs)
     run = Run(args, script, device, model, train_loader, val_loader, test_loader, optimizer, scheduler,
-              router_optimizer, router_scheduler, precision, env)
+              router_optimizer, router_scheduler, precision, env, probe=probe)
     return run
 
 
@@ -279,19 +284,22 @@ def make_step(run: Run):
     a = run.args
     cfg = advmoe.StepConfig(at=a.at, eps=a.epsilon, step_size=a.step_size, num_steps=a.num_steps, beta=a.beta,
                             alpha=a.alpha, router_objective=getattr(a, "router_objective", "robust"),
-                            balance_weight=getattr(a, "balance_weight", 0.0),
+                            balance=getattr(a, "balance", "none"), balance_strength=getattr(a, "balance_strength", 0.0),
                             router_grad_clip=getattr(a, "router_grad_clip", 0.0),
-                            grad_clip=getattr(a, "grad_clip", 0.0),
-                            balance_bias=getattr(a, "balance_bias", False))
+                            grad_clip=getattr(a, "grad_clip", 0.0))
     scaler = run.precision.scaler
     env = run.env
     sync = (lambda params: average_gradients(params, env)) if env.enabled else None
     average = (lambda t: all_reduce_sum(t, env) / env.world_size) if env.enabled else None
+    upkeep = None
+    if run.model.is_moe:
+        upkeep = RouterUpkeep(cfg.balance, cfg.balance_strength, a.router_logit_cap, probe=run.probe.plain.to(run.device),
+                              average=average)
     if run.router_optimizer is not None:
         return lambda x, y: advmoe.advmoe_step(run.model, x, y, cfg, run.optimizer, run.router_optimizer, scaler,
-                                               grad_sync=sync, average=average)
+                                               grad_sync=sync, upkeep=upkeep)
     return lambda x, y: advmoe.joint_step(run.model, x, y, cfg, run.optimizer, scaler, grad_sync=sync,
-                                          average=average)
+                                          upkeep=upkeep)
 
 
 def train_epoch(run: Run, epoch: int, stop: StopFlag):
@@ -385,7 +393,7 @@ def _fit(args, script, device, env):
     if resume:
         restore(run, resume)
     elif run.model.is_moe:
-        advmoe.balance_router_init(run.model, _first_images(run, 256))
+        init_router(run.model, run.probe.plain.to(run.device))
         broadcast_module(run.model, env)
     stop = StopFlag().install()
     row = None
@@ -432,18 +440,6 @@ def trim_metrics(path, last_epoch):
         os.replace(tmp, path)
 
 
-def _first_images(run, n):
-    """Up to `n` training images (epoch 0's order), for data-dependent initialisation."""
-    run.train_loader.sampler.set_epoch(0)
-    xs, count = [], 0
-    for x, _ in run.train_loader:
-        xs.append(x)
-        count += len(x)
-        if count >= n:
-            break
-    return torch.cat(xs)[:n].to(run.device)
-
-
 def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
     a = run.args
     t0 = time.time()
@@ -478,6 +474,9 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
         test = _eval(run, run.test_loader, "test")
         row.update({"sa": test["sa"], "ra": test["ra"]})
         row.update(_moe_row(test))
+        if run.model.is_moe:
+            row.update(routing_report(run.model, run.probe.plain.to(run.device),
+                                      run.probe.augmented().to(run.device)))
         # Model selection on the held-out validation split (the reference picked on the test set).
         select = test["ra"] if select is None else select
         is_best = select > run.best_select

@@ -46,7 +46,7 @@ class Routing:
         if layer.router is None:
             raise RuntimeError("layer routing needs MoE layers built with a layer router")
         logits = layer.router(x)
-        expert, gate = hard_top1(logits)
+        expert, gate = hard_top1(logits, layer.router.balance.select_bias)
         self.layer_logits.append(logits)
         self.layer_experts.append(expert)
         return expert, gate, None

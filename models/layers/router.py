@@ -4,19 +4,40 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def hard_top1(logits: torch.Tensor):
+def hard_top1(logits: torch.Tensor, select_bias: torch.Tensor | None = None):
     """Pick one expert per image and a straight-through gate.
 
-    Returns (expert (B,) long, gate (B,) or None). The gate's value is exactly 1; its gradient is the
-    gradient of the chosen expert's softmax probability, so the router learns from the loss through the
-    hard choice (straight-through estimator). The softmax Jacobian keeps that gradient bounded, unlike a
-    raw-logit pass-through. No gate is made when nothing needs a gradient to the logits.
+    Returns (expert (B,) long, gate (B,) or None). The expert is `argmax(logits + select_bias)`: the
+    selection-only bias (`--balance bias`) moves decisions, never the gate. The gate's value is exactly 1; its
+    gradient is the gradient of the chosen expert's softmax probability of the raw logits, so the router learns
+    from the loss through the hard choice (straight-through estimator). The softmax Jacobian keeps that
+    gradient bounded, unlike a raw-logit pass-through. No gate is made when nothing needs a gradient to the
+    logits.
     """
-    expert = logits.argmax(dim=1)
+    expert = selection_scores(logits, select_bias).argmax(dim=1)
     if not logits.requires_grad:
         return expert, None
     prob = F.softmax(logits.float(), dim=1).gather(1, expert[:, None]).squeeze(1)  # (B,)
     return expert, (prob - prob.detach() + 1.0).to(logits.dtype)
+
+
+def selection_scores(logits: torch.Tensor, select_bias: torch.Tensor | None) -> torch.Tensor:
+    """The scores whose argmax is the routing decision: (B, N) logits plus the selection-only bias (no gradient)."""
+    return logits if select_bias is None else logits + select_bias.detach().to(logits.dtype)
+
+
+class BalanceState(nn.Module):
+    """A router's load-balancing state (`--balance bias`): the selection-only bias and a running load estimate.
+
+    Both are non-persistent buffers, so the router's state dict keeps the released code's layout (its
+    checkpoints load strictly); checkpoints of this tool carry them under their own key
+    (`models.base.RoutedNet.balance_state`).
+    """
+
+    def __init__(self, n_expert: int):
+        super().__init__()
+        self.register_buffer("select_bias", torch.zeros(n_expert), persistent=False)  # (N,) added for argmax only
+        self.register_buffer("load_ema", torch.full((n_expert,), 1.0 / n_expert), persistent=False)  # (N,) shares
 
 
 class _RouterBlock(nn.Module):
@@ -63,6 +84,7 @@ class Router(nn.Module):
             in_planes = planes
         self.layer1, self.layer2, self.layer3 = stages
         self.fc = nn.Linear(64, n_expert)
+        self.balance = BalanceState(n_expert)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -83,6 +105,7 @@ class LayerRouter(nn.Module):
     def __init__(self, in_channels: int, n_expert: int):
         super().__init__()
         self.fc = nn.Linear(in_channels, n_expert)
+        self.balance = BalanceState(n_expert)
 
     def forward(self, x):  # (B, C, H, W) -> (B, N)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
