@@ -3,7 +3,7 @@ router's BatchNorm statistics follow its weights."""
 import torch
 
 import models
-from utils import advmoe, evaluate as ev
+from utils import balance, evaluate as ev
 from utils.attack import ce_loss_fn, pgd_attack
 
 EPS, STEP, STEPS = 8 / 255, 2 / 255, 3
@@ -73,7 +73,7 @@ def test_dense_models_have_no_second_attack():
 
 def _router_bn_variances(model, x):
     """(running variance, variance of the layer's input over x) of the router's last BatchNorm."""
-    bn = advmoe._router_batchnorms(model)[-1]
+    bn = balance._router_batchnorms(model)[-1]
     seen = []
     handle = bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].var(dim=(0, 2, 3), unbiased=True)))
     with torch.no_grad():
@@ -85,7 +85,7 @@ def _router_bn_variances(model, x):
 def test_router_statistics_follow_the_router_weights():
     model = _model().train()
     x, _ = _batch(model, 64)
-    advmoe.calibrate_router_statistics(model, x)
+    balance.calibrate_router_statistics(model, x)
     with torch.no_grad():  # the router's weights grow, as they did under training
         for m in model.router.modules():
             if isinstance(m, torch.nn.Conv2d):
@@ -93,17 +93,17 @@ def test_router_statistics_follow_the_router_weights():
     running, actual = _router_bn_variances(model, x)
     assert (actual / running).median() > 100  # fixed statistics have fallen far behind
     for _ in range(60):  # momentum 0.1: 0.9 ** 60 < 0.2% of the old value is left
-        advmoe.track_router_statistics(model, x)
+        balance.track_router_statistics(model, x)
     running, actual = _router_bn_variances(model, x)
     assert torch.allclose(running, actual, rtol=0.05)
-    bns = advmoe._router_batchnorms(model)
+    bns = balance._router_batchnorms(model)
     assert not any(bn.training for bn in bns) and model.router.training  # routing still on running statistics
 
 
 def test_router_statistics_are_averaged_over_processes():
     model = _model().train()
     x, _ = _batch(model, 16)
-    bn = advmoe._router_batchnorms(model)[0]
+    bn = balance._router_batchnorms(model)[0]
     before = bn.running_mean.clone()
-    advmoe.track_router_statistics(model, x, average=lambda t: t * 0 + 7.0)
+    balance.track_router_statistics(model, x, average=lambda t: t * 0 + 7.0)
     assert not torch.equal(before, bn.running_mean) and torch.all(bn.running_mean == 7.0)

@@ -10,7 +10,8 @@ there is no separate `model.route` call (the router's logits come with the model
     joint_step  = 1 robust_loss                         -> eval 1 + K, train 2;  autograd: K grads, 1 backward
     advmoe_step = router_step + expert_step, 2 of them  -> eval 2(1 + K), train 4; autograd: 2K grads, 2 backwards
 plus, after each update of the router, one router-only pass without gradient that moves the router's BatchNorm
-statistics (and, with balance_bias, one more that re-centres its bias).
+statistics (`RouterUpkeep`; with a balancing mode that acts after updates, one more, in eval mode, on the images it
+balances).
 BatchNorm running statistics: each backbone BatchNorm moves once per update of the backbone. The part that
 is frozen in a step normalises with batch statistics but does not move them, and of the two train forwards
 of a TRADES update only one moves them, so in one advmoe_step (and in one joint_step) every backbone
@@ -26,6 +27,7 @@ from torch import nn
 
 import models
 from utils import advmoe
+from utils.balance import RouterUpkeep
 
 K = 2  # attack steps
 
@@ -82,6 +84,10 @@ def _cfg():
     return advmoe.StepConfig(at="trades", num_steps=K)
 
 
+def _upkeep(mode="none", logit_cap=0.0):
+    return RouterUpkeep(mode, 1.0, logit_cap)
+
+
 def _optimizers(model):
     return (torch.optim.SGD(model.backbone_parameters(), lr=0.01),
             torch.optim.SGD(model.router_parameters(), lr=0.01))
@@ -99,21 +105,23 @@ def test_advmoe_step_passes(monkeypatch, n_expert):
     x, y = _batch()
     opt, router_opt = _optimizers(model)
     counter = PassCounter(model, monkeypatch)
-    advmoe.advmoe_step(model, x, y, _cfg(), opt, router_opt)
+    advmoe.advmoe_step(model, x, y, _cfg(), opt, router_opt, upkeep=_upkeep())
     counter.remove()
     assert dict(counter.calls) == _expected(2)
 
 
-def test_bias_recentring_adds_one_router_pass_per_router_update(monkeypatch):
-    """--balance-bias: after the router's update, one router-only forward (no gradient) re-centres its bias."""
+@pytest.mark.parametrize("mode,logit_cap", [("median", 0.0), ("bias", 2.0), ("none", 2.0)])
+def test_balancing_adds_one_router_pass_per_router_update(monkeypatch, mode, logit_cap):
+    """After the router's update, one router-only eval forward (no gradient) serves the balancing and the logit
+    cap together."""
     model = _model()
     x, y = _batch()
     opt, router_opt = _optimizers(model)
     counter = PassCounter(model, monkeypatch)
-    advmoe.advmoe_step(model, x, y, advmoe.StepConfig(at="trades", num_steps=K, balance_bias=True), opt, router_opt)
+    advmoe.advmoe_step(model, x, y, _cfg(), opt, router_opt, upkeep=_upkeep(mode, logit_cap))
     counter.remove()
     want = _expected(2)
-    want[("router", "train")] += 1  # the re-centring pass
+    want[("router", "eval")] += 1  # the balancing pass
     assert dict(counter.calls) == want
 
 
@@ -122,7 +130,7 @@ def test_joint_step_passes(monkeypatch):
     x, y = _batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     counter = PassCounter(model, monkeypatch)
-    advmoe.joint_step(model, x, y, _cfg(), opt)
+    advmoe.joint_step(model, x, y, _cfg(), opt, upkeep=_upkeep())
     counter.remove()
     assert dict(counter.calls) == _expected(1)
 
@@ -133,7 +141,7 @@ def test_advmoe_step_moves_every_batchnorm_once():
     opt, router_opt = _optimizers(model)
     backbone0, router0 = _bn_counts(model)
     assert backbone0 and router0
-    advmoe.advmoe_step(model, x, y, _cfg(), opt, router_opt)
+    advmoe.advmoe_step(model, x, y, _cfg(), opt, router_opt, upkeep=_upkeep())
     backbone1, router1 = _bn_counts(model)
     assert {k: v - backbone0[k] for k, v in backbone1.items()} == {k: 1 for k in backbone0}
     assert {k: v - router0[k] for k, v in router1.items()} == {k: 1 for k in router0}
@@ -143,7 +151,7 @@ def test_joint_step_moves_every_batchnorm_once():
     model = _model()
     x, y = _batch()
     before = _bn_counts(model)
-    advmoe.joint_step(model, x, y, _cfg(), torch.optim.SGD(model.parameters(), lr=0.01))
+    advmoe.joint_step(model, x, y, _cfg(), torch.optim.SGD(model.parameters(), lr=0.01), upkeep=_upkeep())
     after = _bn_counts(model)
     assert {k: v - before[0][k] for k, v in after[0].items()} == {k: 1 for k in before[0]}
     assert {k: v - before[1][k] for k, v in after[1].items()} == {k: 1 for k in before[1]}
@@ -167,7 +175,7 @@ def test_each_step_computes_only_its_own_gradients():
 
 def test_reference_router_objective_passes_and_value(monkeypatch):
     """The released code's router objective: the router's logits come with the model's forward (no extra
-    router pass), then 2 router-only train passes (clean, adversarial) and the one that moves the router's
+    router pass), then 2 router-only train passes (clean, adversarial); the upkeep's pass then moves the router's
     BatchNorm statistics, once."""
     model = _model()
     x, y = _batch()
@@ -176,6 +184,8 @@ def test_reference_router_objective_passes_and_value(monkeypatch):
     before = _bn_counts(model)
     counter = PassCounter(model, monkeypatch)
     advmoe.router_step(model, x, y, cfg, router_opt)
+    assert _bn_counts(model) == before  # the loss's passes move no statistics
+    _upkeep().after_router_update(model, x)
     counter.remove()
     assert dict(counter.calls) == {("backbone", "eval"): 1 + K, ("router", "eval"): 1 + K,
                                    ("router", "train"): 3, "autograd.grad": K, "backward": 1}

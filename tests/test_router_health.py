@@ -1,4 +1,5 @@
 """Router health: batch-independent routing, balanced starts and steps, NaN stops a run, experts stay in use."""
+import copy
 import json
 import os
 
@@ -7,7 +8,8 @@ import torch
 
 import models
 from args import parse_args
-from utils import advmoe
+from models.layers import hard_top1
+from utils import advmoe, balance
 from utils.train import fit
 
 from test_train import MOE, run_dir, run_script
@@ -40,12 +42,12 @@ def test_routing_does_not_depend_on_the_batch_in_train_mode():
 
 
 @pytest.mark.parametrize("n_expert", [2, 4])
-def test_balance_router_init_spreads_images_and_matches_train_statistics(n_expert):
+def test_init_router_spreads_images_and_matches_train_statistics(n_expert):
     model = _model(n_expert)
     x, _ = _images(128)
     assert _load(model, x).max() >= 0.9 * len(x)  # a fresh router sends (nearly) everything to one expert
     bn = model.router.bn1
-    advmoe.balance_router_init(model, x)
+    balance.init_router(model, x)
     feats = model.router.conv1(model.normalize(x))  # (B, 16, H, W): the first BatchNorm's input
     assert torch.allclose(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(bn.running_var, feats.var((0, 2, 3)), rtol=1e-3)
@@ -55,36 +57,158 @@ def test_balance_router_init_spreads_images_and_matches_train_statistics(n_exper
         assert abs(int(load[0]) - int(load[1])) <= 2
 
 
-def test_router_step_recentres_the_bias_on_its_batch():
-    model = _model()
+def test_init_router_centres_every_layer_router():
+    torch.manual_seed(0)
+    model = models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=2, routing="layer")
+    x, _ = _images(64)
+    balance.init_router(model, x)
+    for router, logits in balance.router_logits_on(model, x):
+        load = torch.bincount(logits.argmax(1), minlength=2)
+        assert abs(int(load[0]) - int(load[1])) <= 2, load
+
+
+def _collapsed(seed=0):
+    model = _model(seed=seed)
     x, y = _images(32)
-    advmoe.balance_router_init(model, x)
+    balance.init_router(model, x)
     with torch.no_grad():
-        model.router.fc.bias += torch.tensor([50.0, -50.0])  # everything on expert 0
+        model.router.fc.bias += torch.tensor([5.0, -5.0])  # everything on expert 0
     assert _load(model, x).tolist() == [32, 0]
-    cfg = advmoe.StepConfig(num_steps=1, balance_bias=True)
-    opt = torch.optim.SGD(model.router_parameters(), lr=0.0)  # no gradient step: the controller alone acts
-    model.train()
-    advmoe.router_step(model, x, y, cfg, opt)
+    return model.train(), x, y
+
+
+def _after_update(model, x, mode, strength, logit_cap=0.0, probe=None):
+    balance.RouterUpkeep(mode, strength, logit_cap, probe=probe).after_router_update(model, x)
+
+
+def test_median_balancing_recentres_the_output_bias():
+    model, x, _ = _collapsed()
+    _after_update(model, x, "median", 1.0)
     load = _load(model, x)
     assert abs(int(load[0]) - int(load[1])) <= 2
+    assert torch.equal(model.router.balance.select_bias, torch.zeros(2))  # median moves the output bias only
 
-    off = _model()
-    advmoe.balance_router_init(off, x)
+
+def test_bias_balancing_moves_only_the_selection_bias():
+    model, x, _ = _collapsed()
+    fc_bias = model.router.fc.bias.detach().clone()
+    logits_before = model.route(x)
+    _after_update(model, x, "bias", 1.0)  # the whole balancing shift at once
+    assert torch.equal(model.router.fc.bias, fc_bias)
+    assert torch.allclose(model.route(x), logits_before)  # the router's logits (the gate's) are unchanged
     with torch.no_grad():
-        off.router.fc.bias += torch.tensor([50.0, -50.0])
-    advmoe.router_step(off.train(), x, y, advmoe.StepConfig(num_steps=1, balance_bias=False),
-                       torch.optim.SGD(off.router_parameters(), lr=0.0))
-    assert _load(off, x).tolist() == [32, 0]
+        load = torch.bincount(model.route_scores(x).argmax(1), minlength=2)
+    assert abs(int(load[0]) - int(load[1])) <= 2  # decisions are balanced by the selection bias
+
+
+def test_bias_sign_balancing_moves_by_fixed_steps_from_the_running_load():
+    model, x, _ = _collapsed()
+    state = model.router.balance
+    _after_update(model, x, "bias-sign", 0.25)
+    # load [1, 0] -> running estimate 0.9 * 0.5 + 0.1 * [1, 0] = [0.55, 0.45]: expert 0 over-loaded
+    assert torch.allclose(state.load_ema, torch.tensor([0.55, 0.45]))
+    assert torch.allclose(state.select_bias, torch.tensor([-0.25, 0.25]))
+    _after_update(model, x, "bias-sign", 0.25)
+    assert torch.allclose(state.select_bias, torch.tensor([-0.5, 0.5]))
+
+
+@pytest.mark.parametrize("mode", ["none", "switch", "entropy"])
+def test_other_modes_leave_biases_alone_after_updates(mode):
+    model, x, _ = _collapsed()
+    fc_bias = model.router.fc.bias.detach().clone()
+    _after_update(model, x, mode, 1.0)
+    assert torch.equal(model.router.fc.bias, fc_bias) and not model.router.balance.select_bias.any()
+    assert _load(model, x).tolist() == [32, 0]
+
+
+def test_balancing_measures_the_probe_images_not_the_batch():
+    model, x, _ = _collapsed()
+    probe, _ = _images(64, seed=5)
+    torch.manual_seed(0)
+    _after_update(model, x, "median", 1.0, probe=probe)
+    model2, _, _ = _collapsed()
+    balance.track_router_statistics(model2, x)  # the upkeep's first part, on the training batch
+    torch.manual_seed(0)
+    drawn = probe[torch.randint(len(probe), (64,))]  # 64 probe images drawn from torch's RNG
+    balance.center_router_bias(model2.router, model2.route(drawn))
+    assert torch.allclose(model.router.fc.bias, model2.router.fc.bias)
+    model3, _, _ = _collapsed()
+    _after_update(model3, x, "median", 1.0)  # no probe: the batch itself
+    assert not torch.allclose(model.router.fc.bias, model3.router.fc.bias)
+
+
+def test_logit_cap_scales_the_router_without_changing_decisions():
+    model, x, _ = _collapsed()
+    with torch.no_grad():
+        model.router.fc.weight.mul_(50.0)
+        model.router.balance.select_bias.copy_(torch.tensor([0.3, -0.3]))
+    scores = model.route_scores(x)
+    top = model.route(x).topk(2, dim=1).values
+    assert (top[:, 0] - top[:, 1]).median() > 4
+    _after_update(model, x, "none", 0.0, logit_cap=2.0)
+    top = model.route(x).topk(2, dim=1).values
+    assert torch.isclose((top[:, 0] - top[:, 1]).median(), torch.tensor(2.0), rtol=1e-4)
+    assert torch.equal(model.route_scores(x).argmax(1), scores.argmax(1))
+    factor = float(model.router.balance.select_bias[0] / 0.3)
+    assert 0 < factor < 1 and torch.allclose(model.route_scores(x), scores * factor, rtol=1e-4, atol=1e-5)
+
+
+def test_hard_top1_selects_with_the_bias_and_gates_with_the_raw_softmax():
+    logits = torch.tensor([[1.0, 0.0], [0.2, 0.0]], requires_grad=True)
+    bias = torch.tensor([0.0, 0.5])
+    expert, gate = hard_top1(logits, bias)
+    assert expert.tolist() == [0, 1] and torch.equal(gate.detach(), torch.ones(2))
+    gate.sum().backward()
+    p = torch.softmax(logits.detach(), 1)
+    # d p_chosen / d logits = p_c (e_c - p), from the raw logits
+    want = torch.stack([p[0, 0] * (torch.tensor([1.0, 0.0]) - p[0]), p[1, 1] * (torch.tensor([0.0, 1.0]) - p[1])])
+    assert torch.allclose(logits.grad, want)
+
+
+def test_balancing_losses_are_zero_or_one_when_balanced_and_grow_with_collapse():
+    balanced = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    collapsed = torch.tensor([[4.0, 0.0], [4.0, 0.0]])
+    assert torch.isclose(balance.switch_loss(balanced, 2), torch.tensor(1.0))
+    assert balance.switch_loss(collapsed, 2) > 1.9
+    assert torch.isclose(balance.entropy_loss(balanced, 2), torch.tensor(0.0), atol=1e-6)
+    assert balance.entropy_loss(collapsed, 2) > 0.6
+    logits = collapsed.clone().requires_grad_(True)
+    balance.entropy_loss(logits, 2).backward()
+    assert (logits.grad[:, 0] > 0).all()  # lowering the over-used expert's logit lowers the loss
+
+
+@pytest.mark.parametrize("mode", ["switch", "entropy"])
+def test_loss_balancing_enters_the_router_loss(mode):
+    model, x, y = _collapsed()
+    plain = advmoe._robust(copy.deepcopy(model), x, y, advmoe.StepConfig(num_steps=1, balance="none"),
+                           torch.Generator().manual_seed(1), routing=True)  # a copy: its pass moves BatchNorms
+    out = advmoe._robust(model, x, y, advmoe.StepConfig(num_steps=1, balance=mode, balance_strength=0.5),
+                         torch.Generator().manual_seed(1), routing=True)
+    assert torch.allclose(out["loss"], plain["loss"] + 0.5 * out["balance_loss"], atol=1e-5)
+    assert out["balance_loss"] > 0.5  # collapsed: switch -> ~2, entropy -> ~log 2
 
 
 def test_center_router_bias_averages_the_shift_over_processes():
     model = _model()
     logits = torch.tensor([[3.0, 1.0], [5.0, 1.0], [4.0, 0.0]])
     bias = model.router.fc.bias.detach().clone()
-    advmoe.center_router_bias(model, logits, average=lambda t: t / 2)  # as if the other rank's shift were 0
+    balance.center_router_bias(model.router, logits, average=lambda t: t / 2)  # as if the other rank's were 0
     # margins against the mean logit: (1, -1), (2, -2), (2, -2); medians (2, -2), halved by the average
     assert torch.allclose(model.router.fc.bias, bias - torch.tensor([2.0, -2.0]) / 2)
+
+
+def test_routing_report_shows_loads_with_and_without_augmentation():
+    model, x, _ = _collapsed()
+    shifted = torch.roll(x, shifts=2, dims=3)
+    report = balance.routing_report(model.eval(), x, shifted)
+    assert report["load_train_plain"] == [100.0, 0.0]
+    assert len(report["load_train_aug"]) == 2 and sum(report["load_train_aug"]) == pytest.approx(100.0)
+    with torch.no_grad():
+        top = model.route(x).topk(2, dim=1).values
+    assert report["router_margin_p50"] == pytest.approx(float((top[:, 0] - top[:, 1]).median()), rel=1e-4)
+    chosen = torch.softmax(model.route(x), 1).max(1).values
+    assert report["router_saturated"] == pytest.approx(100 * float((chosen > 0.99).float().mean()))
+    assert report["select_bias"] == [0.0, 0.0]
 
 
 def test_non_finite_router_stops_with_error():

@@ -77,7 +77,7 @@ def captured_router_logits(model):
 @torch.no_grad()
 def router_logits_on(model, x):
     """[(router, logits (B, N))] of every router on images `x` in [0,1], as evaluation routes them (eval mode;
-    per-layer routers see the features their earlier layers' choices produce)."""
+    per-layer routers in forward order, each seeing the features its earlier layers' choices produce)."""
     was_training = model.training
     model.eval()
     try:
@@ -85,7 +85,7 @@ def router_logits_on(model, x):
             return [(model.router, model.route(x))]
         with captured_router_logits(model) as captured:
             model(x)
-        return [(r, captured[r][0]) for r in model.routers()]
+        return [(r, outs[0]) for r, outs in captured.items()]  # dicts keep insertion (forward) order
     finally:
         model.train(was_training)
 
@@ -194,7 +194,8 @@ def init_router(model, x):
         return
     if model.routing_mode == "global":
         calibrate_router_statistics(model, x)
-    for router, logits in router_logits_on(model, x):
+    for layer in range(len(model.routers())):  # per-layer routers one at a time: each changes what later ones see
+        router, logits = router_logits_on(model, x)[layer]
         center_router_bias(router, logits)
 
 
