@@ -508,8 +508,12 @@ def default_out_path(source: str, version: str, norm: str, epsilon_255: float, n
                         f"{stem}.autoattack-{version}-{norm}-eps{epsilon_255:g}-n{n_ex}.json")
 
 
-def _is_report_of(path, folder) -> bool:
-    """True when `path` is the JSON report of the evaluation whose chunks are in `folder` (a rerun's own)."""
+def _is_rebuildable_report(path, folder) -> bool:
+    """True when `path` is a report of this tool for the same --out whose chunks are still on disk.
+
+    Replacing such a report loses nothing: rerunning its settings resumes every chunk and rewrites it. A rerun
+    (same settings, `folder`) or other settings (another folder beside it) may therefore replace it.
+    """
     if os.path.getsize(path) > 2**24:  # reports are kilobytes; do not read a checkpoint to find out
         return False
     try:
@@ -517,13 +521,16 @@ def _is_report_of(path, folder) -> bool:
             report = json.load(f)
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and report.get("chunks_dir") == folder
+    chunks = report.get("chunks_dir") if isinstance(report, dict) else None
+    return (isinstance(chunks, str) and os.path.isdir(chunks)
+            and os.path.dirname(os.path.abspath(chunks)) == os.path.dirname(os.path.abspath(folder)))
 
 
 def check_out_path(out, source, folder, *, overwrite=False, default=False):
-    """UsageError unless the report can go to `out` and the chunks to `folder` without replacing anything
-    else: checked before the attack runs. `out` may already hold this evaluation's own report (a rerun);
-    any other existing file is replaced only with `overwrite`, the evaluated checkpoint never.
+    """UsageError unless the report can go to `out` and the chunks to `folder` without losing anything:
+    checked before the attack runs. `out` may already hold a report of this tool whose chunks are kept beside
+    it (see `_is_rebuildable_report`); any other existing file is replaced only with `overwrite`, the
+    evaluated checkpoint never.
     default: `out` was not given (the message then points to --out)."""
     flag = f"the report {out} (next to the checkpoint; --out PATH writes elsewhere)" if default else f"--out {out}"
     if os.path.lexists(out):
@@ -533,9 +540,9 @@ def check_out_path(out, source, folder, *, overwrite=False, default=False):
             raise UsageError(f"{flag} is a folder: name the JSON file to write")
         if not os.path.isfile(out) or os.path.islink(out):
             raise UsageError(f"{flag} exists and is not a regular file: name another file")
-        if not overwrite and not _is_report_of(out, folder):
-            raise UsageError(f"{flag} exists and is not this evaluation's report: name another file, or "
-                             f"pass --overwrite to replace it")
+        if not overwrite and not _is_rebuildable_report(out, folder):
+            raise UsageError(f"{flag} exists and is not a report of this tool: name another file, or pass "
+                             f"--overwrite to replace it")
     check_can_create(folder, flag)
     if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK | os.X_OK):
         raise UsageError(f"{flag}: cannot write in {os.path.dirname(os.path.abspath(out))}")
