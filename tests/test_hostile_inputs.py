@@ -354,6 +354,13 @@ def test_resume_with_nothing_left_to_train_says_so(finished, tmp_path, capsys):
     code, err = cli(train_ori.main, TWO_EPOCHS + ["--save-dir", finished[0], "--resume", "auto"], capsys)
     assert code == 0 and "nothing to do" in err, err
     assert snapshot(finished[0]) == before
+    killed = tmp_path / "killed"  # killed after its last checkpoint, before its status said so
+    shutil.copytree(finished[0], killed)
+    status = os.path.join(killed, os.path.relpath(finished[1], finished[0]), "status.json")
+    with open(status, "w") as f:
+        json.dump({"state": "running"}, f)
+    code, err = cli(train_ori.main, TWO_EPOCHS + ["--save-dir", killed, "--resume", "auto"], capsys)
+    assert code == 0 and json.load(open(status))["state"] == "finished", err
 
 
 def test_autoattack_epsilon_must_be_a_radius(finished, tmp_path, capsys):

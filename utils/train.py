@@ -405,6 +405,7 @@ def _fit(args, script, device, env):
         restore(run, resume)
         if run.start_epoch >= args.epochs:
             if own and run.start_epoch == args.epochs:
+                _mark_finished(folder, env)
                 print(f"{folder} has already trained all {args.epochs} epochs: nothing to do", file=sys.stderr)
                 return None
             raise UsageError(f"--resume {resume}: the checkpoint has already trained {run.start_epoch} epochs "
@@ -436,6 +437,19 @@ def _fit(args, script, device, env):
             raise
         log.set_status("finished")
     return row
+
+
+def _mark_finished(folder, env):
+    """status.json "finished" for a run whose last checkpoint holds every epoch (a kill may have come between
+    that checkpoint and the status); left as it is when it says so already."""
+    path = os.path.join(folder, "status.json")
+    try:
+        with open(path) as f:
+            if json.load(f).get("state") == "finished":
+                return
+    except (OSError, ValueError, AttributeError):
+        pass
+    RunLogger(folder, None, is_main=env.is_main).set_status("finished", "every epoch was in the last checkpoint")
 
 
 def _record_unexpected_stop(log, e):
