@@ -22,6 +22,7 @@ import train_ori  # noqa: E402
 from utils import autoattack_eval as aa  # noqa: E402
 from utils import train as train_mod  # noqa: E402
 from utils.cli import run_main  # noqa: E402
+from test_autoattack import torch_threads  # noqa: E402,F401  (autouse: one thread in this module too)
 
 FLAGS = ["--arch", "resnet18_cifar_ori", "--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32",
          "--test-batch-size", "32", "--num-workers", "0", "--max-batches", "1", "--max-test-batches", "1",
@@ -70,14 +71,6 @@ def no_signal_handlers():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_mod.StopFlag, "install", lambda self: self)
         yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -543,9 +543,7 @@ def check_out_path(out, source, folder, *, overwrite=False, default=False):
         if not overwrite and not _is_rebuildable_report(out, folder):
             raise UsageError(f"{flag} exists and is not a report of this tool: name another file, or pass "
                              f"--overwrite to replace it")
-    check_can_create(folder, flag)
-    if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK | os.X_OK):
-        raise UsageError(f"{flag}: cannot write in {os.path.dirname(os.path.abspath(out))}")
+    check_can_create(folder, flag)  # the chunks' folder is beside `out`: the same nearest existing folder
 
 
 def _chunk_points(dataset, ranges, num_workers):
