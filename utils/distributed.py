@@ -52,13 +52,7 @@ def init_distributed(device: torch.device, *, backend=None, timeout=None) -> tup
     return DistEnv(rank, world_size, local_rank), device
 
 
-def _env_int(name, default=None, low=0):
-    text = os.environ.get(name)
-    if text is None:
-        if default is None:
-            raise UsageError(f"{name} is not set, but WORLD_SIZE={os.environ['WORLD_SIZE']} asks for several "
-                             f"processes: launch with torchrun, which sets it")
-        return default
+def _env_int(name, text, low):
     try:
         value = int(text)
     except ValueError:
@@ -71,18 +65,21 @@ def _env_int(name, default=None, low=0):
 def launch_env() -> tuple[int, int, int]:
     """(world_size, rank, local_rank) from torchrun's environment variables, checked: UsageError (exit 2)
     for values that would crash or hang the process group (RANK missing or >= WORLD_SIZE, no MASTER_ADDR)."""
-    world_size = _env_int("WORLD_SIZE", 1, low=1)
+    world_size = _env_int("WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"), 1)
     if world_size == 1:
         return 1, 0, 0
-    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", 0)
-    if rank >= world_size:
-        raise UsageError(f"RANK={rank} must be below WORLD_SIZE={world_size}")
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
+
+    def required(name):
         if not os.environ.get(name):
             raise UsageError(f"{name} is not set, but WORLD_SIZE={world_size} asks for several processes: "
                              f"launch with torchrun, which sets it")
-    _env_int("MASTER_PORT", low=1)
-    return world_size, rank, local_rank
+        return os.environ[name]
+    rank = _env_int("RANK", required("RANK"), 0)
+    if rank >= world_size:
+        raise UsageError(f"RANK={rank} must be below WORLD_SIZE={world_size}")
+    required("MASTER_ADDR")
+    _env_int("MASTER_PORT", required("MASTER_PORT"), 1)
+    return world_size, rank, _env_int("LOCAL_RANK", os.environ.get("LOCAL_RANK", "0"), 0)
 
 
 def shutdown():

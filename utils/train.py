@@ -399,7 +399,7 @@ def _fit(args, script, device, env):
     latest, best = _checkpoint_paths(folder)
     check_can_create(folder, f"--save-dir {args.save_dir}")
     own = _continues_own_run(resume, latest)
-    check_folder_is_free(folder, resume, own, continuing=own or (not resume and args.resume == "auto"))
+    check_folder_is_free(folder, resume, continuing=own or (not resume and args.resume == "auto"))
     run = setup(args, script, device, env)
     if resume:
         restore(run, resume)
@@ -467,15 +467,15 @@ def _continues_own_run(resume, latest) -> bool:
     return bool(resume) and os.path.exists(latest) and os.path.samefile(resume, latest)
 
 
-def check_folder_is_free(folder, resume, own, continuing):
+def check_folder_is_free(folder, resume, continuing):
     """UsageError when writing this run into `folder` would replace checkpoints of another run.
 
-    A run may write into a folder that holds checkpoints only when it continues that folder's run: `--resume`
-    of its own latest checkpoint (`own`), or `--resume auto` (`continuing`). A fresh run, or `--resume` of
-    another file (another run's checkpoint, or this folder's model_best), would overwrite them.
+    A run may write into a folder that holds checkpoints only when it continues that folder's run
+    (`continuing`: `--resume auto`, or `--resume` of the folder's own latest checkpoint). A fresh run, or
+    `--resume` of another file (another run's checkpoint, or this folder's model_best), would overwrite them.
     """
     held = [os.path.basename(p) for p in _checkpoint_paths(folder) if os.path.exists(p)]
-    if not held or own or continuing:
+    if not held or continuing:
         return
     what = f"--resume {resume} into it" if resume else "a fresh run there"
     raise UsageError(f"{folder} already holds a run ({', '.join(held)}) that {what} would overwrite; continue "
