@@ -41,6 +41,18 @@ def number(text) -> float:
     return value
 
 
+SEED_RANGE = (0, 2**32 - 1)  # numpy's seed range; seed * 1_000_003 + epoch (per-epoch seeds) stays in int64
+NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
+
+
+def _short(value, limit=60) -> str:
+    """repr of a user's value for an error line, cut to `limit` characters (a YAML value can be huge)."""
+    if isinstance(value, (dict, list)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _arch_names() -> list:
     import models  # lazy: building the registry imports torch and every model family
     return models.list_models()
@@ -159,14 +171,14 @@ def _coerce_one(action, value, where):
     """One YAML scalar as the flag's type; argparse only converts string defaults, so we do it here."""
     name = f"{where}: {action.dest}"
     if isinstance(value, (dict, list)):
-        raise UsageError(f"{name} must be a single value, got {value!r}")
+        raise UsageError(f"{name} must be a single value, got {_short(value)}")
     if action.type is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise UsageError(f"{name} must be an integer, got {value!r}")
+            raise UsageError(f"{name} must be an integer, got {_short(value)}")
         try:
             value = int(value)
-        except ValueError:
-            raise UsageError(f"{name} must be an integer, got {value!r}") from None
+        except (ValueError, OverflowError):
+            raise UsageError(f"{name} must be an integer, got {_short(value)}") from None
     elif action.type is number:
         try:
             value = number(value)
@@ -177,7 +189,7 @@ def _coerce_one(action, value, where):
             raise UsageError(f"{name} must be text, got {value!r}")
         value = str(value)
     if action.choices is not None and value not in action.choices:
-        raise UsageError(f"{name}={value!r} is not one of {', '.join(map(str, action.choices))}")
+        raise UsageError(f"{name}={_short(value)} is not one of {', '.join(map(str, action.choices))}")
     return value
 
 
@@ -188,7 +200,7 @@ def _coerce(action, value, where):
         raise UsageError(f"{where}: {action.dest} needs a value (null given)")
     if action.nargs == 0:  # store_true / --flag/--no-flag
         if not isinstance(value, bool):
-            raise UsageError(f"{where}: {action.dest} must be true or false, got {value!r}")
+            raise UsageError(f"{where}: {action.dest} must be true or false, got {_short(value)}")
         return value
     if action.nargs in ("+", "*"):
         items = value if isinstance(value, list) else [value]
@@ -200,13 +212,17 @@ def load_yaml_defaults(path, parser) -> dict:
     """Parser defaults from a YAML mapping; keys may use dashes or underscores; unknown keys are an error."""
     where = f"--configs {path}"
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as e:
         raise UsageError(f"{where}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: nested too deeply to be a mapping of flag: value") from None
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{where}: not valid YAML ({first})") from None
+        raise UsageError(f"{where}: not valid YAML ({_short(first, 200)[1:-1]})") from None
     if data is None:  # an empty file
         return {}
     if not isinstance(data, dict):
@@ -217,7 +233,7 @@ def load_yaml_defaults(path, parser) -> dict:
         raise UsageError(f"{where}: 'configs' inside a config file is not supported (no nesting)")
     unknown = sorted(k for k in values if k not in actions)
     if unknown:
-        raise UsageError(f"{where}: unknown keys {', '.join(unknown)}")
+        raise UsageError(f"{where}: unknown keys {_short(', '.join(unknown), 200)[1:-1]}")
     return {k: _coerce(actions[k], v, where) for k, v in values.items()}
 
 
@@ -269,7 +285,9 @@ def validate_args(args):
     """Range and consistency checks of the training parser's values; raises UsageError naming the flag."""
     _check(args, ("ratio", "data_fraction"), lambda v: 0 < v <= 1, "in (0, 1]")
     _check(args, ("epsilon", "epsilon_test"), lambda v: 0 <= v <= 1, "in [0, 1] (pixel units, e.g. 8/255)")
-    _check(args, ("step_size", "step_size_test", "lr", "router_lr", "wd", "momentum", "beta", "alpha",
+    _check(args, ("seed",), lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], "in [0, 2**32 - 1]")
+    _check(args, ("momentum",), lambda v: 0 <= v < 1, "in [0, 1)")
+    _check(args, ("step_size", "step_size_test", "lr", "router_lr", "wd", "beta", "alpha",
                   "balance_strength", "router_logit_cap", "router_grad_clip", "grad_clip"), lambda v: v >= 0, ">= 0")
     _check(args, ("num_steps", "num_steps_test", "num_workers"), lambda v: v >= 0, ">= 0")
     _check(args, ("epochs", "batch_size", "test_batch_size", "eval_every", "max_batches", "max_test_batches"),
@@ -286,10 +304,9 @@ def validate_args(args):
     if args.evaluate and args.resume == "auto":
         raise UsageError("--evaluate needs a checkpoint path in --resume, not 'auto'")
     if args.resume and args.resume != "auto":
-        if os.path.isdir(args.resume):
-            raise UsageError(f"--resume {args.resume}: is a directory, not a checkpoint file")
-        if not os.path.isfile(args.resume):
-            raise UsageError(f"--resume {args.resume}: no such file")
+        from utils.checkpoint import check_checkpoint_file  # lazy: imports torch
+        check_checkpoint_file(args.resume, "--resume")
+    _check_run_folder_name(args)
     if getattr(args, "balance", None) is not None:
         from utils.balance import DEFAULT_STRENGTH
         if args.balance_strength is None:
@@ -299,6 +316,22 @@ def validate_args(args):
                              f"(0, 1]; got {args.balance_strength}")
     if args.routing == "layer" and args.router_objective == "reference":
         raise UsageError("--router-objective reference needs --routing global (it trains the one global router)")
+
+
+def _check_run_folder_name(args):
+    """--exp-identifier is one file-name prefix: no path separators, not '.' or '..', and the whole run folder
+    name must fit in one file name; otherwise the run would land outside --save-dir or fail half-created."""
+    ident = args.exp_identifier
+    if ident is not None:
+        seps = [s for s in (os.sep, os.altsep, "/") if s]
+        if any(s in ident for s in seps) or ident in (".", "..") or "\0" in ident:
+            raise UsageError(f"--exp-identifier {_short(ident)} must be a plain name (no path separators, "
+                             f"not '.' or '..'): it prefixes the run folder's name inside --save-dir")
+    from utils.runlog import run_folder_name  # lazy: imports torch
+    size = len(run_folder_name(args).encode("utf-8", "surrogateescape"))
+    if size > NAME_MAX:
+        raise UsageError(f"the run folder name would be {size} bytes, over the file system's {NAME_MAX}: "
+                         f"use a shorter --exp-identifier")
 
 
 def args_to_yaml(args) -> str:
@@ -338,7 +371,7 @@ def get_autoattack_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--test-batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--epsilon", type=float, default=8, help="radius in 1/255 units (8 means 8/255)")
+    p.add_argument("--epsilon", type=number, default=8, help="radius in 1/255 units (8 means 8/255), in (0, 255]")
     p.add_argument("--norm", choices=("Linf", "L2"), default="Linf")
     p.add_argument("--version", choices=("standard", "plus", "rand", "custom"), default="standard")
     p.add_argument("--attacks", nargs="+", default=None,
@@ -347,6 +380,9 @@ def get_autoattack_parser() -> argparse.ArgumentParser:
                    help="evaluate the first N test points (default: all)")
     p.add_argument("--chunk-size", type=int, default=500, help="points per resumable chunk")
     p.add_argument("--out", default=None, metavar="PATH", help="JSON result path (default: next to the checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file that is not this evaluation's own report (never the "
+                        "checkpoint itself)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p

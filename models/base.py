@@ -18,6 +18,17 @@ def call(layer: nn.Module, x: torch.Tensor, routing: Routing | None):
     return layer(x, routing) if isinstance(layer, MoEConv2d) else layer(x)
 
 
+def require_channels(ratio: float, widths: dict):
+    """ValueError (a usage error upstream) when `ratio` leaves a layer without channels.
+
+    widths: {layer name: base width}; every width becomes int(ratio * width), so the narrowest one decides.
+    """
+    layer, width = min(widths.items(), key=lambda item: item[1])
+    if int(ratio * width) < 1:
+        raise ValueError(f"--ratio {ratio:g} leaves {layer} without channels (int({ratio:g} * {width}) = 0): "
+                         f"this arch needs --ratio 1/{width} ({1 / width:.4g}) or more")
+
+
 @dataclass
 class RoutingInfo:
     """What the routing did in one forward, in the caller's batch order.

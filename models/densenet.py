@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RoutedNet, call
+from .base import RoutedNet, call, require_channels
 from .registry import register_model
 from .resnet import build_variant, init_weights
 
@@ -90,10 +90,9 @@ class _DenseNet(RoutedNet):
     def __init__(self, growth, blocks, stem, bottleneck, imagenet_stem, num_classes=10, ratio=1.0,
                  normalize=None, n_expert=None, routing="global", sparse=True):
         super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse)
+        require_channels(ratio, {"each dense layer (growth rate)": growth, "the stem": stem,
+                                 "each bottleneck": bottleneck})
         growth, stem, bottleneck = int(ratio * growth), int(ratio * stem), int(ratio * bottleneck)
-        if min(growth, stem, bottleneck) < 1:
-            raise ValueError(f"ratio {ratio} leaves a DenseNet layer without channels "
-                             f"(growth {growth}, stem {stem}, bottleneck {bottleneck})")
         features = OrderedDict()
         if imagenet_stem:
             features["conv0"] = self.conv(3, stem, 7, stride=2, padding=3, moe=False)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RoutedNet, call
+from .base import RoutedNet, call, require_channels
 from .layers import LayerRouter, MoEConv2d, Router
 from .registry import register_model
 
@@ -131,6 +131,7 @@ class _ResNet(RoutedNet):
                  routing="global", sparse=True):
         super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse)
         imagenet = stem == "imagenet"
+        require_channels(ratio, {"layer1": _STAGE_PLANES[0]})
         # The reference's CIFAR MoE keeps a full 64-channel stem; every other variant scales it.
         stem_width = 64 if (self.is_moe and not imagenet) else int(ratio * 64)
         if imagenet:

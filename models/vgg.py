@@ -28,7 +28,7 @@ Our choices where the reference gives no listing or is wrong:
 import torch
 from torch import nn
 
-from .base import RoutedNet, call
+from .base import RoutedNet, call, require_channels
 from .registry import register_model
 from .resnet import build_variant, init_weights
 
@@ -43,6 +43,7 @@ class _VGG(RoutedNet):
     def __init__(self, config, batch_norm, num_classes=10, ratio=1.0, normalize=None, n_expert=None,
                  routing="global", sparse=True):
         super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse)
+        require_channels(ratio, {f"features.{i} (a {w}-channel conv)": w for i, w in enumerate(config) if w != "M"})
         layers, in_channels = [], 3
         for item in config:
             if item == "M":

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RoutedNet, call
+from .base import RoutedNet, call, require_channels
 from .registry import register_model
 from .resnet import build_variant, init_weights
 
@@ -82,6 +82,7 @@ class _WideResNet(RoutedNet):
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4, got {depth}")
         n = (depth - 4) // 6
+        require_channels(ratio, {"conv1": 16, "block1": 16 * widen})
         widths = [int(ratio * c) for c in (16, 16 * widen, 32 * widen, 64 * widen)]
         if stem == "imagenet":
             self.conv1 = self.conv(3, widths[0], 7, stride=2, padding=3, moe=False)

@@ -58,6 +58,7 @@ from .checkpoint import load_checkpoint, load_model_weights
 from .data import build_datasets, dataset_info
 from .distributed import gather_objects, init_distributed, shutdown
 from .errors import UsageError
+from .runlog import check_can_create
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 VERSIONS = ("standard", "plus", "rand", "custom")
@@ -353,11 +354,16 @@ def checkpoint_identity(path: str) -> dict:
 def write_json_atomic(path: str, obj):
     """Write JSON to a temporary file in the same folder, then rename it over `path` (all or nothing)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def chunk_path(folder: str, index: int) -> str:
@@ -502,6 +508,44 @@ def default_out_path(source: str, version: str, norm: str, epsilon_255: float, n
                         f"{stem}.autoattack-{version}-{norm}-eps{epsilon_255:g}-n{n_ex}.json")
 
 
+def _is_rebuildable_report(path, folder) -> bool:
+    """True when `path` is a report of this tool for the same --out whose chunks are still on disk.
+
+    Replacing such a report loses nothing: rerunning its settings resumes every chunk and rewrites it. A rerun
+    (same settings, `folder`) or other settings (another folder beside it) may therefore replace it.
+    """
+    if os.path.getsize(path) > 2**24:  # reports are kilobytes; do not read a checkpoint to find out
+        return False
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return False
+    chunks = report.get("chunks_dir") if isinstance(report, dict) else None
+    return (isinstance(chunks, str) and os.path.isdir(chunks)
+            and os.path.dirname(os.path.abspath(chunks)) == os.path.dirname(os.path.abspath(folder)))
+
+
+def check_out_path(out, source, folder, *, overwrite=False, default=False):
+    """UsageError unless the report can go to `out` and the chunks to `folder` without losing anything:
+    checked before the attack runs. `out` may already hold a report of this tool whose chunks are kept beside
+    it (see `_is_rebuildable_report`); any other existing file is replaced only with `overwrite`, the
+    evaluated checkpoint never.
+    default: `out` was not given (the message then points to --out)."""
+    flag = f"the report {out} (next to the checkpoint; --out PATH writes elsewhere)" if default else f"--out {out}"
+    if os.path.lexists(out):
+        if os.path.exists(out) and os.path.samefile(out, source):
+            raise UsageError(f"{flag} is the checkpoint being evaluated: name another file")
+        if os.path.isdir(out):
+            raise UsageError(f"{flag} is a folder: name the JSON file to write")
+        if not os.path.isfile(out) or os.path.islink(out):
+            raise UsageError(f"{flag} exists and is not a regular file: name another file")
+        if not overwrite and not _is_rebuildable_report(out, folder):
+            raise UsageError(f"{flag} exists and is not a report of this tool: name another file, or pass "
+                             f"--overwrite to replace it")
+    check_can_create(folder, flag)  # the chunks' folder is beside `out`: the same nearest existing folder
+
+
 def _chunk_points(dataset, ranges, num_workers):
     """Yield (x, y) holding all points of each (start, stop) range, in the dataset's index order (workers
     load the next chunk while this one is attacked)."""
@@ -620,8 +664,11 @@ def _evaluate_checkpoint(args, device, env, attack_params, progress):
     unknown = [a for a in args.attacks or [] if a not in ATTACKS]
     if unknown:
         raise UsageError(f"--attacks: unknown {', '.join(unknown)}; valid: {', '.join(ATTACKS)}")
-    if not args.epsilon > 0:
-        raise UsageError(f"--epsilon must be > 0 (in 1/255 units), got {args.epsilon}")
+    if not args.epsilon > 0 or (args.norm == "Linf" and args.epsilon > 255):
+        raise UsageError(f"--epsilon must be > 0{' and <= 255' if args.norm == 'Linf' else ''} (in 1/255 "
+                         f"units), got {args.epsilon:g}")
+    if not 0 <= args.seed <= 2**32 - 1:  # the training parser's range (numpy's seeds)
+        raise UsageError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     if args.num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     ckpt = load_checkpoint(source)
@@ -644,6 +691,7 @@ def _evaluate_checkpoint(args, device, env, attack_params, progress):
                 "package": [library.name, library.version]}
     key = fingerprint(settings)
     folder = os.path.join(f"{out}.chunks", key)
+    check_out_path(out, source, folder, overwrite=getattr(args, "overwrite", False), default=args.out is None)
     os.makedirs(folder, exist_ok=True)
     if env.is_main:
         write_json_atomic(os.path.join(folder, "settings.json"), settings)

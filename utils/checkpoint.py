@@ -87,26 +87,41 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0][:160] if text else type(e).__name__
 
 
+def check_checkpoint_file(path, what="checkpoint"):
+    """UsageError unless `path` is a readable, non-empty regular file (`what` names it: a flag or 'checkpoint')."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path}: is a directory, not a checkpoint file")
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path}: no such file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} {path}: not a regular file (a device, pipe or socket), not a checkpoint")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{what} {path}: the file is empty (0 bytes), not a checkpoint")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{what} {path}: not readable (permission denied)")
+
+
+# torch's wording of a refused global, old ("Unsupported global: GLOBAL x.y") and new ("Trying to load
+# unsupported GLOBAL x.y whose module x is blocked").
+_REFUSED_GLOBAL = re.compile(r"unsupported (?:global:?\s+)?GLOBAL\s+([\w.]+)", re.IGNORECASE)
+
+
 def load_checkpoint(path, map_location="cpu") -> dict:
     """torch.load(weights_only=True) of a checkpoint dict; a missing, unreadable, corrupt or foreign file
     (one whose unpickling would need arbitrary Python objects) is a UsageError naming `path`."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise UsageError(f"checkpoint {path}: is a directory, not a checkpoint file")
-    if not os.path.exists(path):
-        raise UsageError(f"checkpoint {path}: no such file")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"checkpoint {path}: not readable (permission denied)")
+    check_checkpoint_file(path)
     try:
         with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals()):
             warnings.simplefilter("ignore")  # e.g. pickle-protocol notes: the one-line error says enough
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever the parser of a user's file raises, the file is bad
-        foreign = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        foreign = _REFUSED_GLOBAL.search(str(e))
         if foreign:
-            raise UsageError(f"checkpoint {path} needs the Python object {foreign.group(1)} to load; refused, "
-                             f"since unpickling it could run arbitrary code (only tensors and plain values "
-                             f"are accepted)") from None
+            raise UsageError(f"checkpoint {path} refused: loading it would call the Python global "
+                             f"{foreign.group(1)}, and unpickling that could run arbitrary code (only tensors "
+                             f"and plain values are accepted)") from None
         raise UsageError(f"checkpoint {path} is not a PyTorch checkpoint or is corrupt/truncated "
                          f"({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(ckpt, dict):
@@ -190,6 +205,10 @@ def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
         if tuple(v.shape) != tuple(own[k].shape):
             raise UsageError(f"{where}: shapes differ for {k}: checkpoint {tuple(v.shape)} vs model "
                              f"{tuple(own[k].shape)}: wrong --ratio or --n-expert?")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a diverged run's weights: every accuracy measured with them would be meaningless
+        raise UsageError(f"{where} holds NaN or inf weights ({len(bad)} of {len(sd)} tensors, e.g. "
+                         f"{', '.join(bad[:3])}): the run that wrote it diverged")
     model.load_state_dict(sd, strict=True)
     balance = ckpt.get("balance_state") if isinstance(ckpt, dict) else None
     if balance and hasattr(model, "load_balance_state"):  # checkpoints of the released code have none: zero bias

@@ -12,8 +12,12 @@ import sys
 from .errors import UsageError
 
 
+MAX_LINE = 1000  # characters of an error line; a message quoting a user's value must not flood the terminal
+
+
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE] + " [...]"
 
 
 def _training_stop(e: BaseException):

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .errors import UsageError
+
 BUCKET_BYTES = 25 * 2**20
 
 
@@ -38,10 +40,9 @@ def init_distributed(device: torch.device, *, backend=None, timeout=None) -> tup
     backend: default nccl on CUDA, gloo on CPU; timeout (a timedelta): how long a collective may wait for
     the slowest rank (default: torch's, 10 to 30 minutes).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size, rank, local_rank = launch_env()
     if world_size <= 1:
         return DistEnv(), device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -49,6 +50,36 @@ def init_distributed(device: torch.device, *, backend=None, timeout=None) -> tup
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     return DistEnv(rank, world_size, local_rank), device
+
+
+def _env_int(name, text, low):
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise UsageError(f"environment variable {name}={text[:40]!r} must be a whole number >= {low}")
+    return value
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(world_size, rank, local_rank) from torchrun's environment variables, checked: UsageError (exit 2)
+    for values that would crash or hang the process group (RANK missing or >= WORLD_SIZE, no MASTER_ADDR)."""
+    world_size = _env_int("WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"), 1)
+    if world_size == 1:
+        return 1, 0, 0
+
+    def required(name):
+        if not os.environ.get(name):
+            raise UsageError(f"{name} is not set, but WORLD_SIZE={world_size} asks for several processes: "
+                             f"launch with torchrun, which sets it")
+        return os.environ[name]
+    rank = _env_int("RANK", required("RANK"), 0)
+    if rank >= world_size:
+        raise UsageError(f"RANK={rank} must be below WORLD_SIZE={world_size}")
+    required("MASTER_ADDR")
+    _env_int("MASTER_PORT", required("MASTER_PORT"), 1)
+    return world_size, rank, _env_int("LOCAL_RANK", os.environ.get("LOCAL_RANK", "0"), 0)
 
 
 def shutdown():

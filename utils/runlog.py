@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from .checkpoint import args_to_dict
+from .errors import UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LOGGER_IDS = itertools.count()
@@ -55,6 +56,23 @@ def run_dir(args, script, evaluate=None) -> str:
         evaluate = bool(getattr(args, "evaluate", False))
     return os.path.join(getattr(args, "save_dir", "results"), "evaluate" if evaluate else "training", script,
                         run_folder_name(args, script))
+
+
+def check_can_create(path, what):
+    """UsageError unless the folder `path` can be created (or written in, if it exists): the nearest existing
+    one of it and its ancestors is a folder and writable, every name short enough. Checked before anything is
+    written, so a bad path leaves no half-made folders. `what` names the path in the message."""
+    path = os.path.abspath(os.fspath(path))
+    for part in path.split(os.sep):
+        if len(part.encode("utf-8", "surrogateescape")) > 255:
+            raise UsageError(f"{what}: the name {part[:40]}... is over the file system's 255 bytes")
+    nearest = path
+    while not os.path.lexists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        raise UsageError(f"{what}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UsageError(f"{what}: cannot write in {nearest} (read-only or permission denied)")
 
 
 def _git(*cmd):
@@ -111,6 +129,7 @@ class RunLogger:
         console.setLevel(logging.INFO if self.is_main else logging.WARNING)
         handlers = [console]
         if self.is_main:
+            check_can_create(self.folder, f"run folder {self.folder}")
             os.makedirs(self.folder, exist_ok=True)
             handlers.append(logging.FileHandler(os.path.join(self.folder, "setup.log"), encoding="utf-8"))
             values = {k: v for k, v in args_to_dict(self.args).items() if k != "configs"}

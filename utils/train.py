@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from .distributed import (DistEnv, all_reduce_sum, any_rank, average_gradients, 
 from .errors import UsageError
 from .evaluate import evaluate
 from .gpu import configure_backends, fits_on_device, maybe_compile, resident_loaders
-from .runlog import RunLogger, format_epoch_line, run_dir
+from .runlog import RunLogger, check_can_create, format_epoch_line, run_dir
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; sh/ scripts and SLURM requeue on it
 CHECKPOINT_FORMAT = "advmoe-tool/1"
@@ -263,10 +264,12 @@ def restore(run: Run, path: str):
     except (KeyError, ValueError) as e:
         raise UsageError(f"{path}: optimizer state does not fit this run ({e}); "
                          f"was it trained with other --moe-training/--optimizer flags?") from None
-    run.start_epoch, run.start_batch = int(ckpt["epoch"]), int(ckpt.get("step_in_epoch", 0))
-    run.best_ra, run.best_sa = float(ckpt["best_acc"]), float(ckpt["sa_record"])
-    run.best_epoch = int(ckpt.get("best_epoch", -1))
-    run.best_select = float(ckpt.get("best_select", run.best_ra))
+    run.start_epoch, run.start_batch = _field(ckpt, path, "epoch", int), _field(ckpt, path, "step_in_epoch", int, 0)
+    run.best_ra, run.best_sa = _field(ckpt, path, "best_acc", float), _field(ckpt, path, "sa_record", float)
+    run.best_epoch = _field(ckpt, path, "best_epoch", int, -1)
+    run.best_select = _field(ckpt, path, "best_select", float, run.best_ra)
+    if run.start_epoch < 0 or run.start_batch < 0:
+        raise UsageError(f"{path}: negative epoch {run.start_epoch} or step_in_epoch {run.start_batch}")
     if run.start_batch:
         ranks = ckpt.get("mid_epoch") or []
         if len(ranks) != run.env.world_size:
@@ -277,6 +280,22 @@ def restore(run: Run, path: str):
         with torch.no_grad():
             for name, b in run.model.named_buffers():
                 b.copy_(mine["buffers"][name])
+
+
+def _field(ckpt, path, key, kind, default=None):
+    """ckpt[key] as an int (a whole number, not a bool) or a finite float; UsageError naming the key."""
+    value = ckpt.get(key, default)
+    if value is None:
+        raise UsageError(f"{path}: the checkpoint has no '{key}' (damaged or written by another tool)")
+    if torch.is_tensor(value) and value.numel() == 1:
+        value = value.item()
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and kind is int:
+        ok = float(value).is_integer()
+    if not ok:
+        what = "a whole number" if kind is int else "a finite number"
+        raise UsageError(f"{path}: the checkpoint's '{key}' is {str(value)[:40]!r}, not {what}")
+    return kind(value)
 
 
 def make_step(run: Run):
@@ -386,25 +405,32 @@ def _fit(args, script, device, env):
     resume = resolve_resume(args, script)
     folder = run_dir(args, script)
     latest, best = _checkpoint_paths(folder)
-    if not resume and os.path.exists(latest):
-        raise UsageError(f"{folder} already holds a checkpoint; continue it with --resume auto, "
-                         f"or start a new run with another --exp-identifier/--save-dir")
+    check_can_create(folder, f"--save-dir {args.save_dir}")
+    own = _continues_own_run(resume, latest)
+    check_folder_is_free(folder, resume, continuing=own or (not resume and args.resume == "auto"))
     run = setup(args, script, device, env)
     if resume:
         restore(run, resume)
+        if run.start_epoch >= args.epochs:
+            if own and run.start_epoch == args.epochs:
+                _mark_finished(folder, env)
+                print(f"{folder} has already trained all {args.epochs} epochs: nothing to do", file=sys.stderr)
+                return None
+            raise UsageError(f"--resume {resume}: the checkpoint has already trained {run.start_epoch} epochs "
+                             f"and --epochs is {args.epochs}: nothing left to train")
     elif run.model.is_moe:
         init_router(run.model, run.probe.plain.to(run.device))
         broadcast_module(run.model, env)
     stop = StopFlag().install()
     row = None
     with RunLogger(folder, args, is_main=env.is_main) as log:
-        log.info(f"{script} {args.arch} on {args.dataset} ({device}); run folder {folder}")
-        if resume:
-            log.info(f"resumed from {resume} at epoch {run.start_epoch + 1}, batch {run.start_batch}")
-        if env.is_main:  # rows of epochs the checkpoint does not hold (all of them on a fresh start) are redone
-            trim_metrics(os.path.join(folder, "metrics.jsonl"), run.start_epoch)
-        log.set_status("running")
         try:
+            log.info(f"{script} {args.arch} on {args.dataset} ({device}); run folder {folder}")
+            if resume:
+                log.info(f"resumed from {resume} at epoch {run.start_epoch + 1}, batch {run.start_batch}")
+            if env.is_main:  # rows of epochs the checkpoint does not hold (all of them on a fresh start) are redone
+                trim_metrics(os.path.join(folder, "metrics.jsonl"), run.start_epoch)
+            log.set_status("running")
             for epoch in range(run.start_epoch, args.epochs):
                 row = _train_and_evaluate_epoch(run, epoch, stop, log, latest, best)
         except Interrupted:
@@ -414,8 +440,54 @@ def _fit(args, script, device, env):
             log.error(str(e))
             log.set_status("failed", str(e))
             raise
+        except BaseException as e:
+            _record_unexpected_stop(log, e)
+            raise
         log.set_status("finished")
     return row
+
+
+def _mark_finished(folder, env):
+    """status.json "finished" for a run whose last checkpoint holds every epoch (a kill may have come between
+    that checkpoint and the status); left as it is when it says so already."""
+    path = os.path.join(folder, "status.json")
+    try:
+        with open(path) as f:
+            if json.load(f).get("state") == "finished":
+                return
+    except (OSError, ValueError, AttributeError):
+        pass
+    RunLogger(folder, None, is_main=env.is_main).set_status("finished", "every epoch was in the last checkpoint")
+
+
+def _record_unexpected_stop(log, e):
+    """status.json for a run stopped by anything but our own stops: never left at 'running'."""
+    if isinstance(e, KeyboardInterrupt):
+        log.set_status("interrupted", "Ctrl-C; resume from the last checkpoint with --resume auto")
+        return
+    reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:1000]
+    log.error(reason)
+    log.set_status("failed", reason)
+
+
+def _continues_own_run(resume, latest) -> bool:
+    """True when `resume` is this run folder's own latest checkpoint (the run goes on where it stopped)."""
+    return bool(resume) and os.path.exists(latest) and os.path.samefile(resume, latest)
+
+
+def check_folder_is_free(folder, resume, continuing):
+    """UsageError when writing this run into `folder` would replace checkpoints of another run.
+
+    A run may write into a folder that holds checkpoints only when it continues that folder's run
+    (`continuing`: `--resume auto`, or `--resume` of the folder's own latest checkpoint). A fresh run, or
+    `--resume` of another file (another run's checkpoint, or this folder's model_best), would overwrite them.
+    """
+    held = [os.path.basename(p) for p in _checkpoint_paths(folder) if os.path.exists(p)]
+    if not held or continuing:
+        return
+    what = f"--resume {resume} into it" if resume else "a fresh run there"
+    raise UsageError(f"{folder} already holds a run ({', '.join(held)}) that {what} would overwrite; continue "
+                     f"that run with --resume auto, or use another --exp-identifier/--save-dir")
 
 
 def _row_epoch(line):
@@ -510,19 +582,30 @@ def evaluate_checkpoint(args, script, device, env=DistEnv()):
     model = build_model_from_args(args, info.num_classes, (info.mean, info.std)).to(device)
     load_model_weights(model, ckpt, arch=args.arch, ratio=args.ratio, source=args.resume)
     folder = run_dir(args, script, evaluate=True)
+    check_can_create(folder, f"--save-dir {args.save_dir}")
     reduce = (lambda t: all_reduce_sum(t, env, device)) if env.enabled else None
     with RunLogger(folder, args, is_main=env.is_main) as log:
-        t0 = time.time()
-        ev = evaluate(model, test_loader, eps=args.epsilon_test, step_size=args.step_size_test,
-                      num_steps=args.num_steps_test, device=device, max_batches=args.max_test_batches,
-                      progress=not args.no_progress and env.is_main, desc="test", reduce=reduce, seed=args.seed,
-                      rank=env.rank, world_size=env.world_size)
-        row = {"checkpoint": os.path.abspath(args.resume), "epoch": ckpt.get("epoch"), "sa": ev["sa"],
-               "ra": ev["ra"], "n": ev["n"], "eps": args.epsilon_test, "num_steps": args.num_steps_test,
-               **_moe_row(ev), "seconds": time.time() - t0}
-        log.log_metrics(row)
-        log.info(f"evaluate {args.resume}: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}% "
-                 f"(PGD-{args.num_steps_test}, eps {args.epsilon_test * 255:.1f}/255, {ev['n']} images)"
-                 + "".join(f" | {k} {v:.2f}%" for k, v in row.items() if k.endswith("robustness") or k == "ra_ste"))
+        try:
+            row = _evaluate_into(args, log, model, test_loader, ckpt, device, env, reduce)
+        except BaseException as e:
+            _record_unexpected_stop(log, e)
+            raise
         log.set_status("finished")
+    return row
+
+
+def _evaluate_into(args, log, model, test_loader, ckpt, device, env, reduce):
+    """Evaluate the loaded checkpoint and log the row (the body of `evaluate_checkpoint`)."""
+    t0 = time.time()
+    ev = evaluate(model, test_loader, eps=args.epsilon_test, step_size=args.step_size_test,
+                  num_steps=args.num_steps_test, device=device, max_batches=args.max_test_batches,
+                  progress=not args.no_progress and env.is_main, desc="test", reduce=reduce, seed=args.seed,
+                  rank=env.rank, world_size=env.world_size)
+    row = {"checkpoint": os.path.abspath(args.resume), "epoch": ckpt.get("epoch"), "sa": ev["sa"],
+           "ra": ev["ra"], "n": ev["n"], "eps": args.epsilon_test, "num_steps": args.num_steps_test,
+           **_moe_row(ev), "seconds": time.time() - t0}
+    log.log_metrics(row)
+    log.info(f"evaluate {args.resume}: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}% "
+             f"(PGD-{args.num_steps_test}, eps {args.epsilon_test * 255:.1f}/255, {ev['n']} images)"
+             + "".join(f" | {k} {v:.2f}%" for k, v in row.items() if k.endswith("robustness") or k == "ra_ste"))
     return row
