@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attack import eval_mode, kl_divergence, pgd_attack
+from .attack import attack_precision, eval_mode, kl_divergence, pgd_attack
 from .losses import robust_loss
 
 
@@ -90,9 +90,20 @@ def _is_router_name(name):
     return name == "router" or name.startswith("router.") or ".router" in name
 
 
-def check_finite(tensor, what):
-    if not torch.isfinite(tensor).all():
-        raise NonFiniteError(f"{what} is not finite (NaN/inf); stopping, last good checkpoint kept")
+def check_finite(tensors, what, average=None):
+    """Raise NonFiniteError when a tensor of `tensors` (one tensor or a sequence) holds NaN or inf.
+
+    One host-device sync for all of them (the router's 59 parameters were 59 round trips). `average(tensor)`
+    (averaging over processes) makes every process raise when one does: a process stopping alone would leave
+    the others waiting in their next collective until its timeout.
+    """
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any().float()
+    if average is not None:
+        bad = average(bad)
+    if bad.item() > 0:
+        where = " on some process" if average is not None else ""
+        raise NonFiniteError(f"{what} is not finite (NaN/inf){where}; stopping, last good checkpoint kept")
 
 
 def load_balance_loss(router_logits, n_expert):
@@ -166,7 +177,7 @@ def reference_router_loss(model, x, y, cfg, generator=None):
     KL is computed from log-probabilities, so no NaN on underflow. The router's logits are taken from the
     model's own forward (`return_routing`), not from a second router pass.
     """
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), attack_precision(x):
         logits_clean, info = model(x, return_routing=True)
     router_clean = info.logits
 
@@ -197,7 +208,7 @@ def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, gen
             out = reference_router_loss(model, x, y, cfg, generator)
         else:
             out = _robust(model, x, y, cfg, generator, routing=True)
-        check_finite(out["loss"], "router-step loss")
+        check_finite(out["loss"], "router-step loss", average)
         _update(router_optimizer, out["loss"], scaler, grad_sync,
                 clips=[(model.router_parameters(), cfg.router_grad_clip)])
     _after_router_update(model, x, cfg, average)
@@ -216,12 +227,13 @@ def _after_router_update(model, x, cfg, average):
             center_router_bias(model, model.route(x), average)
 
 
-def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None):
+def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None,
+                average=None):
     """Update the backbone (experts and shared layers) only, router frozen, its gradient norm clipped at
-    `cfg.grad_clip`. Returns the loss dict."""
+    `cfg.grad_clip`. Returns the loss dict. `average` (over processes) agrees on a non-finite loss."""
     with frozen(model.router_parameters()), running_stats_frozen(_router_modules(model)):
         out = _robust(model, x, y, cfg, generator)
-        check_finite(out["loss"], "expert-step loss")
+        check_finite(out["loss"], "expert-step loss", average)
         _update(optimizer, out["loss"], scaler, grad_sync, clips=[(model.backbone_parameters(), cfg.grad_clip)])
     return out
 
@@ -230,9 +242,8 @@ def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scale
                 grad_sync=None, average=None):
     """One AdvMoE update: router step, then expert step on fresh adversarial examples."""
     r = router_step(model, x, y, cfg, router_optimizer, scaler, generator, grad_sync, average)
-    for p in model.router_parameters():
-        check_finite(p, "router parameter")
-    out = expert_step(model, x, y, cfg, optimizer, scaler, generator, grad_sync)
+    check_finite(model.router_parameters(), "a router parameter", average)
+    out = expert_step(model, x, y, cfg, optimizer, scaler, generator, grad_sync, average)
     out["router_loss"] = r["loss"].detach()
     return out
 
@@ -245,7 +256,7 @@ def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=N
     `cfg.balance_bias`, the router's bias is re-centred after the update (and its BatchNorm statistics follow
     it), as in AdvMoE's router step."""
     out = _robust(model, x, y, cfg, generator, routing=True)
-    check_finite(out["loss"], "training loss")
+    check_finite(out["loss"], "training loss", average)
     if getattr(model, "is_moe", False):
         clips = [(model.router_parameters(), cfg.router_grad_clip), (model.backbone_parameters(), cfg.grad_clip)]
     else:
@@ -299,10 +310,11 @@ def track_router_statistics(model, x, average=None):
     finally:
         for bn in bns:
             bn.train(False)
-    if average is not None:
-        for bn in bns:
-            bn.running_mean.copy_(average(bn.running_mean))
-            bn.running_var.copy_(average(bn.running_var))
+    if average is not None:  # one all-reduce for all of them, not two per BatchNorm
+        buffers = [b for bn in bns for b in (bn.running_mean, bn.running_var)]
+        averaged = average(torch.cat([b.flatten() for b in buffers]))
+        for b, value in zip(buffers, averaged.split([b.numel() for b in buffers])):
+            b.copy_(value.view_as(b))
 
 
 @torch.no_grad()
