@@ -105,7 +105,7 @@ def test_moe_router_and_experts_each_move_only_in_their_own_step(device, amp, ro
     assert router_moved and experts_moved
 
 
-# ------------------------------------------------------------------------------------------------ attacks under autocast
+# ---------------------------------------------------------------------------------------- attacks under autocast
 
 @pytest.mark.parametrize("device, amp", PRECISIONS)
 def test_attacks_under_autocast_stay_in_the_eps_ball_and_in_range(device, amp):

@@ -58,7 +58,7 @@ def test_precision_is_off_on_cpu_and_amp_there_is_a_usage_error():
         Precision(torch.device("cpu"), True)
 
 
-# ------------------------------------------------------------------------------------------------ float32 under autocast
+# ---------------------------------------------------------------------------------------- float32 under autocast
 
 def test_global_router_decides_in_float32_under_bf16_autocast():
     model, x = _moe(), _images()

@@ -212,7 +212,7 @@ def backend_flags(config: BackendConfig):
 
 
 # torch.compile traces a dense model's forward 5 times in a training run with evaluation (measured with a
-# counting backend on CPU, tests/test_gpu.py): TRADES' clean pass (BatchNorm statistics frozen), its adversarial
+# counting backend on CPU, tests/test_cuda_paths.py): TRADES' clean pass (BatchNorm statistics frozen), its adversarial
 # pass, the attack (eval mode, input requiring grad), the attack's target and evaluation (eval, no grad), and
 # evaluation under grad mode. Dynamo's default limit of 8 graphs per function is what a smaller last batch hit
 # before (every variant traced again); the limit is raised to this on purpose, with margin.
