@@ -122,7 +122,11 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g.add_argument("--router-lr-schedule", choices=("cosine", "step"), default="cosine")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (default: on with CUDA, off on CPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile a dense model (MoE models: refused, their routing recompiles every batch)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic CUDA kernels (cuDNN, cuBLAS; no autotuning): resumed runs equal "
+                        "uninterrupted ones on CUDA too; slower (CPU: always deterministic)")
     g.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
 
     g = p.add_argument_group("adversarial training (eps and step sizes in [0,1] pixel units; 8/255 accepted)")
@@ -314,6 +318,9 @@ def validate_args(args):
         if args.balance == "median" and not 0 < args.balance_strength <= 1:
             raise UsageError(f"--balance-strength for --balance median is the fraction of the shift applied, in "
                              f"(0, 1]; got {args.balance_strength}")
+    if args.compile and _is_moe(args.arch):
+        raise UsageError(f"--compile supports dense models only, not the MoE {args.arch}: its data-dependent "
+                         f"expert groups break the graph and recompile until torch.compile gives up")
     if args.routing == "layer" and args.router_objective == "reference":
         raise UsageError("--router-objective reference needs --routing global (it trains the one global router)")
 

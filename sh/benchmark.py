@@ -3,12 +3,17 @@
 
     python sh/benchmark.py                 # CPU: batch-16 training steps, 3 repeats, a few minutes
     python sh/benchmark.py --device cuda   # GPU: AMP, channels_last, cudnn flags of utils.gpu; add --compile
+    python sh/benchmark.py --quick         # tiny sizes, seconds: checks that the benchmark runs (sh/gpu_check.sh)
 
 ResNet-18 CIFAR (32x32, 10 classes), MoE at --ratio with N in --experts, against dense at --ratio and 1.0:
  (a) eval forward time at --batch, sparse and dense-masked MoE (the reference's computation);
  (b) GFLOPs per image of inference and of one training update with 2-step attacks at batch 8: AdvMoE for
      the MoE, TRADES for the dense models (counted by torch.utils.flop_counter);
  (c) training images per second (TRADES for dense, AdvMoE for MoE) at --train-batch.
+Inputs are random CIFAR-shaped images and labels (synthetic: speed needs no dataset). On CUDA each row also
+gives the peak memory of its pass beyond what the models already hold, and each model runs under its own cudnn
+autotuning flag (`configure_backends`: on for dense models and the dense-masked MoE, off for the sparse MoE).
+--compile compiles the dense models only (utils.gpu.maybe_compile refuses MoE models).
 Times are medians of --repeats after --warmup runs, using the machine's default thread count; the models
 are timed in turn within each repeat, so load from other processes hits them alike. MoE routing is
 balanced (image i goes to expert i mod N, forced through a hook adding a constant to the router's logits,
@@ -26,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
 from utils.flops import inference_gflops, make_train_step, train_step_gflops  # noqa: E402
-from utils.gpu import configure_backends, maybe_compile  # noqa: E402
+from utils.gpu import backend_flags, configure_backends, maybe_compile  # noqa: E402
 from utils.train import Precision  # noqa: E402
 
 ARCH = "resnet18_cifar"
@@ -50,6 +55,9 @@ def get_args_parser():
                    help="mixed precision (default: on for CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA)")
     p.add_argument("--skip-train", action="store_true", help="skip (c)")
+    p.add_argument("--skip-flops", action="store_true", help="skip (b)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes (batch 8, training batch 4, one timed run, no (b)): checks the script runs")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the machine's); 1 gives steadier ratios on a loaded machine")
     return p
@@ -61,15 +69,18 @@ def _sync(device):
 
 
 def interleaved_times(fns, device, warmup, repeats):
-    """{key: (median, best)} wall seconds of each `fns[key]()`, timed round-robin.
+    """{key: (median, best, peak)} of each `fns[key]()`: wall seconds, and on CUDA the peak memory (MiB) of one run
+    beyond what was allocated before it (None on CPU). Timed round-robin.
 
     Each round runs every function once, so a change of machine load during the run (a shared machine)
-    affects all of them alike and their ratios stay meaningful; `warmup` untimed rounds come first.
+    affects all of them alike and their ratios stay meaningful; `warmup` untimed rounds come first, then one
+    untimed round measuring memory.
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
+    peaks = {key: peak_memory_mib(fn, device) for key, fn in fns.items()}
     times = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
@@ -77,7 +88,32 @@ def interleaved_times(fns, device, warmup, repeats):
             fn()
             _sync(device)
             times[key].append(time.perf_counter() - t0)
-    return {key: (statistics.median(t), min(t)) for key, t in times.items()}
+    return {key: (statistics.median(t), min(t), peaks[key]) for key, t in times.items()}
+
+
+def peak_memory_mib(fn, device):
+    """MiB that one `fn()` needs at its peak beyond what is allocated before it (CUDA), else None."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def with_own_flags(backends, fn):
+    """`fn` run under `backends`' cudnn flag: the models take turns, so each sets its own (`configure_backends`
+    set the process-wide flag once per model built, and every model ran under the last one's)."""
+    def run():
+        with backend_flags(backends):
+            fn()
+    return run
+
+
+def memory_text(peak):
+    return f"{peak:9.0f}" if peak is not None else f"{'-':>9}"
 
 
 def balance_routing(model):
@@ -115,15 +151,16 @@ def _met(ok):
 
 
 def train_throughput(args, configs, prepared, precision, device, warmup, train_batch, train_repeats):
-    """(c): training images per second of the dense models (TRADES) and the sparse MoE (AdvMoE)."""
+    """(c): training images per second of the dense models (TRADES) and the MoE models (AdvMoE); returns
+    {config: images/s}."""
     r = args.ratio
     print(f"\n(c) training images/s, batch {train_batch}, {args.num_steps}-step attacks "
-          f"(TRADES for dense, AdvMoE for MoE; ratios against dense r={r:g})")
+          f"(TRADES for dense, AdvMoE for MoE; ratios against dense r={r:g}; peak MiB of a step on CUDA)")
     g = torch.Generator().manual_seed(0)
     xt = torch.rand(train_batch, 3, 32, 32, generator=g).to(device)
     yt = torch.randint(0, 10, (train_batch,), generator=g).to(device)
     steps = {}
-    for cfg in [c for c in configs if c[2]]:  # the sparse MoE: the one we train with
+    for cfg in configs:
         model, backends = prepared(cfg, train=True)
         xin = xt.contiguous(memory_format=torch.channels_last) if backends.channels_last else xt
         step = make_train_step(model, "auto", num_steps=args.num_steps, scaler=precision.scaler)
@@ -131,12 +168,14 @@ def train_throughput(args, configs, prepared, precision, device, warmup, train_b
         def train_step(step=step, xin=xin):
             with precision.autocast():
                 step(xin, yt)
-        steps[cfg] = train_step
-    rates = {cfg: train_batch / t for cfg, (t, _) in interleaved_times(steps, device, warmup, train_repeats).items()}
+        steps[cfg] = with_own_flags(backends, train_step)
+    timed = interleaved_times(steps, device, warmup, train_repeats)
+    rates = {cfg: train_batch / t for cfg, (t, _, _) in timed.items()}
     base = rates[("dense", r, True)]
-    print(f"{'model':<32} {'images/s':>9} {'/ dense r':>10}")
+    print(f"{'model':<32} {'images/s':>9} {'/ dense r':>10} {'peak MiB':>9}")
     for cfg, rate in rates.items():
-        print(f"{label(*cfg, r):<32} {rate:9.1f} {ratio_text(rate, base):>10}")
+        print(f"{label(*cfg, r):<32} {rate:9.1f} {ratio_text(rate, base):>10} {memory_text(timed[cfg][2])}")
+    return rates
 
 
 def main(args):
@@ -145,10 +184,12 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
-    repeats = args.repeats or (20 if cuda else 3)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    train_batch = args.train_batch or (128 if cuda else 16)
-    train_repeats = args.train_repeats or (10 if cuda else 2)
+    if args.quick:
+        args.batch, args.skip_flops = 8, True
+    repeats = args.repeats or (1 if args.quick else 20 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick or not cuda else 5)
+    train_batch = args.train_batch or (4 if args.quick else 128 if cuda else 16)
+    train_repeats = args.train_repeats or (1 if args.quick else 10 if cuda else 2)
     precision = Precision(device, args.amp)
     r = args.ratio
     configs = [("dense", 1.0, True), ("dense", r, True)]
@@ -156,9 +197,10 @@ def main(args):
         configs += [("moe", n, True), ("moe", n, False)]
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     load, cores = os.getloadavg()[0], os.cpu_count()
-    print(f"# {ARCH}, 32x32, 10 classes; device {device} ({name}); torch {torch.__version__}; "
-          f"amp {precision.dtype if precision.enabled else 'off'}; compile {args.compile}; "
-          f"median of {repeats} after {warmup} warm-up; load average {load:.1f} on {cores} cores")
+    print(f"# {ARCH}, random CIFAR-shaped images (synthetic), 10 classes; device {device} ({name}); "
+          f"torch {torch.__version__}; amp {precision.dtype if precision.enabled else 'off'}; "
+          f"compile {'dense models' if args.compile else 'off'}; median of {repeats} after {warmup} warm-up; "
+          f"load average {load:.1f} on {cores} cores")
     if not cuda and load > cores:
         print(f"# warning: the machine is busier than its {cores} cores; CPU times include waiting for them "
               f"(multi-threaded runs of many small operations suffer most: try --threads 1)")
@@ -166,12 +208,12 @@ def main(args):
     def prepared(cfg, train):
         model = build(*cfg, r, device)
         backends = configure_backends(device, model)
-        maybe_compile(model, args.compile)
+        maybe_compile(model, args.compile and not model.is_moe)
         return model.train(train), backends
 
     # (a) forward time
     print(f"\n(a) eval forward, batch {args.batch} (ms, median and best of the runs; ratios of the medians "
-          f"against dense r={r:g})")
+          f"against dense r={r:g}; peak MiB of a forward on CUDA)")
     x = torch.rand(args.batch, 3, 32, 32, device=device)
     forwards = {}
     for cfg in configs:
@@ -181,16 +223,38 @@ def main(args):
         def forward(model=model, xin=xin):
             with torch.inference_mode(), precision.autocast():
                 model(xin)
-        forwards[cfg] = forward
+        forwards[cfg] = with_own_flags(backends, forward)
     timed = interleaved_times(forwards, device, warmup, repeats)
     times = {cfg: t[0] for cfg, t in timed.items()}
     del forwards
     base = times[("dense", r, True)]
-    print(f"{'model':<32} {'median':>9} {'best':>9} {'/ dense r':>10}")
-    for cfg, (t, best) in timed.items():
-        print(f"{label(*cfg, r):<32} {1e3 * t:9.1f} {1e3 * best:9.1f} {ratio_text(t, base):>10}")
+    print(f"{'model':<32} {'median':>9} {'best':>9} {'/ dense r':>10} {'peak MiB':>9}")
+    for cfg, (t, best, peak) in timed.items():
+        print(f"{label(*cfg, r):<32} {1e3 * t:9.1f} {1e3 * best:9.1f} {ratio_text(t, base):>10} "
+              f"{memory_text(peak)}")
 
-    # (b) GFLOPs per image
+    flops = {} if args.skip_flops else gflops_table(args, configs, device)
+    rates = {}
+    if not args.skip_train:
+        rates = train_throughput(args, configs, prepared, precision, device, warmup, train_batch, train_repeats)
+    print(f"\ntargets (ResNet-18 CIFAR, ratio {r:g}; reported, not asserted):")
+    for n in args.experts:
+        t_ratio = times[("moe", n, True)] / times[("dense", r, True)]
+        line = f"  N={n}: forward time / dense r={r:g} {t_ratio:.2f} <= 1.6: {_met(t_ratio <= 1.6)}"
+        if ("moe", n, True) in rates:
+            rate_ratio = rates[("moe", n, True)] / rates[("dense", r, True)]
+            line += f"; AdvMoE images/s / dense TRADES {rate_ratio:.2f} >= 0.35: {_met(rate_ratio >= 0.35)}"
+        if flops:
+            inf, step = flops[("moe", n, True)]
+            line += (f"; inference {inf['total']:.3f} GFLOPs <= 0.39: {_met(inf['total'] <= 0.39)}; "
+                     f"AdvMoE step {step:.2f} GFLOPs <= 8.5: {_met(step <= 8.5)}")
+        print(line)
+    return 0
+
+
+def gflops_table(args, configs, device):
+    """(b): prints GFLOPs per image of inference and of a training update; returns {config: (inference, step)}."""
+    r = args.ratio
     print(f"\n(b) GFLOPs per image: inference, and one training update ({args.num_steps}-step attacks, batch 8; "
           f"TRADES for dense, AdvMoE for MoE)")
     flops = {}
@@ -211,17 +275,7 @@ def main(args):
               f"{ref if ref else '-':>6} | {step:7.2f} {ratio_text(step, base_step):>10} "
               f"{ref_step if ref_step else '-':>6}")
     print("ref: the reference's measured cost (its MoE computes every expert; its AdvMoE step also runs extra passes)")
-
-    if not args.skip_train:
-        train_throughput(args, configs, prepared, precision, device, warmup, train_batch, train_repeats)
-    print("\nissue 5 targets (ResNet-18 CIFAR, ratio 0.5):")
-    for n in args.experts:
-        t_ratio = times[("moe", n, True)] / times[("dense", r, True)]
-        inf, step = flops[("moe", n, True)]
-        print(f"  N={n}: inference {inf['total']:.3f} GFLOPs <= 0.39: {_met(inf['total'] <= 0.39)}; "
-              f"AdvMoE step {step:.2f} GFLOPs <= 8.5: {_met(step <= 8.5)}; forward time / dense r={r:g} "
-              f"{t_ratio:.2f} <= 1.6 (CPU target): {_met(t_ratio <= 1.6) if not cuda else 'n/a on GPU'}")
-    return 0
+    return flops
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ REFERENCE_DEFAULTS = {
 # Our additions.
 EXTRA_DEFAULTS = {
     "at": "trades", "device": "auto", "save_dir": "results", "moe_training": "advmoe", "router_objective": "robust",
-    "routing": "global", "amp": None, "compile": False, "no_progress": False, "max_batches": None,
-    "max_test_batches": None, "eval_every": 1, "balance": "median", "balance_strength": 1.0,
+    "routing": "global", "amp": None, "compile": False, "deterministic": False, "no_progress": False,
+    "max_batches": None, "max_test_batches": None, "eval_every": 1, "balance": "median", "balance_strength": 1.0,
     "router_logit_cap": 2.0, "router_grad_clip": 1.0, "grad_clip": 1.0, "sync_bn": False, "sparse": True,
 }
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attack import eval_mode, kl_divergence, pgd_attack
+from .attack import attack_precision, eval_mode, kl_divergence, pgd_attack
 from .balance import DEFAULT_STRENGTH, LOSS_MODES, RouterUpkeep, balance_loss
 from .losses import robust_loss
 
@@ -91,9 +91,20 @@ def _is_router_name(name):
     return name == "router" or name.startswith("router.") or ".router" in name
 
 
-def check_finite(tensor, what):
-    if not torch.isfinite(tensor).all():
-        raise NonFiniteError(f"{what} is not finite (NaN/inf); stopping, last good checkpoint kept")
+def check_finite(tensors, what, average=None):
+    """Raise NonFiniteError when a tensor of `tensors` (one tensor or a sequence) holds NaN or inf.
+
+    One host-device sync for all of them (the router's 59 parameters were 59 round trips). `average(tensor)`
+    (averaging over processes) makes every process raise when one does: a process stopping alone would leave
+    the others waiting in their next collective until its timeout.
+    """
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any().float()
+    if average is not None:
+        bad = average(bad)
+    if bad.item() > 0:
+        where = " on some process" if average is not None else ""
+        raise NonFiniteError(f"{what} is not finite (NaN/inf){where}; stopping, last good checkpoint kept")
 
 
 def _robust(model, x, y, cfg, generator, routing=False):
@@ -154,7 +165,7 @@ def reference_router_loss(model, x, y, cfg, generator=None):
     KL is computed from log-probabilities, so no NaN on underflow. The router's logits are taken from the
     model's own forward (`return_routing`), not from a second router pass.
     """
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), attack_precision(x):
         logits_clean, info = model(x, return_routing=True)
     router_clean = info.logits
 
@@ -170,55 +181,57 @@ def reference_router_loss(model, x, y, cfg, generator=None):
     return {"loss": loss, "x_adv": x_adv}
 
 
-def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, generator=None, grad_sync=None):
+def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, generator=None, grad_sync=None,
+                average=None):
     """Update the router only (experts frozen) to lower the robust loss of the whole MoE. Returns the loss dict."""
     with frozen(model.backbone_parameters()), running_stats_frozen(_backbone_modules(model)):
         if cfg.router_objective == "reference":
             out = reference_router_loss(model, x, y, cfg, generator)
         else:
             out = _robust(model, x, y, cfg, generator, routing=True)
-        check_finite(out["loss"], "router-step loss")
+        check_finite(out["loss"], "router-step loss", average)
         _update(router_optimizer, out["loss"], scaler, grad_sync,
                 clips=[(model.router_parameters(), cfg.router_grad_clip)])
     return out
 
 
-def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None):
+def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None,
+                average=None):
     """Update the backbone (experts and shared layers) only, router frozen, its gradient norm clipped at
-    `cfg.grad_clip`. Returns the loss dict."""
+    `cfg.grad_clip`. Returns the loss dict. `average` (over processes) agrees on a non-finite loss."""
     with frozen(model.router_parameters()), running_stats_frozen(_router_modules(model)):
         out = _robust(model, x, y, cfg, generator)
-        check_finite(out["loss"], "expert-step loss")
+        check_finite(out["loss"], "expert-step loss", average)
         _update(optimizer, out["loss"], scaler, grad_sync, clips=[(model.backbone_parameters(), cfg.grad_clip)])
     return out
 
 
 def advmoe_step(model, x, y, cfg: StepConfig, optimizer, router_optimizer, scaler=None, generator=None,
-                grad_sync=None, upkeep: RouterUpkeep | None = None):
+                grad_sync=None, upkeep: RouterUpkeep | None = None, average=None):
     """One AdvMoE update: router step, then expert step on fresh adversarial examples.
 
     In between, not in the paper: `upkeep.after_router_update` (the router's BatchNorm statistics follow the
     update, then load balancing, `utils.balance`); it runs on the updated router, since balancing on the logits
-    from before the update would miss the shift the update itself makes.
+    from before the update would miss the shift the update itself makes. `average` (over processes) makes every
+    process stop when one sees a non-finite value.
     """
-    r = router_step(model, x, y, cfg, router_optimizer, scaler, generator, grad_sync)
+    r = router_step(model, x, y, cfg, router_optimizer, scaler, generator, grad_sync, average)
     if upkeep is not None:
         upkeep.after_router_update(model, x)
-    for p in model.router_parameters():
-        check_finite(p, "router parameter")
-    out = expert_step(model, x, y, cfg, optimizer, scaler, generator, grad_sync)
+    check_finite(model.router_parameters(), "a router parameter", average)
+    out = expert_step(model, x, y, cfg, optimizer, scaler, generator, grad_sync, average)
     out["router_loss"] = r["loss"].detach()
     return out
 
 
 def joint_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None,
-               upkeep: RouterUpkeep | None = None):
+               upkeep: RouterUpkeep | None = None, average=None):
     """Conventional adversarial training of the whole model (dense, or MoE router and experts together);
     the gradient norm is clipped at `cfg.grad_clip` (a dense model: all its parameters; an MoE: the backbone,
     and the router on its own at `cfg.router_grad_clip`, as in AdvMoE's two steps). For an MoE, the same
     `upkeep` as in AdvMoE follows the update."""
     out = _robust(model, x, y, cfg, generator, routing=True)
-    check_finite(out["loss"], "training loss")
+    check_finite(out["loss"], "training loss", average)
     if getattr(model, "is_moe", False):
         clips = [(model.router_parameters(), cfg.router_grad_clip), (model.backbone_parameters(), cfg.grad_clip)]
     else:

@@ -176,10 +176,11 @@ def track_router_statistics(model, x, average=None):
     finally:
         for bn in bns:
             bn.train(False)
-    if average is not None:
-        for bn in bns:
-            bn.running_mean.copy_(average(bn.running_mean))
-            bn.running_var.copy_(average(bn.running_var))
+    if average is not None:  # one all-reduce for all of them, not two per BatchNorm
+        buffers = [b for bn in bns for b in (bn.running_mean, bn.running_var)]
+        averaged = average(torch.cat([b.flatten() for b in buffers]))
+        for b, value in zip(buffers, averaged.split([b.numel() for b in buffers])):
+            b.copy_(value.view_as(b))
 
 
 @torch.no_grad()

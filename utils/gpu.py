@@ -12,6 +12,8 @@ the device by one gather per batch. Its random numbers are drawn on the CPU from
 (seed, epoch), one crop offset and flip per image of the dataset, so an epoch's batches do not depend on
 where it was resumed, nor on the device.
 """
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +146,7 @@ class BackendConfig:
     cudnn_benchmark: bool = False
     channels_last: bool = False
     tf32: bool = False
+    deterministic: bool = False
 
     def describe(self) -> str:
         on = [k for k, v in vars(self).items() if v]
@@ -154,7 +157,20 @@ def _has_sparse_moe(model) -> bool:
     return bool(getattr(model, "is_moe", False) and getattr(model, "sparse", False))
 
 
-def configure_backends(device, model, *, channels_last=True, tf32=True) -> BackendConfig:
+def deterministic_backends():
+    """Deterministic CUDA kernels (`--deterministic`): cuDNN's deterministic algorithms without autotuning,
+    cuBLAS with a fixed workspace, `torch.use_deterministic_algorithms`. Ops without a deterministic CUDA kernel
+    warn instead of failing (`warn_only`): in these models adaptive average pooling's backward and the router
+    bias re-centring's median, which here add one value per element and pick a median value, so their results do
+    not depend on the order of the atomics. Call before the first CUDA matmul (cuBLAS reads the variable once).
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def configure_backends(device, model, *, channels_last=True, tf32=True, deterministic=False) -> BackendConfig:
     """Set the CUDA backend flags for `model` and convert it (in place) to channels_last. No-op on CPU.
 
     cudnn.benchmark autotunes every new input shape. The sparse MoE runs each expert on a sub-batch whose
@@ -164,30 +180,63 @@ def configure_backends(device, model, *, channels_last=True, tf32=True) -> Backe
     algorithms) and on for dense models and the dense-masked MoE, whose shapes are fixed.
     tf32: TF32 tensor-core matmuls and convolutions (float32 accuracy of ~1e-3 relative, as under AMP).
     Feed channels_last inputs too (`ResidentLoader(memory_format=torch.channels_last)`).
+    deterministic: `deterministic_backends()` (benchmark off).
     """
     device = torch.device(device)
     if device.type != "cuda":
         return BackendConfig()
-    benchmark = not _has_sparse_moe(model)
+    if deterministic:
+        deterministic_backends()
+    benchmark = not (_has_sparse_moe(model) or deterministic)
     torch.backends.cudnn.benchmark = benchmark
     if tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return BackendConfig(cudnn_benchmark=benchmark, channels_last=channels_last, tf32=tf32)
+    return BackendConfig(cudnn_benchmark=benchmark, channels_last=channels_last, tf32=tf32,
+                         deterministic=deterministic)
+
+
+@contextmanager
+def backend_flags(config: BackendConfig):
+    """cudnn autotuning as `config` (from `configure_backends`) says, for the duration; restored after.
+
+    `configure_backends` sets the process-wide flag for the model it configures; code that runs several models in
+    turn (sh/benchmark.py) runs each under its own flag with this."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = config.cudnn_benchmark
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+# torch.compile traces a dense model's forward 5 times in a training run with evaluation (measured with a
+# counting backend on CPU, tests/test_cuda_paths.py): TRADES' clean pass (BatchNorm statistics frozen), its adversarial
+# pass, the attack (eval mode, input requiring grad), the attack's target and evaluation (eval, no grad), and
+# evaluation under grad mode. Dynamo's default limit of 8 graphs per function is what a smaller last batch hit
+# before (every variant traced again); the limit is raised to this on purpose, with margin.
+COMPILE_RECOMPILE_LIMIT = 16
 
 
 def maybe_compile(model, enabled, **compile_kwargs):
-    """torch.compile `model` in place (`nn.Module.compile`) when `enabled`; returns the model.
+    """torch.compile a dense `model` in place (`nn.Module.compile`) when `enabled`; returns the model.
 
-    In place, so the state-dict keys, the class and methods such as `route` stay as they are (a
-    `torch.compile(model)` wrapper would prefix every key with `_orig_mod.`). The sparse MoE's per-expert
-    group sizes vary, so MoE models are compiled with dynamic shapes (no recompile per group size; the
-    grouping itself, a host-side `tolist`, is a graph break). `compile_kwargs` go to torch.compile.
+    In place, so the state-dict keys, the class and methods stay as they are (a `torch.compile(model)` wrapper
+    would prefix every key with `_orig_mod.`). Shapes are dynamic from the first trace (`dynamic=True`), so a
+    smaller last batch reuses the graphs, and Dynamo's recompile limit is raised to COMPILE_RECOMPILE_LIMIT.
+    MoE models are refused (ValueError): the sparse MoE's expert groups are read on the host (a graph break per
+    routing decision), and train/eval, grad mode, `frozen()` and the number of non-empty groups each force a
+    new trace; AdvMoE's first step alone traced 17 graphs, past any sensible limit, after which Dynamo runs the
+    model eagerly with one log line. `compile_kwargs` go to torch.compile (tests pass a counting backend).
     """
     if not enabled:
         return model
-    compile_kwargs.setdefault("dynamic", True if _has_sparse_moe(model) else None)
+    if getattr(model, "is_moe", False):
+        raise ValueError("torch.compile supports dense models only here: an MoE's routing recompiles every batch")
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    compile_kwargs.setdefault("dynamic", True)
     model.compile(**compile_kwargs)
     return model

@@ -7,7 +7,7 @@ passes run in the caller's mode).
 import torch
 import torch.nn.functional as F
 
-from .attack import ce_loss_fn, eval_mode, kl_divergence, pgd_attack, trades_kl_loss_fn
+from .attack import attack_precision, ce_loss_fn, eval_mode, kl_divergence, pgd_attack, trades_kl_loss_fn
 
 
 def trades_objective(logits_clean, logits_adv, y, beta):
@@ -41,7 +41,7 @@ def robust_loss(model, x, y, *, at, eps, step_size, num_steps, beta, generator=N
     """
     forward = forward or _call
     if at == "trades":
-        with torch.no_grad(), eval_mode(model):
+        with torch.no_grad(), eval_mode(model), attack_precision(x):  # the attack's target, in float32 as it
             target = model(x)
         x_adv = pgd_attack(model, x, trades_kl_loss_fn(target), eps=eps, step_size=step_size,
                            num_steps=num_steps, random_start="normal", generator=generator)

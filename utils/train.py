@@ -30,7 +30,7 @@ from .distributed import (DistEnv, all_reduce_sum, any_rank, average_gradients, 
                           gather_objects, init_distributed, shutdown)
 from .errors import UsageError
 from .evaluate import evaluate
-from .gpu import configure_backends, fits_on_device, maybe_compile, resident_loaders
+from .gpu import configure_backends, deterministic_backends, fits_on_device, maybe_compile, resident_loaders
 from .runlog import RunLogger, check_can_create, format_epoch_line, run_dir
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; sh/ scripts and SLURM requeue on it
@@ -57,10 +57,23 @@ class StopFlag:
         return self
 
 
-class Precision:
-    """Mixed precision on CUDA: bf16 where supported, else fp16 with a gradient scaler; off on CPU."""
+def native_bf16(device: torch.device, capability=None) -> bool:
+    """Whether CUDA `device` computes bf16 natively: compute capability 8.0 (Ampere) or later, or ROCm.
 
-    def __init__(self, device: torch.device, amp: bool | None):
+    `torch.cuda.is_bf16_supported()` also answers True where bf16 is only emulated (pre-Ampere GPUs), slow and
+    without bf16 tensor cores. `capability` ((major, minor)) replaces the device's own (tests)."""
+    if capability is None:
+        if torch.version.hip:
+            return True
+        capability = torch.cuda.get_device_capability(device)
+    return tuple(capability) >= (8, 0)
+
+
+class Precision:
+    """Mixed precision on CUDA: bf16 where the GPU computes it natively, else fp16 with a gradient scaler; off
+    on CPU. `capability` ((major, minor)) replaces the GPU's compute capability (tests)."""
+
+    def __init__(self, device: torch.device, amp: bool | None, capability=None):
         self.enabled = device.type == "cuda" if amp is None else bool(amp)
         if self.enabled and device.type != "cuda":
             raise UsageError("--amp needs a CUDA device")
@@ -68,7 +81,7 @@ class Precision:
         self.dtype = None
         self.scaler = None
         if self.enabled:
-            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self.dtype = torch.bfloat16 if native_bf16(device, capability) else torch.float16
             if self.dtype == torch.float16:
                 self.scaler = torch.amp.GradScaler("cuda")
 
@@ -206,6 +219,8 @@ def build_model_from_args(args, num_classes, stats):
 def setup(args, script, device, env=DistEnv()):
     """Build data, model, optimizers. Raises UsageError before anything is written."""
     check_arch_for_script(args, script)
+    if args.deterministic and device.type == "cuda":  # before any CUDA matmul (cuBLAS reads its setting once)
+        deterministic_backends()
     seed_everything(args.seed)
     train_loader, val_loader, test_loader, info = build_loaders(
         args.dataset, args.data_dir, batch_size=args.batch_size, test_batch_size=args.test_batch_size,
@@ -217,7 +232,8 @@ def setup(args, script, device, env=DistEnv()):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     broadcast_module(model, env)
-    backends = configure_backends(device, model)  # cudnn/TF32/channels_last on CUDA, nothing on CPU
+    # cudnn/TF32/channels_last (and --deterministic) on CUDA, nothing on CPU
+    backends = configure_backends(device, model, deterministic=args.deterministic)
     if device.type == "cuda" and fits_on_device(args.dataset):  # whole dataset on the GPU, augmented there
         memory_format = torch.channels_last if backends.channels_last else torch.contiguous_format
         train_loader, val_loader, test_loader = resident_loaders(
@@ -316,9 +332,9 @@ def make_step(run: Run):
                               average=average)
     if run.router_optimizer is not None:
         return lambda x, y: advmoe.advmoe_step(run.model, x, y, cfg, run.optimizer, run.router_optimizer, scaler,
-                                               grad_sync=sync, upkeep=upkeep)
+                                               grad_sync=sync, upkeep=upkeep, average=average)
     return lambda x, y: advmoe.joint_step(run.model, x, y, cfg, run.optimizer, scaler, grad_sync=sync,
-                                          upkeep=upkeep)
+                                          upkeep=upkeep, average=average)
 
 
 def train_epoch(run: Run, epoch: int, stop: StopFlag):

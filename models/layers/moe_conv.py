@@ -9,9 +9,14 @@ from .router import LayerRouter, hard_top1
 
 
 def expert_groups(expert: torch.Tensor, n_expert: int):
-    """Sort a batch by expert: returns (perm, groups) with groups = [(start, stop, e), ...] of non-empty runs."""
+    """Sort a batch by expert: returns (perm, groups) with groups = [(start, stop, e), ...] of non-empty runs.
+
+    One host-device sync (the counts' `tolist`): on CUDA `bincount` would add its own (it reads the maximum
+    to size its output), so the counts are a fixed-size scatter-add instead.
+    """
     perm = torch.argsort(expert, stable=True)
-    counts = torch.bincount(expert, minlength=n_expert).tolist()
+    counts = torch.zeros(n_expert, dtype=torch.long, device=expert.device)
+    counts = counts.scatter_add_(0, expert, torch.ones_like(expert)).tolist()
     groups, start = [], 0
     for e, c in enumerate(counts):
         if c:
@@ -102,7 +107,7 @@ class MoEConv2d(nn.Module):
         expert, gate, groups = routing.for_layer(self, x)
         y = self._sparse(x, expert, groups) if routing.sparse else self._dense_masked(x, expert)
         if gate is not None:  # value 1: carries the straight-through gradient to the router
-            y = y * gate.view(-1, 1, 1, 1)
+            y = y * gate.view(-1, 1, 1, 1).to(y.dtype)  # the float32 gate must not promote a bf16 output
         return y
 
     def extra_repr(self):
