@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from utils import advmoe
+from utils import advmoe, balance
 from utils.attack import ce_loss_fn, pgd_attack
 from utils.losses import robust_loss
 from utils.train import Precision
@@ -57,7 +57,7 @@ def unchanged(before, params):
 # ------------------------------------------------------------------------------------------------ training steps
 
 STEP_CFG = advmoe.StepConfig(num_steps=2, eps=EPS, step_size=STEP, grad_clip=1.0, router_grad_clip=1.0,
-                             balance_bias=True)
+                             balance="median")
 
 
 @pytest.mark.parametrize("device, amp", PRECISIONS)
@@ -87,7 +87,7 @@ def test_moe_router_and_experts_each_move_only_in_their_own_step(device, amp, ro
     opt = torch.optim.SGD(backbone, lr=0.05, momentum=0.9)
     router_opt = torch.optim.SGD(router, lr=0.05, momentum=0.9)
     x, y = batch(device)
-    advmoe.balance_router_init(model, x)
+    balance.init_router(model, x)
     router_moved = experts_moved = False
     for _ in range(3):
         r0, b0 = snapshot(router), snapshot(backbone)

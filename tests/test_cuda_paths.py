@@ -13,7 +13,7 @@ import torch
 
 import models
 from args import parse_args
-from utils import advmoe
+from utils import advmoe, balance
 from utils.attack import ce_loss_fn, pgd_attack
 from utils.errors import UsageError
 from utils.evaluate import evaluate
@@ -177,8 +177,8 @@ def test_router_statistics_are_averaged_in_one_call():
         calls.append(t.shape)
         return 2 * t
 
-    advmoe.track_router_statistics(model, x, average)
-    advmoe.track_router_statistics(twin, x)
+    balance.track_router_statistics(model, x, average)
+    balance.track_router_statistics(twin, x)
     assert len(calls) == 1
     bns = [m for m in model.router.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     twin_bns = [m for m in twin.router.modules() if isinstance(m, torch.nn.BatchNorm2d)]
