@@ -152,7 +152,8 @@ class Run:
             "step_in_epoch": step_in_epoch, "mid_epoch": mid_epoch or [], "world_size": self.env.world_size,
             "args": args_to_dict(self.args), "ratio": self.args.ratio, "n_expert": m.n_expert,
             "num_classes": _num_classes(m), "dataset": self.args.dataset, "normalize": bool(self.args.normalize),
-            "routing": m.routing_mode,
+            "routing": m.routing_mode, "moe_stages": None if m.moe_stages is None else list(m.moe_stages),
+            "top_k": m.top_k,
         }
         if m.is_moe and m.routing_mode == "global":
             state["router"] = m.router.state_dict()
@@ -193,7 +194,8 @@ def build_model_from_args(args, num_classes, stats):
     try:
         return models.build_model(args.arch, num_classes=num_classes, ratio=args.ratio, n_expert=args.n_expert,
                                   normalize=stats if args.normalize else None,
-                                  routing=getattr(args, "routing", "global"), sparse=getattr(args, "sparse", True))
+                                  routing=getattr(args, "routing", "global"), sparse=getattr(args, "sparse", True),
+                                  moe_stages=args.moe_stages, top_k=args.top_k)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

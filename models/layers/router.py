@@ -19,6 +19,17 @@ def hard_top1(logits: torch.Tensor):
     return expert, (prob - prob.detach() + 1.0).to(logits.dtype)
 
 
+def top_k_gates(logits: torch.Tensor, k: int):
+    """Pick `k` experts per image and their weights: (expert (B, k) long, gate (B, k)).
+
+    The gates are the router's softmax probabilities of the chosen experts renormalised to sum to 1 (equal to a
+    softmax over the chosen logits), so the router learns from the loss through them; used for k >= 2 (k = 1
+    is `hard_top1`, whose renormalised gate would be a constant 1 without gradient).
+    """
+    top = logits.topk(k, dim=1)  # values and indices (B, k), largest first
+    return top.indices, F.softmax(top.values.float(), dim=1).to(logits.dtype)
+
+
 class _RouterBlock(nn.Module):
     """Basic block of the router with a parameter-free shortcut (subsample + zero channels)."""
 
