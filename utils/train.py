@@ -27,13 +27,17 @@ from .data import build_loaders
 from .distributed import (DistEnv, all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module,
                           gather_objects, init_distributed, shutdown)
 from .errors import UsageError
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_per_expert
 from .gpu import configure_backends, fits_on_device, maybe_compile, resident_loaders
 from .runlog import RunLogger, format_epoch_line, run_dir
+from .scalars import ScalarLog, summary_writer_class
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; sh/ scripts and SLURM requeue on it
 CHECKPOINT_FORMAT = "advmoe-tool/1"
 COLLAPSE_SHARE = 95.0  # % of images on one expert that we call a load collapse
+# Catastrophic overfitting (Wong et al. 2020: under FGSM training, PGD robust accuracy falls to near zero within an
+# epoch): validation RA below this fraction of the best earlier validation RA is reported.
+OVERFIT_FRACTION = 0.5
 
 
 class Interrupted(Exception):
@@ -389,9 +393,11 @@ def _fit(args, script, device, env):
     elif run.model.is_moe:
         advmoe.balance_router_init(run.model, _first_images(run, 256))
         broadcast_module(run.model, env)
+    writer_class = summary_writer_class() if args.tensorboard else None  # before anything is written
     stop = StopFlag().install()
     row = None
     with RunLogger(folder, args, is_main=env.is_main) as log:
+        scalar_log = ScalarLog(writer_class, folder) if writer_class is not None and env.is_main else None
         log.info(f"{script} {args.arch} on {args.dataset} ({device}); run folder {folder}")
         if resume:
             log.info(f"resumed from {resume} at epoch {run.start_epoch + 1}, batch {run.start_batch}")
@@ -400,7 +406,7 @@ def _fit(args, script, device, env):
         log.set_status("running")
         try:
             for epoch in range(run.start_epoch, args.epochs):
-                row = _train_and_evaluate_epoch(run, epoch, stop, log, latest, best)
+                row = _train_and_evaluate_epoch(run, epoch, stop, log, latest, best, scalar_log)
         except Interrupted:
             log.set_status("interrupted", f"signal {stop.signum}: checkpoint written, exit {REQUEUE_EXIT_CODE}")
             raise
@@ -408,6 +414,9 @@ def _fit(args, script, device, env):
             log.error(str(e))
             log.set_status("failed", str(e))
             raise
+        finally:
+            if scalar_log is not None:
+                scalar_log.close()
         log.set_status("finished")
     return row
 
@@ -446,7 +455,7 @@ def _first_images(run, n):
     return torch.cat(xs)[:n].to(run.device)
 
 
-def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
+def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best, scalar_log=None):
     a = run.args
     t0 = time.time()
     env = run.env
@@ -482,6 +491,8 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
         row.update(_moe_row(test))
         # Model selection on the held-out validation split (the reference picked on the test set).
         select = test["ra"] if select is None else select
+        if run.best_select > 0 and select < OVERFIT_FRACTION * run.best_select:
+            row["catastrophic_overfitting"] = True
         is_best = select > run.best_select
         if is_best:
             run.best_select, run.best_ra, run.best_sa, run.best_epoch = select, test["ra"], test["sa"], epoch + 1
@@ -489,6 +500,8 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
     # The row goes out before the checkpoint: a kill in between leaves a row that the resume trims and redoes,
     # never a checkpointed epoch without its row. model_best before checkpoint, so a resumed epoch rewrites both.
     log.log_metrics(row)
+    if scalar_log is not None:
+        scalar_log.write(row, epoch + 1)
     log.info(format_epoch_line({**row, "epochs": a.epochs}))
     if env.is_main:
         state = run.state_dict(epoch + 1)
@@ -498,6 +511,10 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
     barrier(env)
     if row.get("collapse"):
         log.warning(f"expert load collapse: {max(row['load_clean']):.1f}% of test images use one expert")
+    if row.get("catastrophic_overfitting"):
+        log.warning(f"catastrophic overfitting? {'validation' if run.val_loader is not None else 'test'} PGD RA "
+                    f"fell to {select:.2f}%, below {OVERFIT_FRACTION:g} x its best {run.best_select:.2f}% "
+                    f"(epoch {run.best_epoch}); model_best.pth.tar keeps epoch {run.best_epoch}")
     return row
 
 
@@ -514,18 +531,33 @@ def evaluate_checkpoint(args, script, device, env=DistEnv()):
     load_model_weights(model, ckpt, arch=args.arch, ratio=args.ratio, source=args.resume)
     folder = run_dir(args, script, evaluate=True)
     reduce = (lambda t: all_reduce_sum(t, env, device)) if env.enabled else None
+    writer_class = summary_writer_class() if args.tensorboard else None  # before anything is written
     with RunLogger(folder, args, is_main=env.is_main) as log:
         t0 = time.time()
         ev = evaluate(model, test_loader, eps=args.epsilon_test, step_size=args.step_size_test,
                       num_steps=args.num_steps_test, device=device, max_batches=args.max_test_batches,
                       progress=not args.no_progress and env.is_main, desc="test", reduce=reduce, seed=args.seed,
                       rank=env.rank, world_size=env.world_size)
+        per_expert = {}
+        if args.per_expert:
+            per_expert = evaluate_per_expert(
+                model, test_loader, eps=args.epsilon_test, step_size=args.step_size_test,
+                num_steps=args.num_steps_test, device=device, max_batches=args.max_test_batches,
+                progress=not args.no_progress and env.is_main, reduce=reduce, seed=args.seed, rank=env.rank,
+                world_size=env.world_size)
         row = {"checkpoint": os.path.abspath(args.resume), "epoch": ckpt.get("epoch"), "sa": ev["sa"],
                "ra": ev["ra"], "n": ev["n"], "eps": args.epsilon_test, "num_steps": args.num_steps_test,
-               **_moe_row(ev), "seconds": time.time() - t0}
+               **_moe_row(ev), **per_expert, "seconds": time.time() - t0}
         log.log_metrics(row)
+        if writer_class is not None and env.is_main:
+            scalar_log = ScalarLog(writer_class, folder)
+            scalar_log.write(row, int(ckpt.get("epoch") or 0))
+            scalar_log.close()
         log.info(f"evaluate {args.resume}: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}% "
                  f"(PGD-{args.num_steps_test}, eps {args.epsilon_test * 255:.1f}/255, {ev['n']} images)"
                  + "".join(f" | {k} {v:.2f}%" for k, v in row.items() if k.endswith("robustness") or k == "ra_ste"))
+        for e, (sa, ra) in enumerate(zip(per_expert.get("per_expert_sa", []), per_expert.get("per_expert_ra", []))):
+            log.info(f"  expert {e} alone (every image forced to it): SA {sa:.2f}% | RA {ra:.2f}% "
+                     f"(routed: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}%)")
         log.set_status("finished")
     return row
