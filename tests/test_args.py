@@ -38,7 +38,8 @@ EXTRA_DEFAULTS = {
     "at": "trades", "device": "auto", "save_dir": "results", "moe_training": "advmoe", "router_objective": "robust",
     "routing": "global", "amp": None, "compile": False, "no_progress": False, "max_batches": None,
     "max_test_batches": None, "eval_every": 1, "balance_weight": 0.0, "router_grad_clip": 1.0, "grad_clip": 1.0,
-    "balance_bias": True, "sync_bn": False, "sparse": True,
+    "balance_bias": True, "sync_bn": False, "sparse": True, "moe_stages": None, "top_k": 1, "per_expert": False,
+    "tensorboard": False,
 }
 
 

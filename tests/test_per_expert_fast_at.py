@@ -1,13 +1,15 @@
 """Per-expert evaluation, fast adversarial training and --tensorboard (issue 13, items 3-5)."""
 import copy
+import json
 import sys
 import types
 
 import pytest
 import torch
+import yaml
 
 import models
-from utils import advmoe
+from utils import advmoe, report
 from utils.errors import UsageError
 from utils.evaluate import evaluate, evaluate_per_expert, forced_routing
 from utils.losses import robust_loss
@@ -138,3 +140,17 @@ def test_tensorboard_missing_is_a_usage_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
     with pytest.raises(UsageError, match="pip install tensorboard"):
         summary_writer_class()
+
+
+def test_report_table_shows_each_expert_next_to_the_routed_model(tmp_path):
+    folder = tmp_path / "evaluate" / "train_moe" / "run"
+    folder.mkdir(parents=True)
+    (folder / "args.yaml").write_text(yaml.safe_dump({"evaluate": True, "arch": "resnet18_cifar_moe", "n_expert": 2}))
+    row = {"checkpoint": "/x/checkpoint/model_best.pth.tar", "sa": 90.0, "ra": 40.0,
+           "per_expert_sa": [88.5, 70.25], "per_expert_ra": [45.0, 20.5]}
+    (folder / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (folder / "status.json").write_text(json.dumps({"state": "finished", "message": ""}))
+    table = report.markdown_table(report.collect([str(tmp_path)]))
+    header, _, line = table.splitlines()[:3]
+    assert header.endswith("| experts alone: SA / PGD RA |")
+    assert line.endswith("| 90.00 | 40.00 | - | - | - | - | e0 88.50 / 45.00, e1 70.25 / 20.50 |")
