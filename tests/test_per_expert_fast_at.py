@@ -1,5 +1,6 @@
 """Per-expert evaluation, fast adversarial training and --tensorboard (issue 13, items 3-5)."""
 import copy
+import os
 import json
 import sys
 import types
@@ -154,3 +155,24 @@ def test_report_table_shows_each_expert_next_to_the_routed_model(tmp_path):
     header, _, line = table.splitlines()[:3]
     assert header.endswith("| experts alone: SA / PGD RA |")
     assert line.endswith("| 90.00 | 40.00 | - | - | - | - | e0 88.50 / 45.00, e1 70.25 / 20.50 |")
+
+
+def test_collapse_of_validation_ra_is_reported_and_the_best_checkpoint_kept(monkeypatch, tmp_path):
+    from args import parse_args
+    from utils import train
+    from utils.runlog import RunLogger
+    args = parse_args(["--arch", "resnet18_cifar_ori", "--dataset", "Digits", "--ratio", "0.125", "--epochs", "3",
+                       "--save-dir", str(tmp_path), "--no-progress", "--at", "fast"], script="train_ori")
+    run = train.setup(args, "train_ori", torch.device("cpu"))
+    val_ra = iter([60.0, 55.0, 20.0])  # epoch 3: below half of the best (60)
+    monkeypatch.setattr(train, "train_epoch", lambda run, epoch, stop: ({"loss_sum": 1.0, "correct": 0, "seen": 1},
+                                                                         None))
+    monkeypatch.setattr(train, "_eval", lambda run, loader, desc, moe_metrics=None:
+                        {"sa": 90.0, "ra": next(val_ra) if desc == "val" else 33.0})
+    folder = train.run_dir(args, "train_ori")
+    latest, best = train._checkpoint_paths(folder)
+    with RunLogger(folder, args) as log:
+        rows = [train._train_and_evaluate_epoch(run, e, train.StopFlag(), log, latest, best) for e in range(3)]
+    assert [r.get("catastrophic_overfitting", False) for r in rows] == [False, False, True]
+    assert "catastrophic overfitting?" in open(os.path.join(folder, "setup.log")).read()
+    assert torch.load(best, weights_only=True)["best_epoch"] == 1
