@@ -176,3 +176,10 @@ def test_collapse_of_validation_ra_is_reported_and_the_best_checkpoint_kept(monk
     assert [r.get("catastrophic_overfitting", False) for r in rows] == [False, False, True]
     assert "catastrophic overfitting?" in open(os.path.join(folder, "setup.log")).read()
     assert torch.load(best, weights_only=True)["best_epoch"] == 1
+
+
+def test_report_method_names_the_options_that_differ_from_the_released_code():
+    assert report.method_of({"arch": "a_moe", "moe_stages": None, "top_k": 1, "at": "trades"}, "train_moe") == "advmoe"
+    assert report.method_of({"arch": "a_moe", "moe_stages": [3, 4], "top_k": 2, "at": "fast"}, "train_moe") == \
+        "advmoe stages 3,4 top-2 fast-AT"
+    assert report.method_of({"arch": "a_ori", "at": "fast"}, "train_ori") == "dense fast-AT"

@@ -175,13 +175,20 @@ def is_evaluation(folder: str, args: dict) -> bool:
 
 
 def method_of(args: dict, script: str) -> str:
-    """dense, joint or advmoe (advmoe-reference when the router is trained on the reference's objective)."""
+    """dense, joint or advmoe (advmoe-reference when the router is trained on the reference's objective), then
+    what differs from the released code's setting: `fast-AT`, `stages S` (`--moe-stages`), `top-K`."""
     if script == "train_ori" or str(args.get("arch", "")).endswith("_ori"):
-        return "dense"
-    method = args.get("moe_training") or "advmoe"
-    if args.get("router_objective") == "reference":
-        method += "-reference"
-    return method
+        method = "dense"
+    else:
+        method = args.get("moe_training") or "advmoe"
+        if args.get("router_objective") == "reference":
+            method += "-reference"
+        stages = args.get("moe_stages")
+        if stages not in (None, "", []):
+            method += f" stages {','.join(map(str, stages)) if isinstance(stages, list) else stages}"
+        if str(args.get("top_k") or 1) != "1":
+            method += f" top-{args['top_k']}"
+    return method + (" fast-AT" if args.get("at") == "fast" else "")
 
 
 def base_arch(arch: str) -> str:
