@@ -157,6 +157,7 @@ def test_report_table_shows_each_expert_next_to_the_routed_model(tmp_path):
     assert line.endswith("| 90.00 | 40.00 | - | - | - | - | e0 88.50 / 45.00, e1 70.25 / 20.50 |")
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # train_epoch is replaced: no step
 def test_collapse_of_validation_ra_is_reported_and_the_best_checkpoint_kept(monkeypatch, tmp_path):
     from args import parse_args
     from utils import train
