@@ -86,6 +86,11 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g.add_argument("--max-batches", type=int, default=None, metavar="N",
                    help="stop each training epoch after N batches (smoke tests)")
     g.add_argument("--max-test-batches", type=int, default=None, metavar="N", help="evaluate N test batches only")
+    g.add_argument("--per-expert", action="store_true",
+                   help="with --evaluate (MoE): also SA and PGD RA of every expert alone (every image forced to it)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write each epoch's metrics as TensorBoard scalars to RUN_FOLDER/tensorboard "
+                        "(needs the tensorboard package)")
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", required=True, choices=archs, metavar="ARCH",
@@ -99,6 +104,12 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                         "MoE layer (the paper's figure)")
     g.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
                    help="MoE layers compute only each image's expert (--no-sparse: every expert, then masked)")
+    g.add_argument("--moe-stages", type=int, nargs="+", default=None, metavar="S",
+                   help="stages holding MoE convs (ResNet 1-4, WRN 1-3, VGG blocks 1-5, DenseNet dense blocks), "
+                        "the others dense at the same width ratio (default: all, the released code)")
+    g.add_argument("--top-k", type=int, default=1, metavar="K",
+                   help="experts per image in every MoE layer, outputs weighted by the renormalised router "
+                        "probabilities (1: hard top-1, the released code)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="CIFAR10", choices=DATASETS)
@@ -130,7 +141,9 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
 
     g = p.add_argument_group("adversarial training (eps and step sizes in [0,1] pixel units; 8/255 accepted)")
-    g.add_argument("--at", choices=("trades", "pgd"), default="trades", help="training objective")
+    g.add_argument("--at", choices=("trades", "pgd", "fast"), default="trades",
+                   help="training objective; fast: FGSM from a uniform random start with step 1.25 eps, then "
+                        "PGD-AT's loss (Wong et al. 2020; --num-steps and --step-size unused)")
     g.add_argument("--moe-training", choices=("advmoe", "joint"), default="advmoe",
                    help="advmoe: alternating router and expert updates; joint: one AT update of both")
     g.add_argument("--router-objective", choices=("robust", "reference"), default="robust",
@@ -301,8 +314,20 @@ def validate_args(args):
             raise UsageError(f"--n-expert is required for the MoE arch {args.arch}")
         if args.n_expert < 1:
             raise UsageError(f"--n-expert must be >= 1, got {args.n_expert}")
+        if not 1 <= args.top_k <= args.n_expert:
+            raise UsageError(f"--top-k must be in 1..{args.n_expert} (--n-expert), got {args.top_k}")
     elif args.n_expert is not None:
         raise UsageError(f"--n-expert applies to MoE archs (*_moe) only; {args.arch} is dense")
+    else:
+        for flag, unset in (("moe_stages", args.moe_stages is None), ("top_k", args.top_k == 1),
+                            ("per_expert", not args.per_expert)):
+            if not unset:
+                raise UsageError(f"--{flag.replace('_', '-')} applies to MoE archs (*_moe) only; {args.arch} is dense")
+    if args.per_expert and not args.evaluate:
+        raise UsageError("--per-expert works with --evaluate --resume CHECKPOINT")
+    if args.at == "fast" and args.router_objective == "reference":
+        raise UsageError("--at fast trains with one-step attacks; --router-objective reference has its own "
+                         "multi-step attack (use --router-objective robust)")
     if args.evaluate and not args.resume:
         raise UsageError("--evaluate needs --resume CHECKPOINT (the checkpoint to evaluate)")
     if args.evaluate and args.resume == "auto":

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers import LayerRouter, MoEConv2d, Normalize, Router, Routing, expert_groups, hard_top1, selection_scores
+from .layers import (LayerRouter, MoEConv2d, Normalize, Router, Routing, expert_groups, hard_top1, selection_scores,
+                     top_k_gates)
 
 
 def call(layer: nn.Module, x: torch.Tensor, routing: Routing | None):
@@ -35,20 +36,31 @@ class RoutingInfo:
 
     Global routing: `logits` (B, N) (None when the experts were fixed by the caller) and `expert` (B,).
     Layer routing: `logits` and `expert` are lists with one entry per MoE layer.
+    Top-k routing (k >= 2): `expert` (B, k) and `gate` (B, k), the experts' weights (lists for layer routing).
     """
     logits: torch.Tensor | list | None
     expert: torch.Tensor | list
+    gate: torch.Tensor | list | None = None
 
 
 class RoutedNet(nn.Module):
     """Dense model when `n_expert` is None, MoE-CNN otherwise."""
 
-    def __init__(self, normalize=None, n_expert=None, routing="global", sparse=True):
+    def __init__(self, normalize=None, n_expert=None, routing="global", sparse=True, moe_stages=None, top_k=1):
         super().__init__()
         self.normalize = Normalize(normalize)
         self.n_expert = n_expert
         self.routing_mode = routing if n_expert else None
         self.sparse = sparse
+        # Stages (1-based) whose convs are MoE convs; None: every stage (the reference's layout).
+        self.moe_stages = None if moe_stages is None else tuple(sorted(set(moe_stages)))
+        self.top_k = top_k
+        if n_expert is None and (moe_stages is not None or top_k != 1):
+            raise ValueError("moe_stages and top_k apply to MoE models only")
+        if moe_stages is not None and not self.moe_stages:
+            raise ValueError("moe_stages must name at least one stage")
+        if n_expert is not None and not 1 <= top_k <= n_expert:
+            raise ValueError(f"top_k must be in 1..n_expert={n_expert}, got {top_k}")
 
     @property
     def is_moe(self) -> bool:
@@ -60,6 +72,19 @@ class RoutedNet(nn.Module):
             return MoEConv2d(in_channels, out_channels, kernel_size, stride, padding, bias,
                              n_expert=self.n_expert, layer_router=self.routing_mode == "layer")
         return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
+
+    def stage_conv(self, stage: int, n_stages: int):
+        """The conv factory of stage `stage` (1-based, of `n_stages`): `self.conv`, except that convs of a stage
+        outside `moe_stages` are dense. A dense conv has the same output width as the MoE conv it replaces
+        (`out_channels`, one expert's width), so dense and MoE stages fit together at any ratio."""
+        if self.moe_stages is not None and not set(self.moe_stages) <= set(range(1, n_stages + 1)):
+            raise ValueError(f"moe_stages {list(self.moe_stages)}: this arch has stages 1..{n_stages}")
+        holds_moe = self.moe_stages is None or stage in self.moe_stages
+
+        def conv(*args, moe=True, **kwargs):
+            return self.conv(*args, moe=moe and holds_moe, **kwargs)
+        conv.holds_moe = holds_moe
+        return conv
 
     def finish(self):
         """Attach the global router last, so state-dict order matches the reference."""
@@ -105,13 +130,14 @@ class RoutedNet(nn.Module):
         routers = {id(p) for p in self.router_parameters()}
         return [p for p in self.parameters() if id(p) not in routers]
 
-    def forward(self, x, expert=None, return_routing=False):
+    def forward(self, x, expert=None, return_routing=False, gate=None):
         """Logits (B, classes) for images x in [0,1].
 
         Args:
             expert: fix the routing instead of asking the router: a (B,) long tensor of experts
                 (global routing) or a list of them, one per MoE layer (layer routing). No gradient
-                then reaches the router.
+                then reaches the router. With top-k routing, (B, k) experts with their `gate` weights (B, k)
+                (or lists of them); a (B,) expert sends each image through that one expert alone.
             return_routing: also return a `RoutingInfo`.
         """
         x = self.normalize(x)
@@ -119,15 +145,19 @@ class RoutedNet(nn.Module):
             out = self.forward_features(x, None)
             return (out, None) if return_routing else out
         if self.routing_mode == "layer":
-            routing = Routing(self.n_expert, self.sparse, fixed_layers=expert)
+            routing = Routing(self.n_expert, self.sparse, fixed_layers=expert, top_k=self.top_k, fixed_gates=gate)
             out = self.forward_features(x, routing)
-            info = RoutingInfo(routing.layer_logits or None, routing.layer_experts)
+            info = RoutingInfo(routing.layer_logits or None, routing.layer_experts, routing.layer_gates or gate)
             return (out, info) if return_routing else out
         if expert is None:
             logits = self.router(x)
-            expert, gate = hard_top1(logits, self.router.balance.select_bias)
+            bias = self.router.balance.select_bias
+            expert, gate = hard_top1(logits, bias) if self.top_k == 1 else top_k_gates(logits, self.top_k, bias)
         else:
-            logits, gate = None, None
+            logits, gate = None, gate if expert.dim() == 2 else None
+        if expert.dim() == 2:  # top-k, k >= 2: every MoE layer groups the (image, expert) pairs itself
+            out = self.forward_features(x, Routing(self.n_expert, self.sparse, expert, gate))
+            return (out, RoutingInfo(logits, expert, gate)) if return_routing else out
         if self.sparse and x.shape[0] > 0:
             # Global routing: sort the batch by expert once, so every MoE layer runs each expert on a
             # contiguous run of images with a contiguous slice of its weight (no copies).

@@ -88,8 +88,9 @@ class _DenseNet(RoutedNet):
     """DenseNet-BC with base widths `growth`, `stem`, `bottleneck` (scaled by ratio) and `blocks` layers per block."""
 
     def __init__(self, growth, blocks, stem, bottleneck, imagenet_stem, num_classes=10, ratio=1.0,
-                 normalize=None, n_expert=None, routing="global", sparse=True):
-        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse)
+                 normalize=None, n_expert=None, routing="global", sparse=True, moe_stages=None, top_k=1):
+        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse,
+                         moe_stages=moe_stages, top_k=top_k)
         require_channels(ratio, {"each dense layer (growth rate)": growth, "the stem": stem,
                                  "each bottleneck": bottleneck})
         growth, stem, bottleneck = int(ratio * growth), int(ratio * stem), int(ratio * bottleneck)
@@ -103,7 +104,7 @@ class _DenseNet(RoutedNet):
             features["conv0"] = self.conv(3, stem, 3, stride=1, padding=1, moe=False)
         channels = stem
         for k, n in enumerate(blocks, start=1):
-            features[f"denseblock{k}"] = _DenseBlock(self.conv, n, channels, bottleneck, growth)
+            features[f"denseblock{k}"] = _DenseBlock(self.stage_conv(k, len(blocks)), n, channels, bottleneck, growth)
             channels += n * growth
             if k < len(blocks):
                 features[f"transition{k}"] = _Transition(self.conv, channels, channels // 2)

@@ -26,7 +26,8 @@ def is_moe(name: str) -> bool:
 
 
 def build_model(name: str, num_classes: int = 10, ratio: float = 1.0, n_expert: int | None = None,
-                normalize: tuple | None = None, routing: str = "global", sparse: bool = True):
+                normalize: tuple | None = None, routing: str = "global", sparse: bool = True,
+                moe_stages=None, top_k: int = 1):
     """Build a registered model.
 
     Args:
@@ -37,6 +38,9 @@ def build_model(name: str, num_classes: int = 10, ratio: float = 1.0, n_expert: 
         normalize: (mean, std) applied inside the model to [0,1] inputs, or None.
         routing: 'global' (one router for the network, the reference's) or 'layer' (a router per MoE layer).
         sparse: MoE layers compute only each image's own expert (True) or every expert, masked (False).
+        moe_stages: stages (1-based: ResNet 1-4, WRN 1-3, VGG blocks 1-5, DenseNet dense blocks) that hold MoE
+            convs, the others dense at the same width ratio; None: every stage (the reference's layout).
+        top_k: experts per image in every MoE layer (1: the reference's hard top-1 routing).
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown arch {name!r}; valid: {', '.join(list_models())}")
@@ -47,7 +51,10 @@ def build_model(name: str, num_classes: int = 10, ratio: float = 1.0, n_expert: 
             raise ValueError(f"arch {name} needs n_expert >= 1, got {n_expert}")
     elif n_expert not in (None, 1):
         raise ValueError(f"arch {name} is dense; n_expert={n_expert} applies to MoE archs only")
+    elif moe_stages is not None or top_k != 1:
+        raise ValueError(f"arch {name} is dense; moe_stages and top_k apply to MoE archs only")
     if routing not in ("global", "layer"):
         raise ValueError(f"routing must be 'global' or 'layer', got {routing!r}")
-    moe = dict(n_expert=n_expert, routing=routing, sparse=sparse) if is_moe(name) else {}
+    moe = dict(n_expert=n_expert, routing=routing, sparse=sparse, moe_stages=moe_stages, top_k=top_k) \
+        if is_moe(name) else {}
     return _BUILDERS[name](num_classes=num_classes, ratio=ratio, normalize=normalize, **moe)

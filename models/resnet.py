@@ -128,8 +128,9 @@ class _ResNet(RoutedNet):
     """ResNet over `block` with `depths` blocks per stage; `stem` is 'cifar' or 'imagenet'."""
 
     def __init__(self, block, depths, stem, num_classes=10, ratio=1.0, normalize=None, n_expert=None,
-                 routing="global", sparse=True):
-        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse)
+                 routing="global", sparse=True, moe_stages=None, top_k=1):
+        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse,
+                         moe_stages=moe_stages, top_k=top_k)
         imagenet = stem == "imagenet"
         require_channels(ratio, {"layer1": _STAGE_PLANES[0]})
         # The reference's CIFAR MoE keeps a full 64-channel stem; every other variant scales it.
@@ -146,9 +147,10 @@ class _ResNet(RoutedNet):
         in_planes = stem_width
         for i, (planes, stride, depth) in enumerate(zip(_STAGE_PLANES, _STAGE_STRIDES, depths), start=1):
             width = int(ratio * planes)
+            conv = self.stage_conv(i, len(depths))
             blocks = []
             for j in range(depth):
-                blocks.append(block(self.conv, in_planes, width, stride if j == 0 else 1, shortcut_name,
+                blocks.append(block(conv, in_planes, width, stride if j == 0 else 1, shortcut_name,
                                     moe_shortcut=imagenet))
                 in_planes = width * block.expansion
             setattr(self, f"layer{i}", nn.ModuleList(blocks))

@@ -41,17 +41,22 @@ class _VGG(RoutedNet):
     """VGG over `config` (conv widths and 'M' max-pools), with or without BatchNorm."""
 
     def __init__(self, config, batch_norm, num_classes=10, ratio=1.0, normalize=None, n_expert=None,
-                 routing="global", sparse=True):
-        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse)
+                 routing="global", sparse=True, moe_stages=None, top_k=1):
+        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse,
+                         moe_stages=moe_stages, top_k=top_k)
         require_channels(ratio, {f"features.{i} (a {w}-channel conv)": w for i, w in enumerate(config) if w != "M"})
         layers, in_channels = [], 3
+        n_blocks = config.count("M") + (config[-1] != "M")  # a block: the convs up to a max-pool
+        block = 1
         for item in config:
             if item == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+                block += 1
                 continue
             width = int(ratio * item)
+            conv = self.stage_conv(block, n_blocks)
             # The RGB-reading first conv stays dense in the MoE model, as in the reference.
-            layers.append(self.conv(in_channels, width, 3, stride=1, padding=1, moe=in_channels != 3))
+            layers.append(conv(in_channels, width, 3, stride=1, padding=1, moe=in_channels != 3))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(width))
             layers.append(nn.ReLU(inplace=True))

@@ -77,8 +77,9 @@ class _WideResNet(RoutedNet):
     """WRN-`depth`-`widen`; `stem` is 'cifar' (32x32) or 'imagenet' (TinyImageNet, 64x64)."""
 
     def __init__(self, depth, widen, stem, num_classes=10, ratio=1.0, normalize=None, n_expert=None,
-                 routing="global", sparse=True):
-        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse)
+                 routing="global", sparse=True, moe_stages=None, top_k=1):
+        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse,
+                         moe_stages=moe_stages, top_k=top_k)
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4, got {depth}")
         n = (depth - 4) // 6
@@ -91,10 +92,11 @@ class _WideResNet(RoutedNet):
         else:
             self.conv1 = self.conv(3, widths[0], 3, stride=1, padding=1, moe=False)
             self.bn0, self.maxpool = None, None
-        raw = self.is_moe
-        self.block1 = _Stage(self.conv, n, widths[0], widths[1], 1, raw)
-        self.block2 = _Stage(self.conv, n, widths[1], widths[2], 2, raw)
-        self.block3 = _Stage(self.conv, n, widths[2], widths[3], 2, raw)
+        # The reference's raw-input quirk belongs to its MoE blocks; a dense stage (--moe-stages) is standard.
+        convs = [self.stage_conv(k, 3) for k in (1, 2, 3)]
+        self.block1 = _Stage(convs[0], n, widths[0], widths[1], 1, convs[0].holds_moe and self.is_moe)
+        self.block2 = _Stage(convs[1], n, widths[1], widths[2], 2, convs[1].holds_moe and self.is_moe)
+        self.block3 = _Stage(convs[2], n, widths[2], widths[3], 2, convs[2].holds_moe and self.is_moe)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
         init_weights(self)

@@ -39,6 +39,7 @@ EXTRA_DEFAULTS = {
     "routing": "global", "amp": None, "compile": False, "deterministic": False, "no_progress": False,
     "max_batches": None, "max_test_batches": None, "eval_every": 1, "balance": "median", "balance_strength": 1.0,
     "router_logit_cap": 2.0, "router_grad_clip": 1.0, "grad_clip": 1.0, "sync_bn": False, "sparse": True,
+    "moe_stages": None, "top_k": 1, "per_expert": False, "tensorboard": False,
 }
 
 

@@ -421,6 +421,8 @@ class ModelSpec:
     dataset: str
     routing: str
     num_classes: int
+    moe_stages: tuple | None = None  # recorded by the checkpoint (--moe-stages); None: every stage
+    top_k: int = 1  # recorded by the checkpoint (--top-k)
 
 
 def _same(a, b) -> bool:
@@ -461,8 +463,11 @@ def resolve_spec(ckpt: dict, source: str, *, arch=None, ratio=None, n_expert=Non
     classes = dataset_info(dataset).num_classes
     if ckpt.get("num_classes") not in (None, classes):
         raise UsageError(f"{source} has {ckpt['num_classes']} classes but {dataset} has {classes}")
-    return ModelSpec(arch, float(ratio), None if not models.is_moe(arch) else int(n_expert), normalize, dataset,
-                     routing, classes)
+    moe = models.is_moe(arch)
+    stages = ckpt.get("moe_stages") if moe else None
+    return ModelSpec(arch, float(ratio), None if not moe else int(n_expert), normalize, dataset,
+                     routing, classes, None if stages is None else tuple(stages),
+                     int(ckpt.get("top_k") or 1) if moe else 1)
 
 
 def build_from_checkpoint(ckpt: dict, source: str, spec: ModelSpec, device, sparse=True) -> torch.nn.Module:
@@ -473,7 +478,8 @@ def build_from_checkpoint(ckpt: dict, source: str, spec: ModelSpec, device, spar
     try:
         model = models.build_model(spec.arch, num_classes=spec.num_classes, ratio=spec.ratio,
                                    n_expert=spec.n_expert, normalize=(info.mean, info.std) if spec.normalize else None,
-                                   routing=spec.routing, sparse=sparse)
+                                   routing=spec.routing, sparse=sparse, moe_stages=spec.moe_stages,
+                                   top_k=spec.top_k)
     except ValueError as e:
         raise UsageError(str(e)) from None
     load_model_weights(model, ckpt, arch=spec.arch, ratio=spec.ratio, source=source)

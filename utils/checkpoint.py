@@ -190,6 +190,10 @@ def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
         _recorded_mismatch(where, ckpt, "ratio", "--ratio", None if ratio is None else float(ratio))
         _recorded_mismatch(where, ckpt, "n_expert", "--n-expert", getattr(model, "n_expert", None))
         _recorded_mismatch(where, ckpt, "routing", "--routing", getattr(model, "routing_mode", None))
+        stages = getattr(model, "moe_stages", None)
+        _recorded_mismatch(where, ckpt, "moe_stages", "--moe-stages", None if stages is None else list(stages))
+        if getattr(model, "is_moe", False):
+            _recorded_mismatch(where, ckpt, "top_k", "--top-k", model.top_k)
     sd = extract_state_dict(ckpt, source)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from models.layers import MoEConv2d
 from .attack import ce_loss_fn, eval_mode, pgd_attack
 
 _COUNTS = ("n", "clean_correct", "adv_correct", "router_kept", "expert_adv_correct", "ste_adv_correct")
@@ -28,34 +29,45 @@ def _as_list(expert):
     return expert if isinstance(expert, list) else [expert]
 
 
+def _decision_ce(logits, expert):
+    """Summed CE of router logits against chosen experts: (B,) top-1 choices, or (B, k) top-k ones (each counts)."""
+    if expert.dim() == 2:
+        return -F.log_softmax(logits.float(), dim=1).gather(1, expert).sum()
+    return F.cross_entropy(logits, expert, reduction="sum")
+
+
 def router_decision_loss_fn(clean_expert):
     """Attack loss on the routing itself: CE of the router logits against the clean choice (every layer)."""
     def loss(model, x_adv):
         if model.routing_mode == "global":
-            return F.cross_entropy(model.route_scores(x_adv), clean_expert, reduction="sum")
+            return _decision_ce(model.route_scores(x_adv), clean_expert)
         _, info = model(x_adv, return_routing=True)
-        return sum(F.cross_entropy(lg, e, reduction="sum") for lg, e in zip(info.logits, clean_expert))
+        return sum(_decision_ce(lg, e) for lg, e in zip(info.logits, clean_expert))
     return loss
 
 
-def fixed_routing_ce_fn(y, clean_expert):
-    """Cross-entropy of the MoE with its routing pinned to `clean_expert` (attacks the experts only)."""
+def fixed_routing_ce_fn(y, clean_expert, clean_gate=None):
+    """Cross-entropy of the MoE with its routing pinned to `clean_expert` (attacks the experts only); with
+    top-k routing, `clean_gate` pins the experts' weights too."""
     def loss(model, x_adv):
-        return F.cross_entropy(model(x_adv, expert=clean_expert), y, reduction="sum")
+        return F.cross_entropy(model(x_adv, expert=clean_expert, gate=clean_gate), y, reduction="sum")
     return loss
 
 
 def _decision(model, x):
     with torch.no_grad():
         if model.routing_mode == "global":
-            return model.route_scores(x).argmax(1)
+            scores = model.route_scores(x)
+            return scores.argmax(1) if model.top_k == 1 else scores.topk(model.top_k, dim=1).indices
         return model(x, return_routing=True)[1].expert
 
 
 def _same_decision(a, b):
-    kept = torch.ones_like(_as_list(a)[0], dtype=torch.bool)
+    kept = None
     for ea, eb in zip(_as_list(a), _as_list(b)):
-        kept &= ea == eb
+        # top-k: the same set of experts, whatever their order
+        same = (ea == eb) if ea.dim() == 1 else (ea.sort(dim=1).values == eb.sort(dim=1).values).all(dim=1)
+        kept = same if kept is None else kept & same
     return kept
 
 
@@ -103,18 +115,18 @@ def evaluate(model, loader, *, eps, step_size, num_steps, device, moe_metrics=No
             batch = [len(y), (logits.argmax(1) == y).sum().item(), 0, 0, 0, robust.sum().item()]
             if routed:  # second attack, routing held at the clean choice; RA takes the worse of the two
                 clean_expert = info.expert
-                x_e = pgd_attack(model, x, fixed_routing_ce_fn(y, clean_expert), **attack)
+                x_e = pgd_attack(model, x, fixed_routing_ce_fn(y, clean_expert, info.gate), **attack)
                 robust &= _predict(model, x_e)[0].argmax(1) == y
             batch[2] = robust.sum().item()
             if moe:
                 x_r = pgd_attack(model, x, router_decision_loss_fn(clean_expert), **attack)
                 batch[3] = _same_decision(_decision(model, x_r), clean_expert).sum().item()
-                logits_e, _ = _predict(model, x_e, expert=clean_expert)
+                logits_e, _ = _predict(model, x_e, expert=clean_expert, gate=info.gate)
                 batch[4] = (logits_e.argmax(1) == y).sum().item()
-                for e in _as_list(clean_expert):
-                    load_clean += torch.bincount(e.cpu(), minlength=n_expert).double()
+                for e in _as_list(clean_expert):  # top-k: each image counts once for each of its k experts
+                    load_clean += torch.bincount(e.cpu().reshape(-1), minlength=n_expert).double()
                 for e in _as_list(info_adv.expert):
-                    load_adv += torch.bincount(e.cpu(), minlength=n_expert).double()
+                    load_adv += torch.bincount(e.cpu().reshape(-1), minlength=n_expert).double()
             counts += torch.tensor(batch, dtype=torch.float64)
             bar.set_postfix(sa=f"{100 * counts[1] / counts[0]:.1f}", ra=f"{100 * counts[2] / counts[0]:.1f}")
     if reduce is not None:
@@ -130,3 +142,44 @@ def evaluate(model, loader, *, eps, step_size, num_steps, device, moe_metrics=No
         out["load_clean"] = (100 * load_clean / load_clean.sum().clamp(min=1)).tolist()
         out["load_adv"] = (100 * load_adv / load_adv.sum().clamp(min=1)).tolist()
     return out
+
+
+def forced_routing(model, expert: int, batch: int, device):
+    """Routing that sends every image of a batch of `batch` to expert `expert` in every MoE layer (the `expert=`
+    argument of an MoE's forward; the router is not asked)."""
+    chosen = torch.full((batch,), expert, dtype=torch.long, device=device)
+    if model.routing_mode == "layer":
+        return [chosen] * sum(isinstance(m, MoEConv2d) for m in model.modules())
+    return chosen
+
+
+def evaluate_per_expert(model, loader, *, eps, step_size, num_steps, device, max_batches=None, progress=True,
+                        reduce=None, seed=0, rank=0, world_size=1):
+    """SA and PGD RA of every expert on its own: every image forced to expert e in every MoE layer.
+
+    Returns {"per_expert_sa": [...], "per_expert_ra": [...]} (% per expert). The PGD attack (uniform start, the
+    same per batch as `evaluate`'s) maximises the cross-entropy of the forced model, so expert e's numbers are
+    those of an MoE whose router always picks e. Arguments as in `evaluate`.
+    """
+    counts = torch.zeros(model.n_expert, 2, dtype=torch.float64)  # (N, [clean correct, adversarial correct])
+    n = torch.zeros(1, dtype=torch.float64)
+    with eval_mode(model):
+        bar = tqdm(loader, desc="per expert", leave=False, disable=not progress, dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar):
+            batch_number = i * world_size + rank
+            if max_batches is not None and batch_number >= max_batches:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for e in range(model.n_expert):
+                forced = forced_routing(model, e, len(y), x.device)
+                x_adv = pgd_attack(model, x, fixed_routing_ce_fn(y, forced), eps=eps, step_size=step_size,
+                                   num_steps=num_steps, random_start="uniform",
+                                   generator=_start_generator(seed, batch_number, x.device))
+                with torch.no_grad():
+                    counts[e, 0] += (model(x, expert=forced).argmax(1) == y).sum().item()
+                    counts[e, 1] += (model(x_adv, expert=forced).argmax(1) == y).sum().item()
+            n += len(y)
+    if reduce is not None:
+        counts, n = reduce(counts), reduce(n)
+    pct = (100 * counts / n.clamp(min=1)).T.tolist()
+    return {"per_expert_sa": pct[0], "per_expert_ra": pct[1]}

@@ -146,9 +146,10 @@ def _dense_name(arch):
 
 
 def flops_rows(arch, *, ratio, n_expert=None, num_classes=10, image_size=32, train_step=False, num_steps=2,
-               batch=8, at="trades", moe_training="advmoe", device="cpu") -> list[dict]:
+               batch=8, at="trades", moe_training="advmoe", device="cpu", moe_stages=None, top_k=1) -> list[dict]:
     """Rows for `format_flops_table`: dense `arch` at ratio 1.0 and `ratio`; for an MoE arch also the
-    activated (sparse) MoE and the reference's dense-masked MoE. GFLOPs per image."""
+    activated (sparse) MoE and the reference's dense-masked MoE, with MoE convs in `moe_stages` (None: all)
+    and `top_k` experts per image (the activated cost grows with it). GFLOPs per image."""
     import models
     rows = []
     dense = _dense_name(arch)
@@ -160,11 +161,13 @@ def flops_rows(arch, *, ratio, n_expert=None, num_classes=10, image_size=32, tra
                                                  num_classes=num_classes, num_steps=num_steps, at=at,
                                                  device=device)
     if models.is_moe(arch):
+        placement = "" if moe_stages is None else f" stages={','.join(map(str, sorted(set(moe_stages))))}"
+        placement += f" k={top_k}" if top_k != 1 else ""
         for sparse, label in ((True, "activated"), (False, "dense-masked, as the reference")):
             model = models.build_model(arch, num_classes=num_classes, ratio=ratio, n_expert=n_expert,
-                                       sparse=sparse).to(device)
-            row = dict(name=f"{arch} r={ratio:g} N={n_expert} {label}", **inference_gflops(model, image_size,
-                                                                                           batch, device))
+                                       sparse=sparse, moe_stages=moe_stages, top_k=top_k).to(device)
+            row = dict(name=f"{arch} r={ratio:g} N={n_expert}{placement} {label}",
+                       **inference_gflops(model, image_size, batch, device))
             if train_step:
                 row["step"] = train_step_gflops(model, moe_training, image_size=image_size, batch=batch,
                                                 num_classes=num_classes, num_steps=num_steps, at=at, device=device)
@@ -182,7 +185,10 @@ def get_args_parser():
     p.add_argument("--image-size", type=int, default=None, help="overrides the dataset's image size (pixels)")
     p.add_argument("--train-step", action="store_true", help="also count one training update")
     p.add_argument("--num-steps", type=int, default=2, help="attack steps of the training update")
-    p.add_argument("--at", default="trades", choices=("trades", "pgd"), help="robust loss of the update")
+    p.add_argument("--moe-stages", type=int, nargs="+", default=None, metavar="S",
+                   help="stages holding MoE convs, the others dense (default: all)")
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help="experts per image in every MoE layer")
+    p.add_argument("--at", default="trades", choices=("trades", "pgd", "fast"), help="robust loss of the update")
     p.add_argument("--moe-training", default="advmoe", choices=("advmoe", "joint"), help="MoE update")
     p.add_argument("--batch", type=int, default=8, help="images per counted batch")
     return p
@@ -198,8 +204,10 @@ def main(args) -> int:
             raise UsageError(f"unknown arch {args.arch!r}; valid: {', '.join(models.list_models())}")
         if models.is_moe(args.arch) and (args.n_expert is None or args.n_expert < 1):
             raise UsageError(f"{args.arch} is an MoE arch: give --n-expert N (N >= 1)")
-        if not models.is_moe(args.arch) and args.n_expert not in (None, 1):
-            raise UsageError(f"{args.arch} is dense: --n-expert applies to MoE archs only")
+        if not models.is_moe(args.arch) and (args.n_expert not in (None, 1) or args.moe_stages or args.top_k != 1):
+            raise UsageError(f"{args.arch} is dense: --n-expert, --moe-stages and --top-k apply to MoE archs only")
+        if models.is_moe(args.arch) and not 1 <= args.top_k <= args.n_expert:
+            raise UsageError(f"--top-k must be in 1..{args.n_expert} (--n-expert), got {args.top_k}")
         if not 0 < args.ratio <= 1:
             raise UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
         if args.batch < 1 or args.num_steps < 0 or (args.image_size is not None and args.image_size < 8):
@@ -208,9 +216,14 @@ def main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     image_size = args.image_size or info.image_size
-    rows = flops_rows(args.arch, ratio=args.ratio, n_expert=args.n_expert, num_classes=info.num_classes,
-                      image_size=image_size, train_step=args.train_step, num_steps=args.num_steps,
-                      batch=args.batch, at=args.at, moe_training=args.moe_training)
+    try:
+        rows = flops_rows(args.arch, ratio=args.ratio, n_expert=args.n_expert, num_classes=info.num_classes,
+                          image_size=image_size, train_step=args.train_step, num_steps=args.num_steps,
+                          batch=args.batch, at=args.at, moe_training=args.moe_training,
+                          moe_stages=args.moe_stages, top_k=args.top_k)
+    except ValueError as e:  # e.g. a stage the arch does not have
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     step = f"; train step: {args.num_steps}-step {args.at} attacks, batch {args.batch}" if args.train_step else ""
     print(format_flops_table(rows, title=f"GFLOPs per image ({args.dataset}, {image_size}x{image_size}{step})"))
     return 0

@@ -1,4 +1,4 @@
-"""Training objectives as pure functions: TRADES and PGD-AT (Madry).
+"""Training objectives as pure functions: TRADES, PGD-AT (Madry) and fast AT (Wong et al. 2020).
 
 They take a model and tensors and return a dict of tensors; they never zero gradients or step, and leave
 the model in the mode they found it (the attack switches to eval mode and back; the training-mode forward
@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from .attack import attack_precision, ce_loss_fn, eval_mode, kl_divergence, pgd_attack, trades_kl_loss_fn
+
+FAST_STEP = 1.25  # fast AT's FGSM step in units of eps (Wong et al. 2020's choice)
 
 
 def trades_objective(logits_clean, logits_adv, y, beta):
@@ -31,8 +33,10 @@ def robust_loss(model, x, y, *, at, eps, step_size, num_steps, beta, generator=N
     """Adversarial training loss of `model` on (x, y): attack, then the objective.
 
     Args:
-        at: 'trades' (attack KL(f(x)||f(x_adv)) from a 0.001-normal start, loss trades_objective) or
-            'pgd' (attack cross-entropy from a uniform start, loss pgd_at_objective).
+        at: 'trades' (attack KL(f(x)||f(x_adv)) from a 0.001-normal start, loss trades_objective),
+            'pgd' (attack cross-entropy from a uniform start, loss pgd_at_objective) or
+            'fast' (one FGSM step of 1.25 eps on the cross-entropy from a uniform start, then pgd_at_objective:
+            "Fast is better than free", Wong et al. 2020; `step_size` and `num_steps` are not used).
         eps, step_size: in [0,1] pixel units. num_steps: attack iterations.
         forward: `forward(model, x) -> logits` for the training-mode passes (default `model(x)`).
     Returns the objective's dict plus `x_adv`, `logits_adv` (and `logits_clean` for TRADES), detached.
@@ -48,12 +52,14 @@ def robust_loss(model, x, y, *, at, eps, step_size, num_steps, beta, generator=N
         logits_clean, logits_adv = forward(model, x), forward(model, x_adv)
         out = trades_objective(logits_clean, logits_adv, y, beta)
         out["logits_clean"] = logits_clean.detach()
-    elif at == "pgd":
+    elif at in ("pgd", "fast"):
+        if at == "fast":
+            step_size, num_steps = FAST_STEP * eps, 1
         x_adv = pgd_attack(model, x, ce_loss_fn(y), eps=eps, step_size=step_size, num_steps=num_steps,
                            random_start="uniform", generator=generator)
         logits_adv = forward(model, x_adv)
         out = pgd_at_objective(logits_adv, y)
     else:
-        raise ValueError(f"at must be 'trades' or 'pgd', got {at!r}")
+        raise ValueError(f"at must be 'trades', 'pgd' or 'fast', got {at!r}")
     out.update(x_adv=x_adv, logits_adv=logits_adv.detach())
     return out

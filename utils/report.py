@@ -83,6 +83,7 @@ class RunRow:
     registry_arch: str = ""
     curves: list = field(default_factory=list)  # [(epoch, sa, ra)]
     load: dict = field(default_factory=dict)  # {"clean": [...%], "adv": [...%]} of the last epoch
+    per_expert: list = field(default_factory=list)  # [(SA, PGD RA)] of each expert alone (`--per-expert`)
 
     @property
     def label(self) -> str:
@@ -174,13 +175,20 @@ def is_evaluation(folder: str, args: dict) -> bool:
 
 
 def method_of(args: dict, script: str) -> str:
-    """dense, joint or advmoe (advmoe-reference when the router is trained on the reference's objective)."""
+    """dense, joint or advmoe (advmoe-reference when the router is trained on the reference's objective), then
+    what differs from the released code's setting: `fast-AT`, `stages S` (`--moe-stages`), `top-K`."""
     if script == "train_ori" or str(args.get("arch", "")).endswith("_ori"):
-        return "dense"
-    method = args.get("moe_training") or "advmoe"
-    if args.get("router_objective") == "reference":
-        method += "-reference"
-    return method
+        method = "dense"
+    else:
+        method = args.get("moe_training") or "advmoe"
+        if args.get("router_objective") == "reference":
+            method += "-reference"
+        stages = args.get("moe_stages")
+        if stages not in (None, "", []):
+            method += f" stages {','.join(map(str, stages)) if isinstance(stages, list) else stages}"
+        if str(args.get("top_k") or 1) != "1":
+            method += f" top-{args['top_k']}"
+    return method + (" fast-AT" if args.get("at") == "fast" else "")
 
 
 def base_arch(arch: str) -> str:
@@ -290,6 +298,7 @@ def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
     model_best = os.path.join(folder, "checkpoint", "model_best.pth.tar")
     if evaluation and _newer(evaluation["_metrics"], model_best):
         row.sa, row.pgd_ra, row.pgd_source = _float(evaluation.get("sa")), _float(evaluation["ra"]), "evaluate"
+        row.per_expert = _per_expert(evaluation)
     aa = read_json(os.path.join(folder, "autoattack.json"))
     if isinstance(aa, dict) and _float(aa.get("robust_accuracy")) is not None:
         row.aa_ra, row.aa_sa = _float(aa["robust_accuracy"]), _float(aa.get("clean_accuracy"))
@@ -316,7 +325,13 @@ def summarize_evaluation_only(folder: str) -> RunRow:
     if evals:
         row.sa, row.pgd_ra, row.pgd_source = _float(evals[-1].get("sa")), _float(evals[-1]["ra"]), "evaluate"
         row.message = row.message or f"evaluation only: {evals[-1].get('checkpoint', '')}"
+        row.per_expert = _per_expert(evals[-1])
     return row
+
+
+def _per_expert(evaluation: dict) -> list:
+    """[(SA, PGD RA)] of each expert alone from an `--evaluate --per-expert` row ([] without them)."""
+    return list(zip(evaluation.get("per_expert_sa") or [], evaluation.get("per_expert_ra") or []))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -434,6 +449,9 @@ def markdown_table(rows: list[RunRow]) -> str:
     """table.md: the paper's columns plus status and epochs; notes below explain marks and sources."""
     head = ["arch", "dataset", "method", "ratio", "N", "status", "epochs", "SA", "PGD RA", "AA RA", "GFLOPs",
             "GPU h", "CPU h"]
+    per_expert = any(r.per_expert for r in rows)  # the column only appears when some run has the numbers
+    if per_expert:
+        head.append("experts alone: SA / PGD RA")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         mark = "*" if r.pgd_source == "training" else ""
@@ -448,10 +466,14 @@ def markdown_table(rows: list[RunRow]) -> str:
                  str(r.n_expert) if r.n_expert else "-", r.status, epochs,
                  _fmt(r.sa) + (mark if r.sa is not None else ""), _fmt(r.pgd_ra) + (mark if r.pgd_ra is not None else ""),
                  aa, _fmt(r.gflops, 3), _fmt(r.gpu_hours, 3), _fmt(r.cpu_hours, 3)]
+        if per_expert:
+            cells.append(", ".join(f"e{e} {_fmt(sa)} / {_fmt(ra)}" for e, (sa, ra) in enumerate(r.per_expert)) or "-")
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     notes = ["", "SA, RA: % of test images; PGD RA of the best-RA checkpoint from its `--evaluate` run "
              "(`*`: from the training log's best-RA epoch instead). AA RA: AutoAttack on the first n test images. "
-             "GFLOPs: inference, per image. GPU h / CPU h: training epochs' wall time x processes."]
+             "GFLOPs: inference, per image. GPU h / CPU h: training epochs' wall time x processes."
+             + (" Experts alone: every test image forced to one expert (`--evaluate --per-expert`)."
+                if per_expert else "")]
     problems = [r for r in rows if r.status not in ("finished", "evaluated")]
     if problems:
         notes.append("")

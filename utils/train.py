@@ -29,13 +29,17 @@ from .data import TrainingProbe, build_loaders
 from .distributed import (DistEnv, all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module,
                           gather_objects, init_distributed, shutdown)
 from .errors import UsageError
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_per_expert
 from .gpu import configure_backends, deterministic_backends, fits_on_device, maybe_compile, resident_loaders
 from .runlog import RunLogger, check_can_create, format_epoch_line, run_dir
+from .scalars import ScalarLog, summary_writer_class
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; sh/ scripts and SLURM requeue on it
 CHECKPOINT_FORMAT = "advmoe-tool/1"
 COLLAPSE_SHARE = 95.0  # % of images on one expert that we call a load collapse
+# Catastrophic overfitting (Wong et al. 2020: under FGSM training, PGD robust accuracy falls to near zero within an
+# epoch): validation RA below this fraction of the best earlier validation RA is reported.
+OVERFIT_FRACTION = 0.5
 
 
 class Interrupted(Exception):
@@ -168,7 +172,8 @@ class Run:
             "step_in_epoch": step_in_epoch, "mid_epoch": mid_epoch or [], "world_size": self.env.world_size,
             "args": args_to_dict(self.args), "ratio": self.args.ratio, "n_expert": m.n_expert,
             "num_classes": _num_classes(m), "dataset": self.args.dataset, "normalize": bool(self.args.normalize),
-            "routing": m.routing_mode,
+            "routing": m.routing_mode, "moe_stages": None if m.moe_stages is None else list(m.moe_stages),
+            "top_k": m.top_k,
         }
         if m.is_moe:
             state["balance_state"] = m.balance_state()
@@ -211,7 +216,8 @@ def build_model_from_args(args, num_classes, stats):
     try:
         return models.build_model(args.arch, num_classes=num_classes, ratio=args.ratio, n_expert=args.n_expert,
                                   normalize=stats if args.normalize else None,
-                                  routing=getattr(args, "routing", "global"), sparse=getattr(args, "sparse", True))
+                                  routing=getattr(args, "routing", "global"), sparse=getattr(args, "sparse", True),
+                                  moe_stages=args.moe_stages, top_k=args.top_k)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -437,9 +443,11 @@ def _fit(args, script, device, env):
     elif run.model.is_moe:
         init_router(run.model, run.probe.plain.to(run.device))
         broadcast_module(run.model, env)
+    writer_class = summary_writer_class() if args.tensorboard else None  # before anything is written
     stop = StopFlag().install()
     row = None
     with RunLogger(folder, args, is_main=env.is_main) as log:
+        scalar_log = ScalarLog(writer_class, folder) if writer_class is not None and env.is_main else None
         try:
             log.info(f"{script} {args.arch} on {args.dataset} ({device}); run folder {folder}")
             if resume:
@@ -448,7 +456,7 @@ def _fit(args, script, device, env):
                 trim_metrics(os.path.join(folder, "metrics.jsonl"), run.start_epoch)
             log.set_status("running")
             for epoch in range(run.start_epoch, args.epochs):
-                row = _train_and_evaluate_epoch(run, epoch, stop, log, latest, best)
+                row = _train_and_evaluate_epoch(run, epoch, stop, log, latest, best, scalar_log)
         except Interrupted:
             log.set_status("interrupted", f"signal {stop.signum}: checkpoint written, exit {REQUEUE_EXIT_CODE}")
             raise
@@ -459,6 +467,9 @@ def _fit(args, script, device, env):
         except BaseException as e:
             _record_unexpected_stop(log, e)
             raise
+        finally:
+            if scalar_log is not None:
+                scalar_log.close()
         log.set_status("finished")
     return row
 
@@ -528,7 +539,7 @@ def trim_metrics(path, last_epoch):
         os.replace(tmp, path)
 
 
-def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
+def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best, scalar_log=None):
     a = run.args
     t0 = time.time()
     env = run.env
@@ -567,6 +578,8 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
                                       run.probe.augmented().to(run.device)))
         # Model selection on the held-out validation split (the reference picked on the test set).
         select = test["ra"] if select is None else select
+        if run.best_select > 0 and select < OVERFIT_FRACTION * run.best_select:
+            row["catastrophic_overfitting"] = True
         is_best = select > run.best_select
         if is_best:
             run.best_select, run.best_ra, run.best_sa, run.best_epoch = select, test["ra"], test["sa"], epoch + 1
@@ -574,6 +587,8 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
     # The row goes out before the checkpoint: a kill in between leaves a row that the resume trims and redoes,
     # never a checkpointed epoch without its row. model_best before checkpoint, so a resumed epoch rewrites both.
     log.log_metrics(row)
+    if scalar_log is not None:
+        scalar_log.write(row, epoch + 1)
     log.info(format_epoch_line({**row, "epochs": a.epochs}))
     if env.is_main:
         state = run.state_dict(epoch + 1)
@@ -583,6 +598,10 @@ def _train_and_evaluate_epoch(run, epoch, stop, log, latest, best):
     barrier(env)
     if row.get("collapse"):
         log.warning(f"expert load collapse: {max(row['load_clean']):.1f}% of test images use one expert")
+    if row.get("catastrophic_overfitting"):
+        log.warning(f"catastrophic overfitting? {'validation' if run.val_loader is not None else 'test'} PGD RA "
+                    f"fell to {select:.2f}%, below {OVERFIT_FRACTION:g} x its best {run.best_select:.2f}% "
+                    f"(epoch {run.best_epoch}); model_best.pth.tar keeps epoch {run.best_epoch}")
     return row
 
 
@@ -600,9 +619,10 @@ def evaluate_checkpoint(args, script, device, env=DistEnv()):
     folder = run_dir(args, script, evaluate=True)
     check_can_create(folder, f"--save-dir {args.save_dir}")
     reduce = (lambda t: all_reduce_sum(t, env, device)) if env.enabled else None
+    writer_class = summary_writer_class() if args.tensorboard else None  # before anything is written
     with RunLogger(folder, args, is_main=env.is_main) as log:
         try:
-            row = _evaluate_into(args, log, model, test_loader, ckpt, device, env, reduce)
+            row = _evaluate_into(args, log, model, test_loader, ckpt, device, env, reduce, writer_class, folder)
         except BaseException as e:
             _record_unexpected_stop(log, e)
             raise
@@ -610,18 +630,32 @@ def evaluate_checkpoint(args, script, device, env=DistEnv()):
     return row
 
 
-def _evaluate_into(args, log, model, test_loader, ckpt, device, env, reduce):
+def _evaluate_into(args, log, model, test_loader, ckpt, device, env, reduce, writer_class, folder):
     """Evaluate the loaded checkpoint and log the row (the body of `evaluate_checkpoint`)."""
     t0 = time.time()
     ev = evaluate(model, test_loader, eps=args.epsilon_test, step_size=args.step_size_test,
                   num_steps=args.num_steps_test, device=device, max_batches=args.max_test_batches,
                   progress=not args.no_progress and env.is_main, desc="test", reduce=reduce, seed=args.seed,
                   rank=env.rank, world_size=env.world_size)
+    per_expert = {}
+    if args.per_expert:
+        per_expert = evaluate_per_expert(
+            model, test_loader, eps=args.epsilon_test, step_size=args.step_size_test,
+            num_steps=args.num_steps_test, device=device, max_batches=args.max_test_batches,
+            progress=not args.no_progress and env.is_main, reduce=reduce, seed=args.seed, rank=env.rank,
+            world_size=env.world_size)
     row = {"checkpoint": os.path.abspath(args.resume), "epoch": ckpt.get("epoch"), "sa": ev["sa"],
            "ra": ev["ra"], "n": ev["n"], "eps": args.epsilon_test, "num_steps": args.num_steps_test,
-           **_moe_row(ev), "seconds": time.time() - t0}
+           **_moe_row(ev), **per_expert, "seconds": time.time() - t0}
     log.log_metrics(row)
+    if writer_class is not None and env.is_main:
+        scalar_log = ScalarLog(writer_class, folder)
+        scalar_log.write(row, int(ckpt.get("epoch") or 0))
+        scalar_log.close()
     log.info(f"evaluate {args.resume}: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}% "
              f"(PGD-{args.num_steps_test}, eps {args.epsilon_test * 255:.1f}/255, {ev['n']} images)"
              + "".join(f" | {k} {v:.2f}%" for k, v in row.items() if k.endswith("robustness") or k == "ra_ste"))
+    for e, (sa, ra) in enumerate(zip(per_expert.get("per_expert_sa", []), per_expert.get("per_expert_ra", []))):
+        log.info(f"  expert {e} alone (every image forced to it): SA {sa:.2f}% | RA {ra:.2f}% "
+                 f"(routed: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}%)")
     return row

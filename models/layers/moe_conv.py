@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .router import LayerRouter, hard_top1
+from .router import LayerRouter, hard_top1, top_k_gates
 
 
 def expert_groups(expert: torch.Tensor, n_expert: int):
@@ -31,29 +31,38 @@ class Routing:
     Global routing: `expert` (B,), `gate` (B,) or None and, when the batch was sorted by expert, `groups`.
     Layer routing: each layer's own router decides; its logits and choices are appended to
     `layer_logits` / `layer_experts` in forward order, or taken from `fixed_layers` when given.
+    Top-k routing (`top_k` >= 2): `expert` and `gate` are (B, k), each image's k experts and their weights;
+    layer routing records each layer's gates in `layer_gates` and takes fixed ones from `fixed_gates`.
     """
 
-    def __init__(self, n_expert: int, sparse: bool, expert=None, gate=None, groups=None, fixed_layers=None):
+    def __init__(self, n_expert: int, sparse: bool, expert=None, gate=None, groups=None, fixed_layers=None,
+                 top_k=1, fixed_gates=None):
         self.n_expert, self.sparse = n_expert, sparse
         self.expert, self.gate, self.groups = expert, gate, groups
         self.fixed_layers = fixed_layers
+        self.top_k, self.fixed_gates = top_k, fixed_gates
         self.layer_logits: list[torch.Tensor] = []
         self.layer_experts: list[torch.Tensor] = []
+        self.layer_gates: list[torch.Tensor] = []
 
     def for_layer(self, layer: "MoEConv2d", x: torch.Tensor):
         """(expert, gate, groups) for `layer` on input `x`."""
         if self.expert is not None:
             return self.expert, self.gate, self.groups
         if self.fixed_layers is not None:
-            expert = self.fixed_layers[len(self.layer_experts)]
+            i = len(self.layer_experts)
+            expert = self.fixed_layers[i]
             self.layer_experts.append(expert)
-            return expert, None, None
+            return expert, None if self.fixed_gates is None else self.fixed_gates[i], None
         if layer.router is None:
             raise RuntimeError("layer routing needs MoE layers built with a layer router")
         logits = layer.router(x)
-        expert, gate = hard_top1(logits, layer.router.balance.select_bias)
+        bias = layer.router.balance.select_bias
+        expert, gate = hard_top1(logits, bias) if self.top_k == 1 else top_k_gates(logits, self.top_k, bias)
         self.layer_logits.append(logits)
         self.layer_experts.append(expert)
+        if self.top_k > 1:
+            self.layer_gates.append(gate)
         return expert, gate, None
 
 
@@ -103,8 +112,28 @@ class MoEConv2d(nn.Module):
         mask = F.one_hot(expert, self.n_expert).to(y.dtype)[:, :, None, None, None]  # (B, N, 1, 1, 1)
         return (y * mask).sum(dim=1)  # (B, w, H, W)
 
+    def _sparse_top_k(self, x, expert, gate):
+        """Each image through each of its k experts (it appears in k expert groups), outputs summed with the gates."""
+        b, k = expert.shape  # (B, k)
+        image = torch.arange(b, device=x.device).repeat_interleave(k)  # (B*k,): the image of each (image, slot)
+        perm, groups = expert_groups(expert.reshape(-1), self.n_expert)
+        image = image[perm]
+        y = self._sparse(x[image], None, groups)  # (B*k, w, H', W'), sorted by expert
+        y = y * gate.reshape(-1)[perm].to(y.dtype).view(-1, 1, 1, 1)
+        return y.new_zeros(b, *y.shape[1:]).index_add_(0, image, y)  # (B, w, H', W')
+
+    def _dense_masked_top_k(self, x, expert, gate):
+        y = self._conv(x, self.weight, self.bias)  # (B, N*w, H, W): every expert computed
+        y = y.view(y.shape[0], self.n_expert, self.out_channels, *y.shape[2:])
+        mask = torch.zeros(y.shape[:2], dtype=y.dtype, device=y.device).scatter(1, expert, gate.to(y.dtype))
+        return (y * mask[:, :, None, None, None]).sum(dim=1)  # (B, w, H, W)
+
     def forward(self, x, routing: Routing):
         expert, gate, groups = routing.for_layer(self, x)
+        if expert.dim() == 2:  # top-k routing, k >= 2: a weighted sum of k experts per image
+            if gate is None:
+                raise RuntimeError("top-k routing needs the gates of the fixed experts")
+            return self._sparse_top_k(x, expert, gate) if routing.sparse else self._dense_masked_top_k(x, expert, gate)
         y = self._sparse(x, expert, groups) if routing.sparse else self._dense_masked(x, expert)
         if gate is not None:  # value 1: carries the straight-through gradient to the router
             y = y * gate.view(-1, 1, 1, 1).to(y.dtype)  # the float32 gate must not promote a bf16 output

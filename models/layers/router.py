@@ -53,6 +53,18 @@ class BalanceState(nn.Module):
         self.register_buffer("load_ema", torch.full((n_expert,), 1.0 / n_expert), persistent=False)  # (N,) shares
 
 
+def top_k_gates(logits: torch.Tensor, k: int, select_bias: torch.Tensor | None = None):
+    """Pick `k` experts per image and their weights: (expert (B, k) long, gate (B, k)).
+
+    The experts are the top k of `logits + select_bias` (the selection-only bias moves choices, never gates). The
+    gates are the router's softmax probabilities of the chosen experts renormalised to sum to 1 (a softmax over
+    the chosen raw logits), so the router learns from the loss through them; used for k >= 2 (k = 1 is
+    `hard_top1`, whose renormalised gate would be a constant 1 without gradient).
+    """
+    expert = selection_scores(logits, select_bias).topk(k, dim=1).indices  # (B, k), best first
+    return expert, F.softmax(logits.gather(1, expert).float(), dim=1).to(logits.dtype)
+
+
 class _RouterBlock(nn.Module):
     """Basic block of the router with a parameter-free shortcut (subsample + zero channels)."""
 
