@@ -36,7 +36,11 @@ class NonFiniteError(RuntimeError):
 
 @dataclass(frozen=True)
 class StepConfig:
-    """Attack and objective of a training step (eps and step size in [0,1] pixel units)."""
+    """Attack and objective of a training step (eps and step size in [0,1] pixel units).
+
+    The defaults are the command line's (args.py), so `StepConfig()` is the step a user runs by default;
+    a run builds its settings with `from_args`.
+    """
     at: str = "trades"
     eps: float = 8 / 255
     step_size: float = 5 / 255
@@ -45,9 +49,17 @@ class StepConfig:
     alpha: float = 6.0
     router_objective: str = "robust"
     balance_weight: float = 0.0
-    router_grad_clip: float = 0.0
-    balance_bias: bool = False
-    grad_clip: float = 0.0
+    router_grad_clip: float = 1.0
+    balance_bias: bool = True
+    grad_clip: float = 1.0
+
+    @classmethod
+    def from_args(cls, args):
+        """The step settings of a run, from its parsed flags (every one of them must be there)."""
+        return cls(at=args.at, eps=args.epsilon, step_size=args.step_size, num_steps=args.num_steps,
+                   beta=args.beta, alpha=args.alpha, router_objective=args.router_objective,
+                   balance_weight=args.balance_weight, router_grad_clip=args.router_grad_clip,
+                   balance_bias=args.balance_bias, grad_clip=args.grad_clip)
 
 
 @contextmanager

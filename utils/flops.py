@@ -89,7 +89,6 @@ def make_train_step(model, kind="auto", *, num_steps=2, at="trades", lr=0.0, sca
     from . import advmoe
     if kind == "auto":
         kind = "advmoe" if getattr(model, "is_moe", False) else "joint"
-    cfg.setdefault("balance_bias", True)  # as the entry scripts train by default (one extra router pass)
     step_cfg = advmoe.StepConfig(at=at, num_steps=num_steps, **cfg)
     if kind == "advmoe":
         opt = torch.optim.SGD(model.backbone_parameters(), lr=lr)

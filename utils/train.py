@@ -218,8 +218,7 @@ def setup(args, script, device, env=DistEnv()):
             args.dataset, (train_loader, val_loader, test_loader), device, args.seed, memory_format)
     maybe_compile(model, args.compile)
     precision = Precision(device, getattr(args, "amp", None))
-    moe_training = getattr(args, "moe_training", None) if model.is_moe else None
-    if moe_training == "advmoe":
+    if training_kind(args, model) == "advmoe":
         optimizer = make_optimizer(model.backbone_parameters(), args.optimizer, args.lr, args.momentum, args.wd)
         router_optimizer = make_optimizer(model.router_parameters(), args.router_optimizer, args.router_lr,
                                           args.momentum, args.wd)
@@ -274,20 +273,23 @@ def restore(run: Run, path: str):
                 b.copy_(mine["buffers"][name])
 
 
+def training_kind(args, model):
+    """The update a run makes: 'dense' for a dense model, else --moe-training ('advmoe' or 'joint')."""
+    if not model.is_moe:
+        return "dense"
+    if args.moe_training not in ("advmoe", "joint"):
+        raise UsageError(f"--moe-training {args.moe_training!r} is not one of advmoe, joint")
+    return args.moe_training
+
+
 def make_step(run: Run):
     """The per-batch update for this run: dense/joint adversarial training or AdvMoE."""
-    a = run.args
-    cfg = advmoe.StepConfig(at=a.at, eps=a.epsilon, step_size=a.step_size, num_steps=a.num_steps, beta=a.beta,
-                            alpha=a.alpha, router_objective=getattr(a, "router_objective", "robust"),
-                            balance_weight=getattr(a, "balance_weight", 0.0),
-                            router_grad_clip=getattr(a, "router_grad_clip", 0.0),
-                            grad_clip=getattr(a, "grad_clip", 0.0),
-                            balance_bias=getattr(a, "balance_bias", False))
+    cfg = advmoe.StepConfig.from_args(run.args)
     scaler = run.precision.scaler
     env = run.env
     sync = (lambda params: average_gradients(params, env)) if env.enabled else None
     average = (lambda t: all_reduce_sum(t, env) / env.world_size) if env.enabled else None
-    if run.router_optimizer is not None:
+    if training_kind(run.args, run.model) == "advmoe":
         return lambda x, y: advmoe.advmoe_step(run.model, x, y, cfg, run.optimizer, run.router_optimizer, scaler,
                                                grad_sync=sync, average=average)
     return lambda x, y: advmoe.joint_step(run.model, x, y, cfg, run.optimizer, scaler, grad_sync=sync,
