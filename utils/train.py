@@ -208,6 +208,8 @@ def setup(args, script, device, env=DistEnv()):
         rank=env.rank, world_size=env.world_size)
     model = build_model_from_args(args, info.num_classes, (info.mean, info.std))
     if args.sync_bn and env.enabled:
+        if device.type != "cuda":  # torch's SyncBatchNorm raises in its first training forward on CPU
+            raise UsageError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     broadcast_module(model, env)
