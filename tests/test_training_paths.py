@@ -168,8 +168,17 @@ def _vgg(seed=0):
     return models.build_model("vgg16_ori", num_classes=10, ratio=0.0625)
 
 
-# PGD-AT with eps 0 (the attack leaves the images as they are) and clipping on: the real dense training step.
-CFG = advmoe.StepConfig(at="pgd", eps=0.0, step_size=0.0, num_steps=1, grad_clip=0.5)
+# The dense training step, PGD-AT with eps 0 (the attack leaves the images as they are): first unclipped (a
+# wrongly scaled average cannot hide behind the clip), then clipped below the gradient's norm (the clip must
+# see the averaged gradient, not each rank's own).
+CFGS = (advmoe.StepConfig(at="pgd", eps=0.0, step_size=0.0, num_steps=1, grad_clip=0.0),
+        advmoe.StepConfig(at="pgd", eps=0.0, step_size=0.0, num_steps=1, grad_clip=0.05))
+
+
+def _two_steps(model, x, y, grad_sync=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for cfg in CFGS:
+        advmoe.joint_step(model, x, y, cfg, opt, grad_sync=grad_sync)
 
 
 def _worker(rank, port, x, y, out, save_dir):
@@ -178,9 +187,8 @@ def _worker(rank, port, x, y, out, save_dir):
     env = DistEnv(rank, 2)
     try:
         model = _vgg()
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
         shard = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
-        advmoe.joint_step(model, x[shard], y[shard], CFG, opt, grad_sync=lambda p: average_gradients(p, env))
+        _two_steps(model, x[shard], y[shard], grad_sync=lambda p: average_gradients(p, env))
         sync_bn = "no error"
         try:
             train.setup(parse_args(DENSE + ["--sync-bn", "--save-dir", save_dir], script="train_ori"), "train_ori",
@@ -204,9 +212,8 @@ def two_processes(tmp_path_factory):
 def test_two_processes_on_b_images_update_as_one_process_on_2b(two_processes):
     x, y, results, _ = two_processes
     model = _vgg()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    advmoe.joint_step(model, x, y, CFG, opt)
+    _two_steps(model, x, y)
     one = model.state_dict()
     for r in results:
         for k, v in r["state_dict"].items():
