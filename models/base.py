@@ -18,6 +18,23 @@ def call(layer: nn.Module, x: torch.Tensor, routing: Routing | None):
     return layer(x, routing) if isinstance(layer, MoEConv2d) else layer(x)
 
 
+def routers(model: nn.Module) -> list[nn.Module]:
+    """The router networks of `model`: its global router or its per-layer routers (none for a dense model)."""
+    return [m for m in model.modules() if isinstance(m, (Router, LayerRouter))]
+
+
+def router_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module that is part of a router (the routers and their layers): the one answer to "is this module
+    the router's?"."""
+    return [m for r in routers(model) for m in r.modules()]
+
+
+def backbone_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module of `model` that is not part of a router (the model itself included)."""
+    inside = {id(m) for m in router_modules(model)}
+    return [m for m in model.modules() if id(m) not in inside]
+
+
 @dataclass
 class RoutingInfo:
     """What the routing did in one forward, in the caller's batch order.
@@ -65,7 +82,7 @@ class RoutedNet(nn.Module):
 
     def router_parameters(self):
         """Parameters of the router(s): the global router or every per-layer router."""
-        return [p for m in self.modules() if isinstance(m, (Router, LayerRouter)) for p in m.parameters()]
+        return [p for r in routers(self) for p in r.parameters()]
 
     def backbone_parameters(self):
         """Every parameter that is not a router's (the experts and the shared layers)."""

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.base import backbone_modules, router_modules
 from .attack import eval_mode, kl_divergence, pgd_attack
 from .losses import robust_loss
 
@@ -88,18 +89,6 @@ def running_stats_frozen(modules):
     finally:
         for bn, flag in zip(bns, flags):
             bn.track_running_stats = flag
-
-
-def _router_modules(model):
-    return [m for name, m in model.named_modules() if _is_router_name(name)]
-
-
-def _backbone_modules(model):
-    return [m for name, m in model.named_modules() if not _is_router_name(name)]
-
-
-def _is_router_name(name):
-    return name == "router" or name.startswith("router.") or ".router" in name
 
 
 def check_finite(tensor, what):
@@ -204,7 +193,7 @@ def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, gen
     update would miss the shift the update itself makes, which the straight-through gradient makes in the same
     direction step after step.
     """
-    with frozen(model.backbone_parameters()), running_stats_frozen(_backbone_modules(model)):
+    with frozen(model.backbone_parameters()), running_stats_frozen(backbone_modules(model)):
         if cfg.router_objective == "reference":
             out = reference_router_loss(model, x, y, cfg, generator)
         else:
@@ -231,7 +220,7 @@ def _after_router_update(model, x, cfg, average):
 def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=None, grad_sync=None):
     """Update the backbone (experts and shared layers) only, router frozen, its gradient norm clipped at
     `cfg.grad_clip`. Returns the loss dict."""
-    with frozen(model.router_parameters()), running_stats_frozen(_router_modules(model)):
+    with frozen(model.router_parameters()), running_stats_frozen(router_modules(model)):
         out = _robust(model, x, y, cfg, generator)
         check_finite(out["loss"], "expert-step loss")
         _update(optimizer, out["loss"], scaler, grad_sync, clips=[(model.backbone_parameters(), cfg.grad_clip)])

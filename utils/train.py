@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 import models
+from models.base import backbone_modules
 from . import advmoe
 from .checkpoint import (args_to_dict, capture_rng_state, load_checkpoint, load_model_weights,
                          restore_rng_state, save_checkpoint)
@@ -173,12 +174,8 @@ def mid_epoch_state(run, stats):
 
 
 def _num_classes(model):
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not _in_router(model, m)][-1]
+    last = [m for m in backbone_modules(model) if isinstance(m, torch.nn.Linear)][-1]
     return last.out_features
-
-
-def _in_router(model, module):
-    return any(module is m for r in (getattr(model, "router", None),) if r is not None for m in r.modules())
 
 
 def check_arch_for_script(args, script):
