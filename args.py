@@ -110,7 +110,7 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (default: on with CUDA, off on CPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
+    g.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes (CUDA only)")
 
     g = p.add_argument_group("adversarial training (eps and step sizes in [0,1] pixel units; 8/255 accepted)")
     g.add_argument("--at", choices=("trades", "pgd"), default="trades", help="training objective")
