@@ -73,7 +73,8 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, script, base):
 
     save = tmp_path / "killed"
     proc = _spawn(script, argv + ["--save-dir", str(save)])
-    ckpt_exists = lambda: any("checkpoint.pth.tar" in f for _, _, fs in os.walk(save) for f in fs)  # noqa: E731
+    # The file itself, not its `.tmp-checkpoint.pth.tar.*` temp file (a kill before the rename leaves no checkpoint).
+    ckpt_exists = lambda: any(f == "checkpoint.pth.tar" for _, _, fs in os.walk(save) for f in fs)  # noqa: E731
     _wait_for(ckpt_exists, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
