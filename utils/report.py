@@ -43,8 +43,8 @@ RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
 DATASET_ORDER = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits")
 METHOD_ORDER = ("dense", "joint", "advmoe")
 CSV_FIELDS = ("arch", "dataset", "method", "ratio", "n_expert", "status", "epochs_done", "epochs", "best_epoch",
-              "selection", "sa", "pgd_ra", "pgd_source", "aa_ra", "aa_sa", "aa_n_ex", "aa_version", "aa_stale", "sa_final",
-              "ra_final", "gflops", "gpu_hours", "cpu_hours", "device", "world_size", "message", "run_dir")
+              "selection", "sa", "pgd_ra", "pgd_source", "aa_ra", "aa_sa", "aa_n_ex", "aa_version", "aa_stale",
+              "sa_final", "ra_final", "gflops", "gpu_hours", "cpu_hours", "device", "world_size", "message", "run_dir")
 # A folder name as the runs write it: [ID_]{dataset}-{arch}-ratio{r}-epochs{E}-lr{lr}-eps{e}-steps{k}-beta{b}
 # [-expert{N}]-seed{s}; used only when args.yaml is absent (a run that failed before writing it).
 _NAME = re.compile(r"^(?:(?P<id>.+)_)?(?P<dataset>[A-Za-z0-9]+)-(?P<arch>[A-Za-z0-9_]+)-ratio(?P<ratio>[0-9.]+)"
