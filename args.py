@@ -138,7 +138,7 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic CUDA kernels (cuDNN, cuBLAS; no autotuning): resumed runs equal "
                         "uninterrupted ones on CUDA too; slower (CPU: always deterministic)")
-    g.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
+    g.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes (CUDA only)")
 
     g = p.add_argument_group("adversarial training (eps and step sizes in [0,1] pixel units; 8/255 accepted)")
     g.add_argument("--at", choices=("trades", "pgd", "fast"), default="trades",

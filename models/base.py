@@ -30,6 +30,23 @@ def require_channels(ratio: float, widths: dict):
                          f"this arch needs --ratio 1/{width} ({1 / width:.4g}) or more")
 
 
+def routers(model: nn.Module) -> list[nn.Module]:
+    """The router networks of `model`: its global router or its per-layer routers (none for a dense model)."""
+    return [m for m in model.modules() if isinstance(m, (Router, LayerRouter))]
+
+
+def router_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module that is part of a router (the routers and their layers): the one answer to "is this module
+    the router's?"."""
+    return [m for r in routers(model) for m in r.modules()]
+
+
+def backbone_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module of `model` that is not part of a router (the model itself included)."""
+    inside = {id(m) for m in router_modules(model)}
+    return [m for m in model.modules() if id(m) not in inside]
+
+
 @dataclass
 class RoutingInfo:
     """What the routing did in one forward, in the caller's batch order.
@@ -106,7 +123,7 @@ class RoutedNet(nn.Module):
 
     def routers(self):
         """The global router, or every per-layer router (in module order)."""
-        return [m for m in self.modules() if isinstance(m, (Router, LayerRouter))]
+        return routers(self)
 
     def balance_state(self) -> dict:
         """The routers' load-balancing buffers (not in the state dict, which keeps the reference's layout)."""

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RoutedNet, call, require_channels
-from .layers import LayerRouter, MoEConv2d, Router
+from .base import RoutedNet, backbone_modules, call, require_channels
+from .layers import MoEConv2d
 from .registry import register_model
 
 _STAGE_PLANES = (64, 128, 256, 512)
@@ -111,10 +111,7 @@ def init_weights(model: nn.Module):
 
     Routers (global or per-layer) are left to their own initialisation.
     """
-    routers = {id(m) for r in model.modules() if isinstance(r, (Router, LayerRouter)) for m in r.modules()}
-    for m in model.modules():
-        if id(m) in routers:
-            continue
+    for m in backbone_modules(model):
         if isinstance(m, (nn.Conv2d, MoEConv2d)):
             fan_out = m.out_channels * m.weight.shape[-2] * m.weight.shape[-1]  # MoE: one expert's rows
             with torch.no_grad():

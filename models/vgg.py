@@ -5,13 +5,14 @@ layout equals the reference's (see `reference/parameters/vgg16_bn_*`). Rules rea
 (w = int(ratio * width) everywhere):
 
 `features` is a torchvision-style sequence over the VGG-16 configuration
-64 64 M 128 128 M 256 256 256 M 512 512 512 M 512 512 512 M: each number is a 3x3 conv (padding 1,
+64 64 M 128 128 M 256 256 256 M 512 512 512 M 512 512 512: each number is a 3x3 conv (padding 1,
 no bias) of w channels, followed, in `vgg16_bn_*`, by a BatchNorm, then a ReLU; each M is a 2x2
 max-pool. So the module indices are torchvision's: convs at features.0, 3, 7, 10, ... with BN and
 features.0, 2, 5, 7, ... without. Then a 2x2 adaptive average pool and the classifier
 Linear(int(512 r) * 4, 256), ReLU, Linear(256, 256), ReLU, Linear(256, classes) (`classifier.0/2/4`,
-no dropout). Any input of at least 32x32 works (five 2x2 pools, then adaptive pooling; a 32x32 image
-reaches the pool at 1x1 and is replicated to 2x2, as in the reference).
+no dropout). Any input of at least 16x16 works (four 2x2 max-pools, then adaptive pooling; a 32x32
+image reaches the adaptive pool at 2x2, where it is the identity, as in the reference). Unlike
+torchvision's VGG there is no max-pool after the last three convs.
 
 MoE: the first conv (reading RGB) is dense with int(64 r) channels; every other conv is an MoE conv
 whose experts have w channels each and read the previous layer's w channels; the BatchNorm after it
@@ -32,7 +33,7 @@ from .base import RoutedNet, call, require_channels
 from .registry import register_model
 from .resnet import build_variant, init_weights
 
-_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+_VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 _HIDDEN = 256  # classifier hidden width (not scaled by ratio)
 _POOL = 2  # side of the adaptive average pool before the classifier
 

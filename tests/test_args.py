@@ -3,25 +3,18 @@ import argparse
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import yaml
 
+from args import (args_to_yaml, get_args_parser, get_autoattack_parser, load_yaml_defaults, number, parse_args,
+                  validate_args)
+from utils import train
+from utils.cli import run_main
+from utils.errors import UsageError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from args import (args_to_yaml, get_args_parser, get_autoattack_parser, load_yaml_defaults, number,  # noqa: E402
-                  parse_args, validate_args)
-from utils.cli import run_main  # noqa: E402
-from utils.errors import UsageError  # noqa: E402
-
 DENSE, MOE = "resnet18_cifar_ori", "resnet18_cifar_moe"
-
-try:
-    import models  # noqa: F401
-except ImportError:  # the registry is not importable yet: a stand-in with the two names these tests use
-    sys.modules["models"] = types.SimpleNamespace(list_models=lambda: sorted([DENSE, MOE]))
 
 
 # The reference's table (shared/reference/README.md), spelled out: flag dest -> default.
@@ -308,7 +301,6 @@ def test_run_main_passes_argv_and_keeps_bugs_as_tracebacks():
 
 
 def test_run_main_maps_the_training_loop_stops(capsys):
-    train = pytest.importorskip("utils.train")
     with pytest.raises(SystemExit) as e:
         run_main(_raiser(train.Interrupted()))
     assert e.value.code == train.REQUEUE_EXIT_CODE

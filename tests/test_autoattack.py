@@ -236,6 +236,15 @@ def test_moe_gradients_reach_the_input_through_the_routing(ckpts):
     grad, = torch.autograd.grad(model(x).logsumexp(1).sum(), x)
     assert grad.abs().sum() > 0
     assert torch.equal(model(x), model(x))  # deterministic
+    # The same function with the routing fixed at the clean choice has another input gradient: the difference is
+    # what reaches the input through the router (the straight-through gate).
+    with torch.no_grad():
+        clean_expert = model.route(x).argmax(1)
+    fixed = model(x, expert=clean_expert)
+    assert torch.allclose(fixed, model(x), atol=1e-6)
+    grad_fixed, = torch.autograd.grad(fixed.logsumexp(1).sum(), x)
+    assert grad_fixed.abs().sum() > 0
+    assert (grad - grad_fixed).abs().max() > 1e-3 * grad.abs().max()
 
 
 def test_warnings_reach_the_json(ckpts, tmp_path):

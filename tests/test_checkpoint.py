@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import models
 from utils import checkpoint as ck
 from utils.checkpoint import (args_to_dict, capture_rng_state, extract_state_dict, load_checkpoint, load_model_weights,
                               restore_rng_state, save_checkpoint)
@@ -196,7 +197,6 @@ def test_load_model_weights_explains_mismatches():
 
 
 def test_load_model_weights_on_registry_models():
-    models = pytest.importorskip("models")
     two = models.build_model("resnet18_cifar_moe", num_classes=10, ratio=0.125, n_expert=2)
     three = models.build_model("resnet18_cifar_moe", num_classes=10, ratio=0.125, n_expert=3)
     dense = models.build_model("resnet18_cifar_ori", num_classes=10, ratio=0.125)

@@ -141,7 +141,7 @@ def test_evaluation_shards_sum_to_the_single_process_counts():
         assert summed == pytest.approx(whole[key]), key
 
 
-@pytest.mark.benchmark  # three 2-process runs of two epochs: about 3 minutes on two busy CPU cores
+@pytest.mark.slow  # a correctness test, kept in CI: three 2-process runs of two epochs
 def test_sigterm_to_torchrun_checkpoints_mid_epoch_and_resumes_exactly(tmp_path):
     argv = MOE + ["--epochs", 2, "--max-batches", 12]
     ref = torchrun("train_moe.py", argv + ["--save-dir", tmp_path / "ref"])

@@ -107,6 +107,29 @@ def test_vgg16_module_indices_are_torchvisions():
     assert (tv_idx, tv_bn_idx) == (VGG16_CONVS, VGG16_BN_CONVS)
 
 
+# The released VGG-16: four max-pools, none after the last three convs (reference/README.md).
+VGG16_CONFIG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+
+
+@pytest.mark.parametrize("arch", ["vgg16_ori", "vgg16_bn_ori", "vgg16_moe", "vgg16_bn_moe"])
+def test_vgg16_sequence_is_the_released_one_and_32px_reaches_the_pool_at_2x2(arch):
+    """Same weights give the released code's logits only with its layer sequence: a 32x32 image must
+    enter the 2x2 adaptive pool as a 2x2 map (a fifth max-pool would make it 1x1, replicated)."""
+    model = build(arch, 2 if arch.endswith("_moe") else None, ratio=0.25).eval()
+    sequence = []
+    for m in model.features:
+        if isinstance(m, torch.nn.MaxPool2d):
+            sequence.append("M")
+        elif isinstance(m, (torch.nn.Conv2d, MoEConv2d)):
+            sequence.append(m.out_channels)
+    assert sequence == [c if c == "M" else int(0.25 * c) for c in VGG16_CONFIG]
+    seen = []
+    model.avgpool.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape[-2:])))
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32))
+    assert seen == [(2, 2)]
+
+
 def test_vgg_moe_first_conv_dense_others_moe():
     with torch.device("meta"):
         model = build("vgg16_bn_moe", 3, ratio=0.5)

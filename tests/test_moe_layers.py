@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models.layers import LayerRouter, MoEConv2d, Routing
+from models.layers import LayerRouter, MoEConv2d, Routing, hard_top1
 
 RATIO, CLASSES = 0.125, 5
 # Representatives: basic and bottleneck ResNets (dense vs MoE shortcuts), both WRN stems; every other
@@ -167,6 +167,23 @@ def test_sparse_equals_dense_masked(arch, n_expert, routing, scenario):
 def router_param_names(model):
     ids = {id(p) for p in model.router_parameters()}
     return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def test_hard_top1_gate_is_one_and_its_gradient_is_the_softmax_jacobian_row():
+    """Forward: the argmax expert and a gate of exactly 1. Backward: d gate_b / d logits_b is the row of the
+    softmax Jacobian of the chosen expert k, p_k (onehot_k - p), not a raw pass-through (onehot_k)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(6, 4, generator=g)).requires_grad_(True)
+    expert, gate = hard_top1(logits)
+    assert torch.equal(expert, logits.argmax(1))
+    assert torch.equal(gate, torch.ones(6))
+    weight = torch.randn(6, generator=g)  # an upstream gradient per image
+    grad, = torch.autograd.grad((gate * weight).sum(), logits)
+    p = F.softmax(logits.detach(), dim=1)
+    p_k = p.gather(1, expert[:, None])  # (B, 1)
+    want = weight[:, None] * p_k * (F.one_hot(expert, 4) - p)
+    assert torch.allclose(grad, want, atol=1e-6)
+    assert hard_top1(logits.detach())[1] is None  # nothing to differentiate: no gate
 
 
 @pytest.mark.parametrize("routing", ["global", "layer"])

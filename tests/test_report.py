@@ -44,10 +44,13 @@ def make_eval(save, script, name, run_folder, sa, ra):
 
 
 def epochs(sa_ra, seconds=100.0, moe=False):
-    rows, best = [], 0.0
+    """Metrics rows of a run whose validation RA equals its test RA (so selection picks the best test RA)."""
+    rows, best, best_epoch = [], -1.0, None
     for e, (sa, ra) in enumerate(sa_ra):
-        best = max(best, ra)
-        row = {"epoch": e, "lr": 0.1, "train_loss": 1.0, "sa": sa, "ra": ra, "best_ra": best, "seconds": seconds}
+        if ra > best:
+            best, best_epoch = ra, e
+        row = {"epoch": e, "lr": 0.1, "train_loss": 1.0, "val_ra": ra, "sa": sa, "ra": ra, "best_ra": best,
+               "best_epoch": best_epoch, "seconds": seconds}
         if moe:
             row.update(load_clean=[70.0, 30.0], load_adv=[60.0, 40.0], collapse=False,
                        router_robustness=50.0, expert_robustness=40.0)
@@ -232,3 +235,23 @@ def test_compute_flops_fills_the_column(tmp_path):
     by_ratio = {r.ratio: r.gflops for r in rows}
     assert by_ratio[1.0] == pytest.approx(1.11, rel=0.05)  # the reference's ResNet-18 CIFAR figure
     assert by_ratio[0.5] == pytest.approx(by_ratio[1.0] / 4, rel=0.1)  # width x 0.5: about a quarter
+
+
+def test_selection_on_the_test_set_is_said_in_the_table(tmp_path):
+    """A log without `best_epoch` (the report then takes the best test RA) or a run without a validation split
+    selected its epoch on the test set: the table marks it (†) and the CSV says `test`."""
+    save = tmp_path / "results"
+    val = epochs([(80.0, 40.0), (85.0, 45.0), (86.0, 44.0)])
+    val[-1].update(val_ra=50.0, best_epoch=2)  # validation picks the last epoch, not the best test RA
+    logs = {"val": val,
+            "no-best-epoch": [{k: v for k, v in r.items() if k not in ("best_epoch", "val_ra")} for r in val],
+            "no-val-split": [{k: v for k, v in r.items() if k != "val_ra"} for r in epochs([(70.0, 30.0)])]}
+    for seed, rows in enumerate(logs.values()):
+        make_run(save, "train_ori", f"CIFAR10-resnet18_cifar_ori-ratio0.5-epochs3-lr0.1-eps8-steps2-beta6.0-"
+                 f"seed{seed}", args_of("resnet18_cifar_ori", 0.5, seed=seed), rows)
+    rows = sorted(report.collect([str(save)]), key=lambda r: r.run_dir)
+    assert [(r.selection, r.best_epoch, r.pgd_ra) for r in rows] == [("val", 2, 44.0), ("test", 1, 45.0),
+                                                                      ("test", 0, 30.0)]
+    md = report.markdown_table(rows)
+    assert "| 86.00* | 44.00* |" in md and "| 85.00*† | 45.00*† |" in md and "| 70.00*† | 30.00*† |" in md
+    assert "†: the best epoch was chosen by test RA" in md

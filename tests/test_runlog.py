@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+import args as args_mod
 from utils.runlog import RunLogger, format_epoch_line, run_dir, run_folder_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def test_run_dir_layout(tmp_path):
 
 
 def test_names_from_the_real_parser_are_unique_per_setting():
-    parse_args = pytest.importorskip("args").parse_args
+    parse_args = args_mod.parse_args
     a = parse_args(["--arch", "resnet18_cifar_moe", "--n-expert", "2", "--ratio", "0.5"])
     b = parse_args(["--arch", "resnet18_cifar_moe", "--n-expert", "4", "--ratio", "0.5"])
     c = parse_args(["--arch", "resnet18_cifar_ori", "--ratio", "0.5"], script="train_ori")
@@ -143,7 +144,6 @@ def test_non_main_rank_writes_nothing(tmp_path, capsys):
 
 
 def test_args_yaml_of_a_real_run_reloads_with_configs(tmp_path):
-    args_mod = pytest.importorskip("args")
     args = args_mod.parse_args(["--arch", "resnet18_cifar_moe", "--n-expert", "2", "--epsilon", "4/255"])
     with RunLogger(tmp_path / "run", args):
         pass

@@ -1,4 +1,5 @@
 """End-to-end runs of train_ori.py / train_moe.py on Digits at tiny settings: resume exactness, bad input."""
+import json
 import os
 import signal
 import subprocess
@@ -7,6 +8,13 @@ import time
 
 import pytest
 import torch
+
+import models
+from args import parse_args
+from utils.advmoe import StepConfig
+from utils.data import build_loaders
+from utils.errors import UsageError
+from utils.train import fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,10 +73,13 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, script, base):
 
     save = tmp_path / "killed"
     proc = _spawn(script, argv + ["--save-dir", str(save)])
-    ckpt_exists = lambda: any("checkpoint.pth.tar" in f for _, _, fs in os.walk(save) for f in fs)  # noqa: E731
+    # The file itself, not its `.tmp-checkpoint.pth.tar.*` temp file (a kill before the rename leaves no checkpoint).
+    ckpt_exists = lambda: any(f == "checkpoint.pth.tar" for _, _, fs in os.walk(save) for f in fs)  # noqa: E731
     _wait_for(ckpt_exists, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    _, killed = final_weights(save)
+    assert 0 < killed["epoch"] < 3  # the kill landed mid-run: the resume has epochs left to train
     resumed = run_script(script, argv + ["--save-dir", str(save), "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr
     weights, ckpt = final_weights(save)
@@ -106,12 +117,28 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path):
 
 
 def test_evaluate_records_sa_and_ra(tmp_path):
+    """--evaluate of a checkpoint gives the SA and RA its training run measured on the same test batch (same
+    weights, same seeded random starts); SA is the clean accuracy counted by hand."""
     argv = DENSE + ["--epochs", "1", "--max-batches", "2", "--save-dir", str(tmp_path)]
     assert run_script("train_ori.py", argv).returncode == 0
-    best = os.path.join(run_dir(tmp_path / "training"), "checkpoint", "model_best.pth.tar")
+    training = run_dir(tmp_path / "training")
+    trained = [json.loads(line) for line in open(os.path.join(training, "metrics.jsonl"))][-1]
+    best = os.path.join(training, "checkpoint", "model_best.pth.tar")
     out = run_script("train_ori.py", argv + ["--evaluate", "--resume", best])
     assert out.returncode == 0, out.stderr
-    assert "SA" in out.stdout + out.stderr and "RA" in out.stdout + out.stderr
+    row = json.loads(open(os.path.join(run_dir(tmp_path / "evaluate"), "metrics.jsonl")).readline())
+    assert row["n"] == 64 and (row["sa"], row["ra"]) == (trained["sa"], trained["ra"])
+    assert 0 <= row["ra"] <= row["sa"]
+    assert f"SA {row['sa']:.2f}% | RA {row['ra']:.2f}%" in out.stdout + out.stderr
+
+    _, _, test_loader, _ = build_loaders("Digits", "unused", batch_size=32, test_batch_size=64, num_workers=0,
+                                         seed=1234, device="cpu")
+    model = models.build_model("resnet18_cifar_ori", num_classes=10, ratio=0.125)
+    model.load_state_dict(torch.load(best, weights_only=True)["state_dict"])
+    x, y = next(iter(test_loader))
+    with torch.no_grad():
+        correct = (model.eval()(x).argmax(1) == y).sum().item()
+    assert row["sa"] == pytest.approx(100 * correct / 64)
 
 
 def _snapshot(path):
@@ -163,3 +190,32 @@ def test_bad_checkpoints_exit_2_and_overwrite_nothing(tmp_path):
         assert out.returncode == 2, (case, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert _snapshot(tmp_path / "runs") == before
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+def test_step_settings_are_the_flags_and_default_to_the_command_lines():
+    """One source of settings: `StepConfig()` is the step a user runs by default, and a run's step reads every
+    setting from its flags (none missing, no fallback)."""
+    args = parse_args(["--arch", "resnet18_cifar_moe", "--n-expert", "2"], script="train_moe")
+    assert StepConfig.from_args(args) == StepConfig()
+    args = parse_args(MOE + ["--at", "pgd", "--epsilon", "4/255", "--step-size", "1/255", "--beta", "3",
+                             "--alpha", "2", "--router-objective", "reference", "--balance", "switch",
+                             "--balance-strength", "0.5", "--router-grad-clip", "0", "--grad-clip", "2"],
+                      script="train_moe")
+    assert StepConfig.from_args(args) == StepConfig(
+        at="pgd", eps=4 / 255, step_size=1 / 255, num_steps=1, beta=3.0, alpha=2.0, router_objective="reference",
+        balance="switch", balance_strength=0.5, router_grad_clip=0.0, grad_clip=2.0)
+    del args.grad_clip
+    with pytest.raises(AttributeError):
+        StepConfig.from_args(args)
+
+
+def test_unknown_moe_training_is_a_usage_error_for_code_calling_fit(tmp_path):
+    """The parser refuses unknown --moe-training values; `fit` called from code must too (not train joint)."""
+    args = parse_args(MOE + ["--epochs", "1", "--max-batches", "1", "--save-dir", str(tmp_path / "runs")],
+                      script="train_moe")
+    args.moe_training = "jiont"
+    with pytest.raises(UsageError, match="--moe-training 'jiont'"):
+        fit(args, "train_moe")
+    assert not (tmp_path / "runs").exists()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.base import backbone_modules, router_modules
 from .attack import attack_precision, eval_mode, kl_divergence, pgd_attack
 from .balance import DEFAULT_STRENGTH, LOSS_MODES, RouterUpkeep, balance_loss
 from .losses import robust_loss
@@ -37,7 +38,11 @@ class NonFiniteError(RuntimeError):
 
 @dataclass(frozen=True)
 class StepConfig:
-    """Attack and objective of a training step (eps and step size in [0,1] pixel units)."""
+    """Attack and objective of a training step (eps and step size in [0,1] pixel units).
+
+    The defaults are the command line's (args.py), so `StepConfig()` is the step a user runs by default;
+    a run builds its settings with `from_args`.
+    """
     at: str = "trades"
     eps: float = 8 / 255
     step_size: float = 5 / 255
@@ -47,8 +52,16 @@ class StepConfig:
     router_objective: str = "robust"
     balance: str = "median"
     balance_strength: float = DEFAULT_STRENGTH["median"]
-    router_grad_clip: float = 0.0
-    grad_clip: float = 0.0
+    router_grad_clip: float = 1.0
+    grad_clip: float = 1.0
+
+    @classmethod
+    def from_args(cls, args):
+        """The step settings of a run, from its parsed flags (every one of them must be there)."""
+        return cls(at=args.at, eps=args.epsilon, step_size=args.step_size, num_steps=args.num_steps,
+                   beta=args.beta, alpha=args.alpha, router_objective=args.router_objective,
+                   balance=args.balance, balance_strength=args.balance_strength,
+                   router_grad_clip=args.router_grad_clip, grad_clip=args.grad_clip)
 
 
 @contextmanager
@@ -77,18 +90,6 @@ def running_stats_frozen(modules):
     finally:
         for bn, flag in zip(bns, flags):
             bn.track_running_stats = flag
-
-
-def _router_modules(model):
-    return [m for name, m in model.named_modules() if _is_router_name(name)]
-
-
-def _backbone_modules(model):
-    return [m for name, m in model.named_modules() if not _is_router_name(name)]
-
-
-def _is_router_name(name):
-    return name == "router" or name.startswith("router.") or ".router" in name
 
 
 def check_finite(tensors, what, average=None):
@@ -184,7 +185,7 @@ def reference_router_loss(model, x, y, cfg, generator=None):
 def router_step(model, x, y, cfg: StepConfig, router_optimizer, scaler=None, generator=None, grad_sync=None,
                 average=None):
     """Update the router only (experts frozen) to lower the robust loss of the whole MoE. Returns the loss dict."""
-    with frozen(model.backbone_parameters()), running_stats_frozen(_backbone_modules(model)):
+    with frozen(model.backbone_parameters()), running_stats_frozen(backbone_modules(model)):
         if cfg.router_objective == "reference":
             out = reference_router_loss(model, x, y, cfg, generator)
         else:
@@ -199,7 +200,7 @@ def expert_step(model, x, y, cfg: StepConfig, optimizer, scaler=None, generator=
                 average=None):
     """Update the backbone (experts and shared layers) only, router frozen, its gradient norm clipped at
     `cfg.grad_clip`. Returns the loss dict. `average` (over processes) agrees on a non-finite loss."""
-    with frozen(model.router_parameters()), running_stats_frozen(_router_modules(model)):
+    with frozen(model.router_parameters()), running_stats_frozen(router_modules(model)):
         out = _robust(model, x, y, cfg, generator)
         check_finite(out["loss"], "expert-step loss", average)
         _update(optimizer, out["loss"], scaler, grad_sync, clips=[(model.backbone_parameters(), cfg.grad_clip)])

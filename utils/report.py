@@ -37,12 +37,14 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
+from .errors import UsageError
+
 RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
 DATASET_ORDER = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits", "Digits16")
 METHOD_ORDER = ("dense", "joint", "advmoe")
 CSV_FIELDS = ("arch", "dataset", "method", "ratio", "n_expert", "status", "epochs_done", "epochs", "best_epoch",
-              "sa", "pgd_ra", "pgd_source", "aa_ra", "aa_sa", "aa_n_ex", "aa_version", "aa_stale", "sa_final",
-              "ra_final", "gflops", "gpu_hours", "cpu_hours", "device", "world_size", "message", "run_dir")
+              "selection", "sa", "pgd_ra", "pgd_source", "aa_ra", "aa_sa", "aa_n_ex", "aa_version", "aa_stale",
+              "sa_final", "ra_final", "gflops", "gpu_hours", "cpu_hours", "device", "world_size", "message", "run_dir")
 # A folder name as the runs write it: [ID_]{dataset}-{arch}-ratio{r}-epochs{E}-lr{lr}-eps{e}-steps{k}-beta{b}
 # [-expert{N}]-seed{s}; used only when args.yaml is absent (a run that failed before writing it).
 _NAME = re.compile(r"^(?:(?P<id>.+)_)?(?P<dataset>[A-Za-z0-9]+)-(?P<arch>[A-Za-z0-9_]+)-ratio(?P<ratio>[0-9.]+)"
@@ -62,6 +64,7 @@ class RunRow:
     epochs_done: int = 0
     epochs: int | None = None
     best_epoch: int | None = None
+    selection: str = ""  # "val": best epoch chosen on the validation split; "test": chosen by test RA
     sa: float | None = None
     pgd_ra: float | None = None
     pgd_source: str = ""
@@ -207,7 +210,7 @@ def _float(x):
 
 def best_row(rows: list[dict]) -> dict | None:
     """The epoch model_best holds: the row of `best_epoch` when recorded, else the last row whose RA is the
-    run's best RA, else the highest RA."""
+    run's best RA, else the highest RA (those two: selection on the test set, see `selection_of`)."""
     scored = [r for r in rows if _float(r.get("ra")) is not None]
     if not scored:
         return None
@@ -222,6 +225,15 @@ def best_row(rows: list[dict]) -> dict | None:
         if same:
             return same[-1]
     return max(scored, key=lambda r: _float(r["ra"]))
+
+
+def selection_of(rows: list[dict], best: dict) -> str:
+    """'val' when the log says the best epoch was chosen on the validation split (it records `best_epoch`, and
+    the chosen row its validation RA); else 'test': a run without a validation split selects by test RA, and
+    for a log without `best_epoch` the report falls back to the best test RA itself."""
+    scored = [r for r in rows if _float(r.get("ra")) is not None]
+    recorded = scored[-1].get("best_epoch") == best.get("epoch")
+    return "val" if recorded and _float(best.get("val_ra")) is not None else "test"
 
 
 def compute_hours(rows: list[dict], provenance: dict | None) -> tuple[float | None, float | None, str, int]:
@@ -294,6 +306,7 @@ def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
     best = best_row(rows)
     if best is not None:
         row.best_epoch = best.get("epoch")
+        row.selection = selection_of(rows, best)
         row.sa, row.pgd_ra, row.pgd_source = _float(best.get("sa")), _float(best.get("ra")), "training"
     model_best = os.path.join(folder, "checkpoint", "model_best.pth.tar")
     if evaluation and _newer(evaluation["_metrics"], model_best):
@@ -454,7 +467,7 @@ def markdown_table(rows: list[RunRow]) -> str:
         head.append("experts alone: SA / PGD RA")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        mark = "*" if r.pgd_source == "training" else ""
+        mark = ("*" if r.pgd_source == "training" else "") + ("†" if r.selection == "test" else "")
         aa = _fmt(r.aa_ra)
         if r.aa_ra is not None:
             details = [r.aa_version] if r.aa_version and r.aa_version != "standard" else []
@@ -474,6 +487,9 @@ def markdown_table(rows: list[RunRow]) -> str:
              "GFLOPs: inference, per image. GPU h / CPU h: training epochs' wall time x processes."
              + (" Experts alone: every test image forced to one expert (`--evaluate --per-expert`)."
                 if per_expert else "")]
+    if any(r.selection == "test" for r in rows):
+        notes += ["", "†: the best epoch was chosen by test RA (the run had no validation split, or its log records "
+                  "no validation selection): selection on the test set, an optimistic figure."]
     problems = [r for r in rows if r.status not in ("finished", "evaluated")]
     if problems:
         notes.append("")
@@ -577,7 +593,7 @@ def add_computed_flops(rows: list[RunRow]) -> None:
             continue
         try:
             info = dataset_info(r.dataset)
-        except Exception:  # an unknown dataset name: leave the cell empty
+        except UsageError:  # an unknown dataset name: leave the cell empty
             continue
         key = (r.registry_arch, r.ratio, r.n_expert, info.num_classes, info.image_size)
         if key not in cache:

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import models
+from models.base import backbone_modules
 from . import advmoe
 from .balance import RouterUpkeep, init_router, routing_report
 from .checkpoint import (args_to_dict, capture_rng_state, load_checkpoint, load_model_weights,
@@ -196,12 +197,8 @@ def mid_epoch_state(run, stats):
 
 
 def _num_classes(model):
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not _in_router(model, m)][-1]
+    last = [m for m in backbone_modules(model) if isinstance(m, torch.nn.Linear)][-1]
     return last.out_features
-
-
-def _in_router(model, module):
-    return any(module is m for r in (getattr(model, "router", None),) if r is not None for m in r.modules())
 
 
 def check_arch_for_script(args, script):
@@ -235,6 +232,8 @@ def setup(args, script, device, env=DistEnv()):
     model = build_model_from_args(args, info.num_classes, (info.mean, info.std))
     probe = TrainingProbe(train_loader.dataset, test_loader.dataset) if model.is_moe else None
     if args.sync_bn and env.enabled:
+        if device.type != "cuda":  # torch's SyncBatchNorm raises in its first training forward on CPU
+            raise UsageError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     broadcast_module(model, env)
@@ -246,8 +245,7 @@ def setup(args, script, device, env=DistEnv()):
             args.dataset, (train_loader, val_loader, test_loader), device, args.seed, memory_format)
     maybe_compile(model, args.compile)
     precision = Precision(device, getattr(args, "amp", None))
-    moe_training = getattr(args, "moe_training", None) if model.is_moe else None
-    if moe_training == "advmoe":
+    if training_kind(args, model) == "advmoe":
         optimizer = make_optimizer(model.backbone_parameters(), args.optimizer, args.lr, args.momentum, args.wd)
         router_optimizer = make_optimizer(model.router_parameters(), args.router_optimizer, args.router_lr,
                                           args.momentum, args.wd)
@@ -320,23 +318,27 @@ def _field(ckpt, path, key, kind, default=None):
     return kind(value)
 
 
+def training_kind(args, model):
+    """The update a run makes: 'dense' for a dense model, else --moe-training ('advmoe' or 'joint')."""
+    if not model.is_moe:
+        return "dense"
+    if args.moe_training not in ("advmoe", "joint"):
+        raise UsageError(f"--moe-training {args.moe_training!r} is not one of advmoe, joint")
+    return args.moe_training
+
+
 def make_step(run: Run):
     """The per-batch update for this run: dense/joint adversarial training or AdvMoE."""
-    a = run.args
-    cfg = advmoe.StepConfig(at=a.at, eps=a.epsilon, step_size=a.step_size, num_steps=a.num_steps, beta=a.beta,
-                            alpha=a.alpha, router_objective=getattr(a, "router_objective", "robust"),
-                            balance=getattr(a, "balance", "none"), balance_strength=getattr(a, "balance_strength", 0.0),
-                            router_grad_clip=getattr(a, "router_grad_clip", 0.0),
-                            grad_clip=getattr(a, "grad_clip", 0.0))
+    cfg = advmoe.StepConfig.from_args(run.args)
     scaler = run.precision.scaler
     env = run.env
     sync = (lambda params: average_gradients(params, env)) if env.enabled else None
     average = (lambda t: all_reduce_sum(t, env) / env.world_size) if env.enabled else None
     upkeep = None
     if run.model.is_moe:
-        upkeep = RouterUpkeep(cfg.balance, cfg.balance_strength, a.router_logit_cap, probe=run.probe.plain.to(run.device),
-                              average=average)
-    if run.router_optimizer is not None:
+        upkeep = RouterUpkeep(cfg.balance, cfg.balance_strength, run.args.router_logit_cap,
+                              probe=run.probe.plain.to(run.device), average=average)
+    if training_kind(run.args, run.model) == "advmoe":
         return lambda x, y: advmoe.advmoe_step(run.model, x, y, cfg, run.optimizer, run.router_optimizer, scaler,
                                                grad_sync=sync, upkeep=upkeep, average=average)
     return lambda x, y: advmoe.joint_step(run.model, x, y, cfg, run.optimizer, scaler, grad_sync=sync,
