@@ -149,11 +149,11 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g.add_argument("--router-objective", choices=("robust", "reference"), default="robust",
                    help="router step loss: the MoE's robust loss, or the released code's router loss")
     g.add_argument("--balance", choices=BALANCE_MODES, default="median",
-                   help="expert load balancing (not in the paper; README: Router balancing): bias: selection-only "
-                        "expert bias moved towards equal load on un-augmented training images (bias-sign: by fixed "
-                        "steps, as DeepSeek-V3); switch / entropy: "
-                        "a balancing loss in the router's loss; median: re-centre the router's output bias after "
-                        "each update (the previous default); none: off, as the released code")
+                   help="expert load balancing, not in the paper (README: Router balancing). median: re-centre the "
+                        "router's output bias on un-augmented training images after each router update; bias: a "
+                        "selection-only expert bias moved towards equal load (bias-sign: by fixed steps, as "
+                        "DeepSeek-V3); switch / entropy: a balancing loss in the router's loss; none: off, as the "
+                        "released code")
     g.add_argument("--balance-strength", type=number, default=None,
                    help="bias: fraction of the balancing shift applied per update; bias-sign: step of the selection "
                         "bias per update; switch/entropy: weight of the loss; median: "
@@ -418,3 +418,24 @@ def get_autoattack_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     return p
+
+
+def flags_table(parser=None) -> str:
+    """The README's flags table (markdown) of the training parser, generated from it:
+    `python -c "import args; print(args.flags_table())"`; tests/test_args.py checks the README against it."""
+    parser = parser or get_args_parser()
+    lines = ["| flag | default | meaning |", "|---|---|---|"]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        long = [o for o in action.option_strings if o.startswith("--")]
+        flag = " / ".join(long) if isinstance(action, argparse.BooleanOptionalAction) else long[0]
+        default = "required" if action.required else action.default
+        default = f"{default:g}" if isinstance(default, float) else default
+        meaning = (action.help or "").replace("%%", "%")
+        if action.dest == "arch":
+            meaning = "registry name, `*_ori` (dense) or `*_moe` (see `models.list_models()`)"
+        elif action.choices and not isinstance(action.choices, range):
+            meaning = f"{meaning} ({', '.join(map(str, action.choices))})".strip()
+        lines.append(f"| `{flag}` | {default} | {meaning} |")
+    return "\n".join(lines)

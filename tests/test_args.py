@@ -9,6 +9,7 @@ import yaml
 
 from args import (args_to_yaml, get_args_parser, get_autoattack_parser, load_yaml_defaults, number, parse_args,
                   validate_args)
+import args as args_module
 from utils import train
 from utils.cli import run_main
 from utils.errors import UsageError
@@ -323,3 +324,11 @@ def test_digits_defaults_to_small_batches_unless_told_otherwise():
     args = parse("--arch", DENSE, "--dataset", "Digits", "--batch-size", 128, "--num-workers", 2)
     assert (args.batch_size, args.num_workers) == (128, 2)
     assert (parse("--arch", DENSE).batch_size, parse("--arch", DENSE).num_workers) == (128, 6)
+
+
+def test_readme_flags_table_is_the_parsers():
+    """The README's flags table is `args.flags_table()` verbatim: a flag added, renamed or re-defaulted without
+    regenerating it fails here."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    start = readme.index("| flag | default | meaning |")
+    assert readme[start:readme.index("\n\n", start)] == args_module.flags_table()

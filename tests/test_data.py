@@ -38,9 +38,22 @@ def _tree_state(root):
 # Facts
 # --------------------------------------------------------------------------------------------------------------
 
+def test_digits16_is_the_same_split_at_16x16_with_its_measured_statistics():
+    from utils.data import _digits_tensors
+    x16, y16, t16, ty16 = _digits_tensors(16)
+    x32, y32, t32, ty32 = _digits_tensors(32)
+    assert x16.shape[1:] == (3, 16, 16) and x32.shape[1:] == (3, 32, 32)
+    assert torch.equal(y16, y32) and torch.equal(ty16, ty32) and len(t16) == 360
+    for name, x in (("Digits16", x16), ("Digits", x32)):
+        info = dataset_info(name)
+        assert abs(x.mean().item() - info.mean[0]) < 1e-3 and abs(x.std().item() - info.std[0]) < 1e-3
+    train, _ = build_datasets("Digits16", "unused")
+    assert train.padding == 1 and build_datasets("Digits", "unused")[0].padding == 2  # shift: the same share
+
+
 def test_dataset_info_table():
     expected = {"CIFAR10": (10, 32), "CIFAR100": (100, 32), "TinyImageNet": (200, 64), "ImageNet": (1000, 224),
-                "Digits": (10, 32)}
+                "Digits": (10, 32), "Digits16": (10, 16)}
     assert set(DATASETS) == set(expected)
     for name, (classes, size) in expected.items():
         info = dataset_info(name)
