@@ -155,11 +155,15 @@ class RunLogger:
         _write_json_atomic(path, record)
 
     def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self):
+        """Close the log file and forget the logger (also for a RunLogger used without `with`)."""
         for h in list(self.logger.handlers):
             h.close()
             self.logger.removeHandler(h)
         logging.Logger.manager.loggerDict.pop(self.logger.name, None)
-        return False
 
     def info(self, msg):
         self.logger.info(msg)

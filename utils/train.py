@@ -486,7 +486,11 @@ def _mark_finished(folder, env):
                 return
     except (OSError, ValueError, AttributeError):
         pass
-    RunLogger(folder, None, is_main=env.is_main).set_status("finished", "every epoch was in the last checkpoint")
+    log = RunLogger(folder, None, is_main=env.is_main)  # only status.json: not entered, so nothing else is written
+    try:
+        log.set_status("finished", "every epoch was in the last checkpoint")
+    finally:
+        log.close()
 
 
 def _record_unexpected_stop(log, e):
