@@ -371,3 +371,11 @@ def test_momentum_and_special_resume_files(tmp_path, capsys):
     (tmp_path / "empty.pth.tar").write_bytes(b"")
     assert_one_line(*cli(train_ori.main, flags + ["--resume", tmp_path / "empty.pth.tar"], capsys), "empty")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xla"])
+def test_devices_other_than_cpu_and_cuda_are_bad_input(tmp_path, capsys, device):
+    """`--device meta` used to fail deep in training with a traceback and leave status.json at "running"."""
+    flags = FLAGS[:-2] + ["--device", device, "--epochs", "1", "--save-dir", tmp_path / "runs"]
+    assert_one_line(*cli(train_ori.main, flags, capsys), f"--device {device}")
+    assert not (tmp_path / "runs").exists()
