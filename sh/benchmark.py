@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 from utils.flops import inference_gflops, make_train_step, train_step_gflops  # noqa: E402
 from utils.gpu import backend_flags, configure_backends, maybe_compile  # noqa: E402
-from utils.train import Precision  # noqa: E402
+from utils.gpu import Precision  # noqa: E402
 
 ARCH = "resnet18_cifar"
 # The reference's own figures (shared/reference/README.md), GFLOPs per image, for comparison in (b).
@@ -179,7 +179,7 @@ def train_throughput(args, configs, prepared, precision, device, warmup, train_b
 
 
 def main(args):
-    from utils.train import resolve_device
+    from utils.runtime import resolve_device
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

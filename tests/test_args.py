@@ -10,7 +10,7 @@ import yaml
 from args import (args_to_yaml, get_args_parser, get_autoattack_parser, load_yaml_defaults, number, parse_args,
                   validate_args)
 import args as args_module
-from utils import train
+from utils import runtime, update
 from utils.cli import run_main
 from utils.errors import UsageError
 
@@ -303,9 +303,13 @@ def test_run_main_passes_argv_and_keeps_bugs_as_tracebacks():
 
 def test_run_main_maps_the_training_loop_stops(capsys):
     with pytest.raises(SystemExit) as e:
-        run_main(_raiser(train.Interrupted()))
-    assert e.value.code == train.REQUEUE_EXIT_CODE
+        run_main(_raiser(runtime.Interrupted()))
+    assert e.value.code == runtime.REQUEUE_EXIT_CODE
     assert "--resume auto" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_main(_raiser(update.NonFiniteError("training loss is not finite (NaN/inf)")))
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip() == "error: training loss is not finite (NaN/inf)"
 
 
 def test_entry_script_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path):

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import models
-from utils import advmoe, balance
+from utils import advmoe, balance, steps
 from utils.attack import ce_loss_fn, pgd_attack
 from utils.losses import robust_loss
-from utils.train import Precision
+from utils.update import StepContext
+from utils.gpu import Precision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
@@ -56,7 +57,7 @@ def unchanged(before, params):
 
 # ------------------------------------------------------------------------------------------------ training steps
 
-STEP_CFG = advmoe.StepConfig(num_steps=2, eps=EPS, step_size=STEP, grad_clip=1.0, router_grad_clip=1.0,
+STEP_CFG = steps.StepConfig(num_steps=2, eps=EPS, step_size=STEP, grad_clip=1.0, router_grad_clip=1.0,
                              balance="median")
 
 
@@ -70,7 +71,7 @@ def test_dense_training_step(device, amp):
     before = snapshot(model.parameters())
     for _ in range(3):  # fp16's scaler may skip the first steps (inf gradients at its initial scale)
         with precision.autocast():
-            out = advmoe.joint_step(model, x, y, STEP_CFG, opt, precision.scaler)
+            out = steps.joint_step(model, x, y, STEP_CFG, StepContext(opt, scaler=precision.scaler))
         assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
         if moved(before, model.parameters()):
             break
@@ -92,13 +93,13 @@ def test_moe_router_and_experts_each_move_only_in_their_own_step(device, amp, ro
     for _ in range(3):
         r0, b0 = snapshot(router), snapshot(backbone)
         with precision.autocast():
-            out = advmoe.router_step(model, x, y, STEP_CFG, router_opt, precision.scaler)
+            out = advmoe.router_step(model, x, y, STEP_CFG, StepContext(router_optimizer=router_opt, scaler=precision.scaler))
         assert torch.isfinite(out["loss"])
         assert unchanged(b0, backbone)
         router_moved |= moved(r0, router)
         r1 = snapshot(router)
         with precision.autocast():
-            out = advmoe.expert_step(model, x, y, STEP_CFG, opt, precision.scaler)
+            out = advmoe.expert_step(model, x, y, STEP_CFG, StepContext(opt, scaler=precision.scaler))
         assert torch.isfinite(out["loss"])
         assert unchanged(r1, router)
         experts_moved |= moved(b0, backbone)
@@ -127,9 +128,9 @@ def test_attacks_under_autocast_stay_in_the_eps_ball_and_in_range(device, amp):
 
 def _digits_tensors(device):
     pytest.importorskip("sklearn")
-    from utils.data import build_loaders
-    train, _, test, _ = build_loaders("Digits", "unused", batch_size=128, test_batch_size=360, num_workers=0,
-                                      seed=0, device="cpu", data_fraction=1.0)
+    from utils.data import LoaderConfig, build_loaders
+    train, _, test, _ = build_loaders(LoaderConfig("Digits", "unused", batch_size=128, test_batch_size=360,
+                                                   num_workers=0, seed=0, data_fraction=1.0), "cpu")
     return train, next(iter(test))
 
 
@@ -143,12 +144,12 @@ def test_pgd_robust_accuracy_under_amp_is_within_two_points_of_float32(amp):
     train, (xt, yt) = _digits_tensors(device)
     model = models.build_model("resnet18_cifar_ori", ratio=0.25).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    cfg = advmoe.StepConfig(at="pgd", num_steps=2, eps=EPS, step_size=5 / 255, grad_clip=1.0)
+    cfg = steps.StepConfig(at="pgd", num_steps=2, eps=EPS, step_size=5 / 255, grad_clip=1.0)
     for epoch in range(3):
         train.sampler.set_epoch(epoch)
         for x, y in train:
             model.train()
-            advmoe.joint_step(model, x.to(device), y.to(device), cfg, opt)
+            steps.joint_step(model, x.to(device), y.to(device), cfg, StepContext(opt))
     model.eval()
     xt, yt = xt.to(device), yt.to(device)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -236,10 +237,10 @@ def test_a_sparse_forward_synchronises_once_per_routing_decision(routing):
 @pytest.mark.parametrize("device", DEVICES)
 def test_resident_loader_gives_the_cpu_loaders_batches_on_the_device(device):
     pytest.importorskip("sklearn")
-    from utils.data import build_loaders
+    from utils.data import LoaderConfig, build_loaders
     from utils.gpu import resident_loaders
-    loaders = build_loaders("Digits", "unused", batch_size=64, test_batch_size=100, num_workers=0, seed=3,
-                            device="cpu", data_fraction=0.9)[:3]
+    loaders = build_loaders(LoaderConfig("Digits", "unused", batch_size=64, test_batch_size=100,
+                                         num_workers=0, seed=3, data_fraction=0.9), "cpu")[:3]
     on_device = resident_loaders("Digits", loaders, device, seed=3)
     on_cpu = resident_loaders("Digits", loaders, "cpu", seed=3)
     for cpu, res in ((loaders[1], on_device[1]), (loaders[2], on_device[2])):  # unaugmented: the DataLoader's
@@ -311,7 +312,7 @@ def test_nccl_collectives_of_the_training_loop_on_one_gpu(tmp_path):
     script = (
         "import torch, torch.distributed as dist\n"
         "from utils.distributed import DistEnv, _reduce_bucket\n"
-        "from utils.advmoe import NonFiniteError, check_finite\n"
+        "from utils.update import NonFiniteError, check_finite\n"
         "dist.init_process_group('nccl', init_method='file://" + str(tmp_path / "store") + "', rank=0, world_size=1)\n"
         "p = torch.nn.Parameter(torch.ones(5, device='cuda')); p.grad = torch.full((5,), 3.0, device='cuda')\n"
         "_reduce_bucket([p], DistEnv(0, 1, 0))\n"

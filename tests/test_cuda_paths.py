@@ -13,14 +13,15 @@ import torch
 
 import models
 from args import parse_args
-from utils import advmoe, balance
+from utils import balance, steps, update
 from utils.attack import ce_loss_fn, pgd_attack
 from utils.errors import UsageError
-from utils.evaluate import evaluate
+from utils.update import StepContext
+from utils.evaluate import EvalConfig, evaluate
 from utils.gpu import (COMPILE_RECOMPILE_LIMIT, BackendConfig, backend_flags, deterministic_backends,
                        maybe_compile)
 from utils.losses import robust_loss
-from utils.train import Precision, native_bf16
+from utils.gpu import Precision, native_bf16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.device("cuda")
@@ -150,12 +151,12 @@ def test_finiteness_of_all_router_parameters_is_one_host_read(monkeypatch):
     params = model.router_parameters()
     assert len(params) > 50
     reads = HostReads(monkeypatch)
-    advmoe.check_finite(params, "a router parameter")
+    update.check_finite(params, "a router parameter")
     assert reads.count == 1
     with torch.no_grad():
         params[-1][0] = float("nan")
-    with pytest.raises(advmoe.NonFiniteError, match="router parameter"):
-        advmoe.check_finite(params, "a router parameter")
+    with pytest.raises(update.NonFiniteError, match="router parameter"):
+        update.check_finite(params, "a router parameter")
 
 
 @pytest.mark.parametrize("routing", ["global", "layer"])
@@ -189,7 +190,7 @@ def test_router_statistics_are_averaged_in_one_call():
 AGREE_SCRIPT = textwrap.dedent("""
     import sys, datetime
     import torch, torch.distributed as dist
-    from utils.advmoe import NonFiniteError, check_finite
+    from utils.update import NonFiniteError, check_finite
     from utils.distributed import DistEnv, all_reduce_sum
     rank, store, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2,
@@ -283,7 +284,7 @@ def test_compiled_dense_training_and_evaluation_stay_within_the_recompile_limit(
     model = models.build_model("resnet18_cifar_ori", ratio=0.125)
     maybe_compile(model, True, backend=counting_backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    cfg = advmoe.StepConfig(num_steps=1, grad_clip=1.0)
+    cfg = steps.StepConfig(num_steps=1, grad_clip=1.0)
     g = torch.Generator().manual_seed(0)
     batches = [(torch.rand(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)) for b in (8, 5)]
     try:
@@ -291,8 +292,8 @@ def test_compiled_dense_training_and_evaluation_stay_within_the_recompile_limit(
         for _ in range(2):
             for x, y in batches:
                 model.train()
-                advmoe.joint_step(model, x, y, cfg, opt)
-            evaluate(model, batches, eps=0.03, step_size=0.01, num_steps=1, device="cpu", progress=False)
+                steps.joint_step(model, x, y, cfg, StepContext(opt))
+            evaluate(model, batches, EvalConfig(eps=0.03, step_size=0.01, num_steps=1, progress=False), "cpu")
             counts.append(len(graphs))
         assert counts[0] == counts[1] <= 8 < COMPILE_RECOMPILE_LIMIT
         assert torch._dynamo.config.recompile_limit >= COMPILE_RECOMPILE_LIMIT

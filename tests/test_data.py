@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from utils import data
-from utils.data import DATASETS, EpochSampler, build_datasets, build_loaders, dataset_info, num_classes
+from utils.data import DATASETS, EpochSampler, LoaderConfig, build_datasets, build_loaders, dataset_info, num_classes
 from utils.errors import UsageError
 
 # Solid colours, one per class, far apart so that JPEG compression cannot blur one into another.
@@ -422,8 +422,8 @@ def test_sampler_partition_property(n, ws, seed, epoch, mode):
 # --------------------------------------------------------------------------------------------------------------
 
 def test_build_loaders_digits_two_ranks():
-    loaders = [build_loaders("Digits", "unused", batch_size=64, test_batch_size=100, num_workers=0, seed=5,
-                             device="cpu", rank=r, world_size=2) for r in range(2)]
+    loaders = [build_loaders(LoaderConfig("Digits", "unused", batch_size=64, test_batch_size=100,
+                                          num_workers=0, seed=5), "cpu", rank=r, world_size=2) for r in range(2)]
     train, val, test, info = loaders[0]
     assert val is None  # data_fraction defaults to 1.0 here: no held-out split
     assert info == dataset_info("Digits") and isinstance(train.sampler, EpochSampler)
@@ -441,8 +441,8 @@ def test_build_loaders_digits_two_ranks():
 
 def test_build_loaders_reproducible_with_a_worker():
     def first_batch():
-        train, _, _, _ = build_loaders("Digits", "unused", batch_size=16, test_batch_size=16, num_workers=1,
-                                    seed=11, device="cpu")
+        train, _, _, _ = build_loaders(LoaderConfig("Digits", "unused", batch_size=16, test_batch_size=16,
+                                                    num_workers=1, seed=11), "cpu")
         assert train.persistent_workers
         train.sampler.set_epoch(2)
         it = iter(train)
@@ -461,17 +461,17 @@ def test_build_loaders_reproducible_with_a_worker():
 
 
 def test_validation_split_is_held_out_unaugmented_and_fixed():
-    train, val, test, _ = build_loaders("Digits", "unused", batch_size=64, test_batch_size=64, num_workers=0,
-                                        seed=3, device="cpu", data_fraction=0.9)
+    train, val, test, _ = build_loaders(LoaderConfig("Digits", "unused", batch_size=64, test_batch_size=64,
+                                                     num_workers=0, seed=3, data_fraction=0.9), "cpu")
     n_train, n_val = len(train.dataset), len(val.dataset)
     assert n_train + n_val == 1437 and n_val == 1437 - round(0.9 * 1437)
     assert not set(train.dataset.indices) & set(val.dataset.indices)
     x_train_all, _, _, _ = data._digits_tensors()
     xv, _ = next(iter(val))
     assert torch.equal(xv, x_train_all[val.dataset.indices[:len(xv)]])  # no augmentation on validation
-    _, val_other_seed, _, _ = build_loaders("Digits", "unused", batch_size=64, test_batch_size=64, num_workers=0,
-                                            seed=4, device="cpu", data_fraction=0.9)
+    _, val_other_seed, _, _ = build_loaders(LoaderConfig("Digits", "unused", batch_size=64, test_batch_size=64,
+                                                         num_workers=0, seed=4, data_fraction=0.9), "cpu")
     assert val_other_seed.dataset.indices == val.dataset.indices  # the split does not follow --seed
     with pytest.raises(UsageError):
-        build_loaders("Digits", "unused", batch_size=8, test_batch_size=8, num_workers=0, seed=0, device="cpu",
-                      data_fraction=1.5)
+        build_loaders(LoaderConfig("Digits", "unused", batch_size=8, test_batch_size=8,
+                                   num_workers=0, seed=0, data_fraction=1.5), "cpu")

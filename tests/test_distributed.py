@@ -1,5 +1,6 @@
 """Two CPU processes under torchrun (gloo): one writer per run, sharded evaluation and AutoAttack equal to one
 process, and a SIGTERM to the launcher checkpoints mid-epoch and resumes exactly."""
+import dataclasses
 import json
 import os
 import signal
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 import models
-from utils.data import EpochSampler, build_loaders
-from utils.evaluate import evaluate
+from utils.data import EpochSampler, LoaderConfig, build_loaders
+from utils.evaluate import Counts, EvalConfig, Shard, evaluate
 from test_autoattack import ours, train_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,18 +125,21 @@ def test_evaluation_shards_sum_to_the_single_process_counts():
     (MoE dissection and expert loads included), whatever the global RNG holds."""
     torch.manual_seed(0)
     model = models.build_model("resnet18_cifar_moe", num_classes=10, ratio=0.0625, n_expert=2)
-    kw = dict(eps=8 / 255, step_size=2 / 255, num_steps=1, device="cpu", max_batches=3, progress=False, seed=5)
+    cfg = EvalConfig(eps=8 / 255, step_size=2 / 255, num_steps=1, max_batches=3, progress=False, seed=5)
 
     def run(rank, world_size):
-        _, _, test, _ = build_loaders("Digits", "unused", batch_size=32, test_batch_size=40, num_workers=0, seed=0,
-                                      device="cpu", rank=rank, world_size=world_size)
+        _, _, test, _ = build_loaders(LoaderConfig("Digits", "unused", batch_size=32, test_batch_size=40,
+                                                   num_workers=0, seed=0), "cpu", rank=rank, world_size=world_size)
         torch.manual_seed(rank + 100 * world_size)  # the global RNG must play no part
-        return evaluate(model, test, rank=rank, world_size=world_size, **kw)
+        return evaluate(model, test, cfg, "cpu", shard=Shard(rank, world_size))
 
     whole, parts = run(0, 1), [run(r, 2) for r in range(2)]
     assert whole["n"] == 120 and [p["n"] for p in parts] == [80, 40]
-    for key in whole["counts"]:
-        assert whole["counts"][key] == sum(p["counts"][key] for p in parts), key
+    summed = parts[0]["counts"] + parts[1]["counts"]
+    for f in dataclasses.fields(Counts):
+        whole_count, summed_count = (torch.as_tensor(getattr(c, f.name)) for c in (whole["counts"], summed))
+        assert torch.equal(whole_count, summed_count), f.name
+    assert whole["counts"].router_kept > 0 and whole["counts"].load_clean.sum() == 120
     for key in ("load_clean", "load_adv"):
         summed = [sum(p["n"] * p[key][e] for p in parts) / 120 for e in range(2)]
         assert summed == pytest.approx(whole[key]), key

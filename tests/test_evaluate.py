@@ -5,6 +5,7 @@ import torch
 import models
 from utils import balance, evaluate as ev
 from utils.attack import ce_loss_fn, pgd_attack
+from utils.runtime import eval_start_seed
 
 EPS, STEP, STEPS = 8 / 255, 2 / 255, 3
 
@@ -22,13 +23,12 @@ def _batch(model, b=32):
 
 
 def _evaluate(model, x, y):
-    return ev.evaluate(model, [(x, y)], eps=EPS, step_size=STEP, num_steps=STEPS, device="cpu", progress=False,
-                       seed=5)
+    return ev.evaluate(model, [(x, y)], ev.EvalConfig(EPS, STEP, STEPS, seed=5, progress=False), "cpu")
 
 
 def _by_hand(model, x, y, ste_loss_fn):
     """The two attacks in evaluate's order, from the same random-start generator; each judged by the whole MoE."""
-    g = ev._start_generator(5, 0, x.device)
+    g = torch.Generator().manual_seed(eval_start_seed(5, 0))
     attack = dict(eps=EPS, step_size=STEP, num_steps=STEPS, random_start="uniform", generator=g)
     x_ste = pgd_attack(model, x, ste_loss_fn(y), **attack)
     with torch.no_grad():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import models
-from utils.data import EpochSampler, TensorImageDataset, build_loaders
+from utils.data import EpochSampler, LoaderConfig, TensorImageDataset, build_loaders
 from utils.gpu import (BackendConfig, ResidentLoader, configure_backends, crop_flip, fits_on_device, maybe_compile,
                        resident_loader, resident_loaders)
 
@@ -136,8 +136,8 @@ def test_uint8_cifar_layout_and_subset():
 
 def test_resident_loaders_for_digits():
     assert fits_on_device("CIFAR10") and fits_on_device("Digits") and not fits_on_device("ImageNet")
-    loaders = build_loaders("Digits", "unused", batch_size=64, test_batch_size=100, num_workers=0, seed=0,
-                            device="cpu", data_fraction=0.9)[:3]
+    loaders = build_loaders(LoaderConfig("Digits", "unused", batch_size=64, test_batch_size=100,
+                                         num_workers=0, seed=0, data_fraction=0.9), "cpu")[:3]
     train, val, test = resident_loaders("Digits", loaders, "cpu", seed=0)
     assert (train.padding, train.flip) == (2, False) and val.padding == 0 and test.padding == 0
     assert len(train) == len(loaders[0]) and len(test) == len(loaders[2])

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 import models
-from utils import advmoe
+from utils import advmoe, steps, update
 from utils.balance import RouterUpkeep
+from utils.update import StepContext
 
 K = 2  # attack steps
 
@@ -82,7 +83,7 @@ def _bn_counts(model):
 
 def _cfg():
     # The CLI's step without the bias re-centring pass, counted on its own below.
-    return advmoe.StepConfig(at="trades", num_steps=K, balance="none")
+    return steps.StepConfig(at="trades", num_steps=K, balance="none")
 
 
 def _upkeep(mode="none", logit_cap=0.0):
@@ -106,7 +107,7 @@ def test_advmoe_step_passes(monkeypatch, n_expert):
     x, y = _batch()
     opt, router_opt = _optimizers(model)
     counter = PassCounter(model, monkeypatch)
-    advmoe.advmoe_step(model, x, y, _cfg(), opt, router_opt, upkeep=_upkeep())
+    advmoe.advmoe_step(model, x, y, _cfg(), StepContext(opt, router_opt), upkeep=_upkeep())
     counter.remove()
     assert dict(counter.calls) == _expected(2)
 
@@ -119,7 +120,7 @@ def test_balancing_adds_one_router_pass_per_router_update(monkeypatch, mode, log
     x, y = _batch()
     opt, router_opt = _optimizers(model)
     counter = PassCounter(model, monkeypatch)
-    advmoe.advmoe_step(model, x, y, _cfg(), opt, router_opt, upkeep=_upkeep(mode, logit_cap))
+    advmoe.advmoe_step(model, x, y, _cfg(), StepContext(opt, router_opt), upkeep=_upkeep(mode, logit_cap))
     counter.remove()
     want = _expected(2)
     want[("router", "eval")] += 1  # the balancing pass
@@ -131,7 +132,7 @@ def test_joint_step_passes(monkeypatch):
     x, y = _batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     counter = PassCounter(model, monkeypatch)
-    advmoe.joint_step(model, x, y, _cfg(), opt, upkeep=_upkeep())
+    steps.joint_step(model, x, y, _cfg(), StepContext(opt), upkeep=_upkeep())
     counter.remove()
     assert dict(counter.calls) == _expected(1)
 
@@ -142,7 +143,7 @@ def test_advmoe_step_moves_every_batchnorm_once():
     opt, router_opt = _optimizers(model)
     backbone0, router0 = _bn_counts(model)
     assert backbone0 and router0
-    advmoe.advmoe_step(model, x, y, _cfg(), opt, router_opt, upkeep=_upkeep())
+    advmoe.advmoe_step(model, x, y, _cfg(), StepContext(opt, router_opt), upkeep=_upkeep())
     backbone1, router1 = _bn_counts(model)
     assert {k: v - backbone0[k] for k, v in backbone1.items()} == {k: 1 for k in backbone0}
     assert {k: v - router0[k] for k, v in router1.items()} == {k: 1 for k in router0}
@@ -152,7 +153,7 @@ def test_joint_step_moves_every_batchnorm_once():
     model = _model()
     x, y = _batch()
     before = _bn_counts(model)
-    advmoe.joint_step(model, x, y, _cfg(), torch.optim.SGD(model.parameters(), lr=0.01), upkeep=_upkeep())
+    steps.joint_step(model, x, y, _cfg(), StepContext(torch.optim.SGD(model.parameters(), lr=0.01)), upkeep=_upkeep())
     after = _bn_counts(model)
     assert {k: v - before[0][k] for k, v in after[0].items()} == {k: 1 for k in before[0]}
     assert {k: v - before[1][k] for k, v in after[1].items()} == {k: 1 for k in before[1]}
@@ -163,11 +164,11 @@ def test_each_step_computes_only_its_own_gradients():
     model = _model()
     x, y = _batch()
     opt, router_opt = _optimizers(model)
-    advmoe.router_step(model, x, y, _cfg(), router_opt)
+    advmoe.router_step(model, x, y, _cfg(), StepContext(router_optimizer=router_opt))
     assert all(p.grad is None for p in model.backbone_parameters())
     assert all(p.grad is not None for p in model.router_parameters())
     router_opt.zero_grad(set_to_none=True)
-    advmoe.expert_step(model, x, y, _cfg(), opt)
+    advmoe.expert_step(model, x, y, _cfg(), StepContext(opt))
     assert all(p.grad is None for p in model.router_parameters())
     assert sum(p.grad is not None for p in model.backbone_parameters()) == len(model.backbone_parameters())
     assert all(p.requires_grad for p in model.parameters())  # flags restored
@@ -180,11 +181,11 @@ def test_reference_router_objective_passes_and_value(monkeypatch):
     BatchNorm statistics, once."""
     model = _model()
     x, y = _batch()
-    cfg = advmoe.StepConfig(at="trades", num_steps=K, router_objective="reference", balance="none")
+    cfg = steps.StepConfig(at="trades", num_steps=K, router_objective="reference", balance="none")
     _, router_opt = _optimizers(model)
     before = _bn_counts(model)
     counter = PassCounter(model, monkeypatch)
-    advmoe.router_step(model, x, y, cfg, router_opt)
+    advmoe.router_step(model, x, y, cfg, StepContext(router_optimizer=router_opt))
     assert _bn_counts(model) == before  # the loss's passes move no statistics
     _upkeep().after_router_update(model, x)
     counter.remove()
@@ -197,7 +198,7 @@ def test_reference_router_objective_passes_and_value(monkeypatch):
     # Its value: alpha * CE(router(x), y mod N) + beta * KL(router(x) || router(x_adv)) / B.
     model = _model()
     out = advmoe.reference_router_loss(model, x, y, cfg, generator=torch.Generator().manual_seed(3))
-    with advmoe.running_stats_frozen(list(model.modules())):
+    with update.running_stats_frozen(list(model.modules())):
         r_clean, r_adv = model.route(x), model.route(out["x_adv"])
     p, log_p, log_q = r_clean.softmax(1), r_clean.log_softmax(1), r_adv.log_softmax(1)
     kl = (p * (log_p - log_q)).sum() / len(y)

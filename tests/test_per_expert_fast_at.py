@@ -10,9 +10,10 @@ import torch
 import yaml
 
 import models
-from utils import advmoe, report
+from utils import advmoe, report, steps
 from utils.errors import UsageError
-from utils.evaluate import evaluate, evaluate_per_expert, forced_routing
+from utils.evaluate import EvalConfig, evaluate, evaluate_per_expert, forced_routing
+from utils.update import StepContext
 from utils.losses import robust_loss
 from utils.scalars import ScalarLog, summary_writer_class
 
@@ -42,13 +43,13 @@ def test_forcing_an_expert_equals_a_model_whose_router_always_picks_it(routing):
     model = models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=3, routing=routing).eval()
     x, y = _batch()
     loader = [(x, y), _batch(seed=2)]
-    attack = dict(eps=EPS, step_size=EPS / 4, num_steps=3, device="cpu", progress=False, seed=5)
-    per_expert = evaluate_per_expert(model, loader, **attack)
+    cfg = EvalConfig(eps=EPS, step_size=EPS / 4, num_steps=3, seed=5, progress=False)
+    per_expert = evaluate_per_expert(model, loader, cfg, "cpu")
     for e in range(3):
         fixed = _always_picks(model, e)
         with torch.no_grad():
             torch.testing.assert_close(model(x, expert=forced_routing(model, e, len(x), "cpu")), fixed(x))
-        ev = evaluate(fixed, loader, moe_metrics=False, **attack)
+        ev = evaluate(fixed, loader, cfg, "cpu", moe_metrics=False)
         assert per_expert["per_expert_sa"][e] == ev["sa"]
         assert per_expert["per_expert_ra"][e] == ev["ra"]
     assert len(set(per_expert["per_expert_sa"])) > 1  # the experts differ: the forcing reaches every layer
@@ -95,15 +96,15 @@ def test_fast_at_steps_take_one_gradient_per_attack(monkeypatch, kind):
     torch.manual_seed(0)
     model = models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=2).train()
     x, y = _batch()
-    cfg = advmoe.StepConfig(at="fast", eps=EPS, num_steps=5)
+    cfg = steps.StepConfig(at="fast", eps=EPS, num_steps=5)
     counter = Counter(model, monkeypatch)
     if kind == "advmoe":
         opt = torch.optim.SGD(model.backbone_parameters(), lr=0.01)
         router_opt = torch.optim.SGD(model.router_parameters(), lr=0.01)
-        out = advmoe.advmoe_step(model, x, y, cfg, opt, router_opt)
+        out = advmoe.advmoe_step(model, x, y, cfg, StepContext(opt, router_opt))
         attacks = 2  # router step and expert step
     else:
-        out = advmoe.joint_step(model, x, y, cfg, torch.optim.SGD(model.parameters(), lr=0.01))
+        out = steps.joint_step(model, x, y, cfg, StepContext(torch.optim.SGD(model.parameters(), lr=0.01)))
         attacks = 1
     assert counter.grads == attacks and counter.backwards == attacks
     assert (out["x_adv"] - x).abs().max() <= EPS + 1e-6
@@ -157,23 +158,26 @@ def test_report_table_shows_each_expert_next_to_the_routed_model(tmp_path):
     assert line.endswith("| 90.00 | 40.00 | - | - | - | - | e0 88.50 / 45.00, e1 70.25 / 20.50 |")
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # train_epoch is replaced: no step
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # no training step: no optimizer step
 def test_collapse_of_validation_ra_is_reported_and_the_best_checkpoint_kept(monkeypatch, tmp_path):
     from args import parse_args
     from utils import train
-    from utils.runlog import RunLogger
+    from utils.run import build_run
+    from utils.runlog import RunLogger, checkpoint_paths, run_dir
     args = parse_args(["--arch", "resnet18_cifar_ori", "--dataset", "Digits", "--ratio", "0.125", "--epochs", "3",
                        "--save-dir", str(tmp_path), "--no-progress", "--at", "fast"], script="train_ori")
-    run = train.setup(args, "train_ori", torch.device("cpu"))
+    run = build_run(args, "train_ori", torch.device("cpu"))
     val_ra = iter([60.0, 55.0, 20.0])  # epoch 3: below half of the best (60)
-    monkeypatch.setattr(train, "train_epoch", lambda run, epoch, stop: ({"loss_sum": 1.0, "correct": 0, "seen": 1},
-                                                                         None))
-    monkeypatch.setattr(train, "_eval", lambda run, loader, desc, moe_metrics=None:
+    monkeypatch.setattr(train, "evaluate", lambda model, loader, cfg, device, desc, **kw:
                         {"sa": 90.0, "ra": next(val_ra) if desc == "val" else 33.0})
-    folder = train.run_dir(args, "train_ori")
-    latest, best = train._checkpoint_paths(folder)
+    folder = run_dir(args, "train_ori")
+    latest, best = checkpoint_paths(folder)
+    rows = []
     with RunLogger(folder, args) as log:
-        rows = [train._train_and_evaluate_epoch(run, e, train.StopFlag(), log, latest, best) for e in range(3)]
+        for e in range(3):  # the end of each epoch, without its training
+            row, is_best, warnings = train.evaluate_epoch(run, e, {"loss_sum": 1.0, "correct": 0, "seen": 1}, 0.1)
+            train.save_epoch(run, row, is_best, warnings, log, None, latest, best)
+            rows.append(row)
     assert [r.get("catastrophic_overfitting", False) for r in rows] == [False, False, True]
     assert "catastrophic overfitting?" in open(os.path.join(folder, "setup.log")).read()
     assert torch.load(best, weights_only=True)["best_epoch"] == 1

@@ -9,8 +9,9 @@ import torch
 import models
 from args import parse_args
 from models.layers import hard_top1
-from utils import advmoe, balance
+from utils import advmoe, balance, steps, update
 from utils.train import fit
+from utils.update import StepContext
 
 from test_train import MOE, run_dir, run_script
 
@@ -180,12 +181,26 @@ def test_balancing_losses_are_zero_or_one_when_balanced_and_grow_with_collapse()
 @pytest.mark.parametrize("mode", ["switch", "entropy"])
 def test_loss_balancing_enters_the_router_loss(mode):
     model, x, y = _collapsed()
-    plain = advmoe._robust(copy.deepcopy(model), x, y, advmoe.StepConfig(num_steps=1, balance="none"),
-                           torch.Generator().manual_seed(1), routing=True)  # a copy: its pass moves BatchNorms
-    out = advmoe._robust(model, x, y, advmoe.StepConfig(num_steps=1, balance=mode, balance_strength=0.5),
-                         torch.Generator().manual_seed(1), routing=True)
-    assert torch.allclose(out["loss"], plain["loss"] + 0.5 * out["balance_loss"], atol=1e-5)
-    assert out["balance_loss"] > 0.5  # collapsed: switch -> ~2, entropy -> ~log 2
+    plain = steps.training_loss(copy.deepcopy(model), x, y, steps.StepConfig(num_steps=1, balance="none"),
+                                torch.Generator().manual_seed(1))  # a copy: its pass moves BatchNorms
+    assert steps.loss_balancing(steps.StepConfig(balance="none"), 2) is None
+    cfg = steps.StepConfig(num_steps=1, balance=mode, balance_strength=0.5)
+    out = steps.training_loss(model, x, y, cfg, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out["loss"], plain["loss"])
+    steps.add_balance_term(out, steps.loss_balancing(cfg, 2))
+    term = balance.balance_loss(mode, out["router_logits"], 2)
+    assert torch.allclose(out["loss"], plain["loss"] + 0.5 * term, atol=1e-5)
+    assert term > 0.5  # collapsed: switch -> ~2, entropy -> ~log 2
+
+    # and the router step adds it: the router's gradient is that of the robust loss plus the balancing term
+    grads = []
+    for balancing in (None, steps.loss_balancing(cfg, 2)):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.router_parameters(), lr=0.0)
+        advmoe.router_step(m, x, y, cfg, StepContext(router_optimizer=opt, generator=torch.Generator().manual_seed(1)),
+                           balance=balancing)
+        grads.append(m.router.fc.bias.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
 
 
 def test_center_router_bias_averages_the_shift_over_processes():
@@ -217,8 +232,8 @@ def test_non_finite_router_stops_with_error():
     with torch.no_grad():
         model.router.fc.weight[0, 0] = float("nan")
     opt, router_opt = (torch.optim.SGD(p, lr=0.01) for p in (model.backbone_parameters(), model.router_parameters()))
-    with pytest.raises(advmoe.NonFiniteError, match="not finite"):
-        advmoe.advmoe_step(model, x, y, advmoe.StepConfig(num_steps=1), opt, router_opt)
+    with pytest.raises(update.NonFiniteError, match="not finite"):
+        advmoe.advmoe_step(model, x, y, steps.StepConfig(num_steps=1), StepContext(opt, router_opt))
 
 
 @pytest.mark.slow
@@ -229,11 +244,11 @@ def test_nan_mid_run_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     def failing_step(*a, **kw):
         calls.append(1)
         if len(calls) == 3:  # first batch of epoch 2
-            raise advmoe.NonFiniteError("router-step loss is not finite (NaN/inf); stopping, last good checkpoint kept")
+            raise update.NonFiniteError("router-step loss is not finite (NaN/inf); stopping, last good checkpoint kept")
         return real(*a, **kw)
     monkeypatch.setattr(advmoe, "advmoe_step", failing_step)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    with pytest.raises(advmoe.NonFiniteError):
+    with pytest.raises(update.NonFiniteError):
         fit(args, "train_moe")
     folder = run_dir(tmp_path)
     ckpt = torch.load(os.path.join(folder, "checkpoint", "checkpoint.pth.tar"), weights_only=True)
@@ -273,13 +288,11 @@ def _record_clips(monkeypatch):
 def test_joint_step_clips_router_and_backbone_each_on_its_own(monkeypatch):
     x, y = _images(8)
     free = _model().train()  # the same step unclipped: both groups' gradients are above the clip norms
-    advmoe.joint_step(free, x, y, advmoe.StepConfig(num_steps=1, grad_clip=0.0, router_grad_clip=0.0),
-                      torch.optim.SGD(free.parameters(), lr=0.0))
+    steps.joint_step(free, x, y, steps.StepConfig(num_steps=1, grad_clip=0.0, router_grad_clip=0.0), StepContext(torch.optim.SGD(free.parameters(), lr=0.0)))
     assert _norm(free.router_parameters()) > 1e-3 and _norm(free.backbone_parameters()) > 1e-3
     model = _model().train()
     clipped = _record_clips(monkeypatch)
-    advmoe.joint_step(model, x, y, advmoe.StepConfig(num_steps=1, router_grad_clip=1e-3, grad_clip=5e-4),
-                      torch.optim.SGD(model.parameters(), lr=0.0))
+    steps.joint_step(model, x, y, steps.StepConfig(num_steps=1, router_grad_clip=1e-3, grad_clip=5e-4), StepContext(torch.optim.SGD(model.parameters(), lr=0.0)))
     assert clipped == [({id(p) for p in model.router_parameters()}, 1e-3),
                        ({id(p) for p in model.backbone_parameters()}, 5e-4)]
     assert _norm(model.router_parameters()) <= 1e-3 * (1 + 1e-4)
@@ -290,18 +303,15 @@ def test_expert_step_clips_the_backbone_and_dense_training_clips_everything(monk
     x, y = _images(8)
     model = _model().train()
     clipped = _record_clips(monkeypatch)
-    advmoe.expert_step(model, x, y, advmoe.StepConfig(num_steps=1, grad_clip=5e-4),
-                       torch.optim.SGD(model.backbone_parameters(), lr=0.0))
+    advmoe.expert_step(model, x, y, steps.StepConfig(num_steps=1, grad_clip=5e-4), StepContext(torch.optim.SGD(model.backbone_parameters(), lr=0.0)))
     assert clipped == [({id(p) for p in model.backbone_parameters()}, 5e-4)]
     assert _norm(model.backbone_parameters()) <= 5e-4 * (1 + 1e-4)
     clipped.clear()
     torch.manual_seed(0)
     dense = models.build_model("resnet18_cifar_ori", ratio=0.125).train()
-    advmoe.joint_step(dense, x, y, advmoe.StepConfig(num_steps=1, grad_clip=5e-4, router_grad_clip=1e-3),
-                      torch.optim.SGD(dense.parameters(), lr=0.0))
+    steps.joint_step(dense, x, y, steps.StepConfig(num_steps=1, grad_clip=5e-4, router_grad_clip=1e-3), StepContext(torch.optim.SGD(dense.parameters(), lr=0.0)))
     assert clipped == [({id(p) for p in dense.parameters()}, 5e-4)]
     assert _norm(dense.parameters()) <= 5e-4 * (1 + 1e-4)
     clipped.clear()
-    advmoe.joint_step(dense, x, y, advmoe.StepConfig(num_steps=1, grad_clip=0.0),
-                      torch.optim.SGD(dense.parameters(), lr=0.0))
+    steps.joint_step(dense, x, y, steps.StepConfig(num_steps=1, grad_clip=0.0), StepContext(torch.optim.SGD(dense.parameters(), lr=0.0)))
     assert clipped == [] and _norm(dense.parameters()) > 5e-4  # 0: off

@@ -11,8 +11,8 @@ import torch
 
 import models
 from args import parse_args
-from utils.advmoe import StepConfig
-from utils.data import build_loaders
+from utils.steps import StepConfig
+from utils.data import LoaderConfig, build_loaders
 from utils.errors import UsageError
 from utils.train import fit
 
@@ -131,8 +131,8 @@ def test_evaluate_records_sa_and_ra(tmp_path):
     assert 0 <= row["ra"] <= row["sa"]
     assert f"SA {row['sa']:.2f}% | RA {row['ra']:.2f}%" in out.stdout + out.stderr
 
-    _, _, test_loader, _ = build_loaders("Digits", "unused", batch_size=32, test_batch_size=64, num_workers=0,
-                                         seed=1234, device="cpu")
+    _, _, test_loader, _ = build_loaders(LoaderConfig("Digits", "unused", batch_size=32, test_batch_size=64,
+                                                      num_workers=0, seed=1234), "cpu")
     model = models.build_model("resnet18_cifar_ori", num_classes=10, ratio=0.125)
     model.load_state_dict(torch.load(best, weights_only=True)["state_dict"])
     x, y = next(iter(test_loader))

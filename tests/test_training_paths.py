@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 import models
 from args import parse_args
-from utils import advmoe, balance, train
+from utils import advmoe, balance, run as run_state, steps, train
 from utils.distributed import DistEnv, average_gradients
 from utils.errors import UsageError
 from utils.train import fit
+from utils.update import StepContext
 
 from test_train import DENSE, MOE, run_dir, run_script
 
@@ -81,13 +82,13 @@ def test_joint_moe_training_through_the_cli(tmp_path):
 def test_pgd_at_for_an_moe_through_the_flags(tmp_path, monkeypatch):
     """--at pgd reaches both AdvMoE steps, and the step's adversarial examples are PGD-CE ones against the MoE:
     in the eps-ball, in [0, 1], with a higher cross-entropy than the clean images; no TRADES clean pass."""
-    real, seen = advmoe.robust_loss, []
+    real, seen = steps.robust_loss, []
 
     def spy(model, x, y, **kw):
         out = real(model, x, y, **kw)
         seen.append((kw["at"], out))
         return out
-    monkeypatch.setattr(advmoe, "robust_loss", spy)
+    monkeypatch.setattr(steps, "robust_loss", spy)
     args = _args(MOE + ["--epochs", "1", "--max-batches", "1", "--at", "pgd", "--epsilon", "16/255"], tmp_path)
     fit(args, "train_moe")
     assert [at for at, _ in seen] == ["pgd", "pgd"]  # router step, expert step
@@ -98,8 +99,8 @@ def test_pgd_at_for_an_moe_through_the_flags(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
     opt = torch.optim.SGD(model.backbone_parameters(), lr=0.0)
-    out = advmoe.expert_step(model, x, y, advmoe.StepConfig(at="pgd", eps=16 / 255, step_size=4 / 255,
-                                                            num_steps=3), opt)
+    out = advmoe.expert_step(model, x, y, steps.StepConfig(at="pgd", eps=16 / 255, step_size=4 / 255,
+                                                            num_steps=3), StepContext(opt))
     x_adv = out["x_adv"]
     assert (x_adv - x).abs().max() <= 16 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     with torch.no_grad(), advmoe.eval_mode(model):
@@ -125,8 +126,8 @@ def test_load_balance_loss_is_one_balanced_n_collapsed_and_pushes_load_off_the_b
 def test_best_epoch_is_selected_on_the_validation_split_not_the_test_set(tmp_path, monkeypatch):
     """Validation RA 50 then 40, test RA 10 then 90: the best epoch is 1 (validation), whose test RA is 10."""
     ras = {"val": iter([50.0, 40.0]), "test": iter([10.0, 90.0])}
-    monkeypatch.setattr(train, "_eval", lambda run, loader, desc, moe_metrics=None: {"sa": 99.0,
-                                                                                    "ra": next(ras[desc])})
+    monkeypatch.setattr(train, "evaluate", lambda model, loader, cfg, device, desc, **kw: {"sa": 99.0,
+                                                                                          "ra": next(ras[desc])})
     row = fit(_args(DENSE + ["--epochs", "2", "--max-batches", "1"], tmp_path, "train_ori"), "train_ori")
     assert (row["best_epoch"], row["best_ra"]) == (1, 10.0)
     folder = run_dir(tmp_path / "runs" / "training")
@@ -140,7 +141,7 @@ def test_best_epoch_is_selected_on_the_validation_split_not_the_test_set(tmp_pat
 def test_the_router_has_its_own_optimizer_lr_and_schedule(tmp_path):
     argv = MOE + ["--epochs", "4", "--lr", "0.1", "--lr-schedule", "cosine", "--router-optimizer", "adam",
                   "--router-lr", "0.03", "--router-lr-schedule", "step"]
-    run = train.setup(_args(argv, tmp_path), "train_moe", torch.device("cpu"))
+    run = run_state.build_run(_args(argv, tmp_path), "train_moe", torch.device("cpu"))
     assert isinstance(run.router_optimizer, torch.optim.Adam) and isinstance(run.optimizer, torch.optim.SGD)
     router = {id(p) for p in run.model.router_parameters()}
     assert {id(p) for g in run.router_optimizer.param_groups for p in g["params"]} == router
@@ -171,14 +172,14 @@ def _vgg(seed=0):
 # The dense training step, PGD-AT with eps 0 (the attack leaves the images as they are): first unclipped (a
 # wrongly scaled average cannot hide behind the clip), then clipped below the gradient's norm (the clip must
 # see the averaged gradient, not each rank's own).
-CFGS = (advmoe.StepConfig(at="pgd", eps=0.0, step_size=0.0, num_steps=1, grad_clip=0.0),
-        advmoe.StepConfig(at="pgd", eps=0.0, step_size=0.0, num_steps=1, grad_clip=0.05))
+CFGS = (steps.StepConfig(at="pgd", eps=0.0, step_size=0.0, num_steps=1, grad_clip=0.0),
+        steps.StepConfig(at="pgd", eps=0.0, step_size=0.0, num_steps=1, grad_clip=0.05))
 
 
 def _two_steps(model, x, y, grad_sync=None):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for cfg in CFGS:
-        advmoe.joint_step(model, x, y, cfg, opt, grad_sync=grad_sync)
+        steps.joint_step(model, x, y, cfg, StepContext(opt, grad_sync=grad_sync))
 
 
 def _worker(rank, port, x, y, out, save_dir):
@@ -191,7 +192,7 @@ def _worker(rank, port, x, y, out, save_dir):
         _two_steps(model, x[shard], y[shard], grad_sync=lambda p: average_gradients(p, env))
         sync_bn = "no error"
         try:
-            train.setup(parse_args(DENSE + ["--sync-bn", "--save-dir", save_dir], script="train_ori"), "train_ori",
+            run_state.build_run(parse_args(DENSE + ["--sync-bn", "--save-dir", save_dir], script="train_ori"), "train_ori",
                         torch.device("cpu"), env)
         except UsageError as e:
             sync_bn = str(e)

@@ -42,13 +42,11 @@ import inspect
 import io
 import json
 import os
-import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -59,6 +57,7 @@ from .data import build_datasets, dataset_info
 from .distributed import gather_objects, init_distributed, shutdown
 from .errors import UsageError
 from .runlog import check_can_create
+from .runtime import chunk_seed, resolve_device, seed_everything, write_json_atomic
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 VERSIONS = ("standard", "plus", "rand", "custom")
@@ -229,12 +228,6 @@ class ChunkResult:
     warnings: list = field(default_factory=list)
 
 
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     """The function AutoAttack attacks: eval mode (BatchNorm statistics frozen, deterministic), no
     parameter gradients (only input gradients are needed). The model maps [0,1] images to logits and an
@@ -349,21 +342,6 @@ def checkpoint_identity(path: str) -> dict:
     """What identifies a checkpoint file without hashing it: absolute path, size, modification time."""
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def write_json_atomic(path: str, obj):
-    """Write JSON to a temporary file in the same folder, then rename it over `path` (all or nothing)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def chunk_path(folder: str, index: int) -> str:
@@ -490,19 +468,6 @@ def build_from_checkpoint(ckpt: dict, source: str, spec: ModelSpec, device, spar
 # The whole evaluation
 # ----------------------------------------------------------------------------------------------------------
 
-def resolve_device(name) -> torch.device:
-    """'auto' -> cuda when available, else cpu; an unavailable CUDA device is a UsageError."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def default_out_path(source: str, version: str, norm: str, epsilon_255: float, n_ex: int) -> str:
     """`<checkpoint without extension>.autoattack-<version>-<norm>-eps<e>-n<N>.json`, next to the checkpoint."""
     stem = os.path.basename(source)
@@ -604,8 +569,8 @@ def run_evaluation(model, dataset, *, n_ex, chunk_size, folder, key, library, ep
     for c, (x, y) in zip(todo, _chunk_points(dataset, [ranges[c] for c in todo], num_workers)):
         t0 = time.time()
         result = attack_chunk(model, x, y, library=library, eps=eps, norm=norm, version=version, attacks=attacks,
-                              seed=seed + c, batch_size=batch_size, device=device, attack_params=attack_params)
-        save_chunk(folder, c, *ranges[c], seed + c, result, time.time() - t0, key)
+                              seed=chunk_seed(seed, c), batch_size=batch_size, device=device, attack_params=attack_params)
+        save_chunk(folder, c, *ranges[c], chunk_seed(seed, c), result, time.time() - t0, key)
         records[c] = load_chunk(folder, c, *ranges[c], key)
         on_chunk_done(c, records[c])
         bar.update(1)

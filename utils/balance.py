@@ -2,7 +2,7 @@
 balancing (`--balance`, `--balance-strength`).
 
 Balancing modes (one flag, for global and per-layer routing alike):
-- `bias` (default): a selection-only bias per expert (`models.layers.router.BalanceState`), added to the logits
+- `bias`: a selection-only bias per expert (`models.layers.router.BalanceState`), added to the logits
   for the `argmax` only, never to the gate's probabilities, moved after each router update by `strength` times
   the shift that would balance the measured images (a proportional controller).
 - `bias-sign`: the same bias moved by a fixed step (`strength`) towards equal load, from a running estimate of
@@ -10,7 +10,7 @@ Balancing modes (one flag, for global and per-layer routing alike):
   Both measure the load on training images *without augmentation*, as evaluation sees them.
 - `switch`: the Switch-Transformer loss N * sum_e f_e P_e (1 when balanced), times `strength`, in the router's loss.
 - `entropy`: log N - H(mean router probabilities) (0 when balanced), times `strength`, in the router's loss.
-- `median`: the output bias of the router is re-centred on the median logit margin of the measured images
+- `median` (default): the output bias of the router is re-centred on the median logit margin of the measured images
   after each update (`strength` is the fraction of that shift applied; 1: the whole shift).
 - `none`: no balancing (the released code).
 Every mode starts from the same data-dependent router initialisation (`init_router`).
@@ -241,12 +241,22 @@ class RouterUpkeep:
             return x
         return self.probe[torch.randint(len(self.probe), (self.probe_batch,)).to(self.probe.device)]
 
-    @torch.no_grad()
     def after_router_update(self, model, x):
+        """Both of the upkeep's parts, after a router update on the training batch `x`."""
+        self.track_statistics(model, x)
+        self.balance(model, x)
+
+    @torch.no_grad()
+    def track_statistics(self, model, x):
+        """The global router's BatchNorm running statistics follow its update (on the training batch `x`)."""
+        if getattr(model, "is_moe", False) and model.routing_mode == "global":
+            track_router_statistics(model, x, self.average)
+
+    @torch.no_grad()
+    def balance(self, model, x):
+        """Cap the routers' logit scale and balance their load (`mode`), measured on the probe images (else `x`)."""
         if not getattr(model, "is_moe", False):
             return
-        if model.routing_mode == "global":
-            track_router_statistics(model, x, self.average)
         balancing = self.mode in ("bias", "bias-sign", "median") and self.strength > 0
         if model.n_expert < 2 or not (balancing or self.logit_cap > 0):
             return

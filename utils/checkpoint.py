@@ -7,13 +7,13 @@ turn flags and RNG states into such values.
 import os
 import random
 import re
-import tempfile
 import warnings
 
 import numpy as np
 import torch
 
 from .errors import UsageError
+from .runtime import atomic_file
 
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 
@@ -21,30 +21,6 @@ _PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 # ----------------------------------------------------------------------------------------------------------
 # Save / load
 # ----------------------------------------------------------------------------------------------------------
-
-def _umask() -> int:
-    try:  # read, not set: os.umask() would change the process-wide mask for a moment
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
-def _fsync_dir(folder):
-    try:  # makes the rename itself durable; not possible on every platform/filesystem
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def save_checkpoint(state: dict, path):
     """Write `state` to `path` atomically.
@@ -54,23 +30,9 @@ def save_checkpoint(state: dict, path):
     no temp file behind (except after a hard kill, as a hidden `.tmp-*` file).
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(mode="wb", dir=folder, prefix=f".tmp-{os.path.basename(path)}.", delete=False)
-    try:
-        with tmp as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp.name, 0o666 & ~_umask())  # temp files are created 0600; give the usual permissions
-        os.replace(tmp.name, path)
-    except BaseException:
-        try:
-            os.remove(tmp.name)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path, "wb") as f:
+        torch.save(state, f)
 
 
 def _numpy_safe_globals() -> list:

@@ -26,12 +26,12 @@ def _training_stop(e: BaseException):
     Looked up in sys.modules so that this wrapper imports nothing: an exception of a module that was
     never imported cannot have been raised.
     """
-    train, advmoe = sys.modules.get("utils.train"), sys.modules.get("utils.advmoe")
-    interrupted = getattr(train, "Interrupted", None)
+    runtime, update = sys.modules.get("utils.runtime"), sys.modules.get("utils.update")
+    interrupted = getattr(runtime, "Interrupted", None)
     if interrupted is not None and isinstance(e, interrupted):
-        code = getattr(train, "REQUEUE_EXIT_CODE", 75)
+        code = runtime.REQUEUE_EXIT_CODE
         return code, f"interrupted: checkpoint written; resume with --resume auto (exit {code})"
-    non_finite = getattr(advmoe, "NonFiniteError", None)
+    non_finite = getattr(update, "NonFiniteError", None)
     if non_finite is not None and isinstance(e, non_finite):
         return 1, f"error: {_one_line(e)}"
     return None

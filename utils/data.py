@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .errors import UsageError
+from .runtime import loader_seed, order_seed
 
 DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits", "Digits16")
 
@@ -299,13 +300,13 @@ def _digits_datasets(size=32):
 class EpochSampler(Sampler):
     """Deterministic, resumable, distributed-aware order over `n` indices.
 
-    The epoch's global order is `torch.randperm(n)` from a generator seeded with `seed + epoch` (or
-    `range(n)` without shuffle). With `world_size > 1` rank r takes `order[r::world_size]`; with `pad` the
-    order is first extended by repeating its head (like DistributedSampler) so every rank gets the same
-    count, with `drop_last` its tail is cut instead, and with neither (`pad=False`, for evaluation) the
-    counts sum exactly to n. With `block` > 1 (evaluation only: needs `pad=False`) rank r takes whole blocks
-    of `block` consecutive indices of the order, blocks r, r + world_size, ...: with `block` equal to the
-    loader's batch size every batch holds the same images as the single-process batch of the same number.
+    The epoch's global order is `torch.randperm(n)` from a generator seeded with
+    `runtime.order_seed(seed, epoch)` (or `range(n)` without shuffle). With `world_size > 1` rank r takes
+    `order[r::world_size]`; with `pad` the order is first extended by repeating its head (like
+    DistributedSampler) so every rank gets the same count, with `drop_last` its tail is cut instead, and with
+    neither (`pad=False`, for evaluation) the counts sum exactly to n. With `block` > 1 (evaluation only: needs
+    `pad=False`) rank r takes whole blocks of `block` consecutive indices of the order, blocks r,
+    r + world_size, ...: with `block` equal to the loader's batch size every batch holds the same images as the single-process batch of the same number.
     `set_start` skips the first indices of this rank's order to resume mid-epoch; `len()` is the number of
     indices still to come.
     """
@@ -333,7 +334,7 @@ class EpochSampler(Sampler):
     def _rank_indices(self):
         if self.shuffle:
             g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
+            g.manual_seed(order_seed(self.seed, self.epoch))
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
@@ -414,9 +415,27 @@ def split_indices(n, data_fraction, seed=0):
     return sorted(order[:n_train]), sorted(order[n_train:])
 
 
-def build_loaders(name, data_dir, *, batch_size, test_batch_size, num_workers, seed, device, rank=0,
-                  world_size=1, download=True, data_fraction=1.0):
-    """(train_loader, val_loader, test_loader, info) for dataset `name`.
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Which data a run loads, and how (the data flags of a run)."""
+    dataset: str
+    data_dir: str
+    batch_size: int
+    test_batch_size: int
+    num_workers: int
+    seed: int
+    data_fraction: float = 1.0  # < 1: the rest of the training set is the validation split
+    download: bool = True
+
+    @classmethod
+    def from_args(cls, args, data_fraction=None):
+        """From the parsed flags; `data_fraction` replaces `--data-fraction` (evaluation: 1, no split)."""
+        return cls(args.dataset, args.data_dir, args.batch_size, args.test_batch_size, args.num_workers, args.seed,
+                   args.data_fraction if data_fraction is None else data_fraction)
+
+
+def build_loaders(cfg: LoaderConfig, device, rank=0, world_size=1):
+    """(train_loader, val_loader, test_loader, info) for `cfg.dataset`, for process `rank` of `world_size`.
 
     The train loader shuffles with `EpochSampler(seed=seed)`, padded so every rank sees the same number of
     batches; the last batch may be smaller. Callers must call `train_loader.sampler.set_epoch(epoch)` every
@@ -427,22 +446,23 @@ def build_loaders(name, data_dir, *, batch_size, test_batch_size, num_workers, s
     the set's size. `device` only decides pin_memory. Worker seeds come from a generator seeded with `seed`, so
     augmentation is reproducible for a given (seed, num_workers).
     """
-    info = dataset_info(name)
-    train_ds, test_ds = build_datasets(name, data_dir, download=download)
-    train_idx, val_idx = split_indices(len(train_ds), data_fraction)
+    info = dataset_info(cfg.dataset)
+    train_ds, test_ds = build_datasets(cfg.dataset, cfg.data_dir, download=cfg.download)
+    train_idx, val_idx = split_indices(len(train_ds), cfg.data_fraction)
+    seed, test_batch_size = cfg.seed, cfg.test_batch_size
     val_ds = Subset(without_augmentation(train_ds, test_ds), val_idx) if val_idx else None
     if val_idx:
         train_ds = Subset(train_ds, train_idx)
-    common = dict(num_workers=num_workers, pin_memory=_is_cuda(device), persistent_workers=num_workers > 0)
+    common = dict(num_workers=cfg.num_workers, pin_memory=_is_cuda(device), persistent_workers=cfg.num_workers > 0)
 
-    def eval_loader(ds, offset):
+    def eval_loader(ds, split):
         sampler = EpochSampler(len(ds), shuffle=False, seed=seed, rank=rank, world_size=world_size, pad=False,
                                block=test_batch_size)
         return DataLoader(ds, batch_size=test_batch_size, sampler=sampler, drop_last=False,
-                          generator=torch.Generator().manual_seed(seed + offset), **common)
+                          generator=torch.Generator().manual_seed(loader_seed(seed, split)), **common)
 
     train_sampler = EpochSampler(len(train_ds), shuffle=True, seed=seed, rank=rank, world_size=world_size)
-    train_loader = DataLoader(train_ds, batch_size=batch_size, sampler=train_sampler, drop_last=False,
-                              generator=torch.Generator().manual_seed(seed), **common)
-    val_loader = eval_loader(val_ds, 2) if val_ds is not None else None
-    return train_loader, val_loader, eval_loader(test_ds, 1), info
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=False,
+                              generator=torch.Generator().manual_seed(loader_seed(seed, "train")), **common)
+    val_loader = eval_loader(val_ds, "val") if val_ds is not None else None
+    return train_loader, val_loader, eval_loader(test_ds, "test"), info

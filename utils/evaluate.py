@@ -15,14 +15,74 @@ router once reported RA 85% where the experts alone kept 32%. `ra_ste` is the st
 - expert robustness: RA with the routing fixed to the clean image's choice (attacks the experts only);
 - expert load: % of images per expert, clean and under the RA attack.
 """
+from dataclasses import dataclass, field, fields
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.layers import MoEConv2d
 from .attack import ce_loss_fn, eval_mode, pgd_attack
+from .runtime import eval_start_seed
 
-_COUNTS = ("n", "clean_correct", "adv_correct", "router_kept", "expert_adv_correct", "ste_adv_correct")
+COLLAPSE_SHARE = 95.0  # % of images on one expert that we call a load collapse
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The test attack and how much to evaluate.
+
+    eps, step_size: PGD radius and step in [0,1] pixel units; num_steps: PGD iterations.
+    seed: seeds every batch's random start, with the batch number (`runtime.eval_start_seed`).
+    max_batches: evaluate the first max_batches batches of the single-process order (all processes together).
+    """
+    eps: float
+    step_size: float
+    num_steps: int
+    seed: int = 0
+    max_batches: int | None = None
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args, is_main=True):
+        return cls(eps=args.epsilon_test, step_size=args.step_size_test, num_steps=args.num_steps_test,
+                   seed=args.seed, max_batches=args.max_test_batches, progress=not args.no_progress and is_main)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of an evaluation: batches rank, rank + world_size, ... of the single-process order;
+    `reduce(tensor)` sums a tensor over the processes (None: one process)."""
+    rank: int = 0
+    world_size: int = 1
+    reduce: Callable | None = None
+
+
+@dataclass
+class Counts:
+    """What the evaluation of some images counted (a batch, or the sum of batches: `+`)."""
+    n: int = 0
+    clean_correct: int = 0
+    adv_correct: int = 0  # robust under the worse of the straight-through and the fixed-routing attack (MoE)
+    ste_adv_correct: int = 0  # robust under the straight-through attack alone (MoE) or PGD (dense)
+    router_kept: int = 0  # expert choice unchanged by PGD on the router's decision
+    expert_adv_correct: int = 0  # robust with the routing fixed at the clean choice
+    load_clean: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))  # (N,) images
+    load_adv: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
+
+    def __add__(self, other):
+        return Counts(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    def reduced(self, reduce):
+        """These counts summed over processes (one collective)."""
+        names = [f.name for f in fields(self) if not f.name.startswith("load")]
+        packed = torch.cat([torch.tensor([getattr(self, k) for k in names], dtype=torch.float64),
+                            self.load_clean, self.load_adv])
+        packed = reduce(packed).cpu()
+        k, n_load = len(names), len(self.load_clean)
+        scalars = {name: int(v) for name, v in zip(names, packed[:k].tolist())}
+        return Counts(**scalars, load_clean=packed[k:k + n_load], load_adv=packed[k + n_load:])
 
 
 def _as_list(expert):
@@ -76,74 +136,6 @@ def _predict(model, x, **kw):
     return model(x, return_routing=True, **kw)
 
 
-def _start_generator(seed, batch, device):
-    """The random-start generator of (single-process) batch number `batch`."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch)
-
-
-def evaluate(model, loader, *, eps, step_size, num_steps, device, moe_metrics=None, max_batches=None,
-             progress=True, reduce=None, desc="eval", seed=0, rank=0, world_size=1):
-    """Evaluate on `loader`; returns percentages (and raw counts under 'counts').
-
-    Args:
-        loader: this process's batches: batches rank, rank + world_size, ... of the single-process order.
-        eps, step_size: PGD radius and step in [0,1] pixel units; num_steps: PGD iterations.
-        moe_metrics: compute the MoE dissection (default: when the model is an MoE).
-        max_batches: evaluate the first max_batches batches of the single-process order (all ranks together).
-        reduce: callable summing a tensor over processes (distributed evaluation), or None.
-        seed: seeds the random starts (with the batch number).
-    """
-    routed = getattr(model, "is_moe", False)
-    moe = routed if moe_metrics is None else moe_metrics and routed
-    n_expert = model.n_expert if moe else 0
-    counts = torch.zeros(len(_COUNTS), dtype=torch.float64)
-    load_clean = torch.zeros(max(n_expert, 1), dtype=torch.float64)
-    load_adv = torch.zeros_like(load_clean)
-    with eval_mode(model):
-        bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
-            batch_number = i * world_size + rank
-            if max_batches is not None and batch_number >= max_batches:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            attack = dict(eps=eps, step_size=step_size, num_steps=num_steps, random_start="uniform",
-                          generator=_start_generator(seed, batch_number, x.device))
-            logits, info = _predict(model, x)
-            x_adv = pgd_attack(model, x, ce_loss_fn(y), **attack)
-            logits_adv, info_adv = _predict(model, x_adv)
-            robust = logits_adv.argmax(1) == y
-            batch = [len(y), (logits.argmax(1) == y).sum().item(), 0, 0, 0, robust.sum().item()]
-            if routed:  # second attack, routing held at the clean choice; RA takes the worse of the two
-                clean_expert = info.expert
-                x_e = pgd_attack(model, x, fixed_routing_ce_fn(y, clean_expert, info.gate), **attack)
-                robust &= _predict(model, x_e)[0].argmax(1) == y
-            batch[2] = robust.sum().item()
-            if moe:
-                x_r = pgd_attack(model, x, router_decision_loss_fn(clean_expert), **attack)
-                batch[3] = _same_decision(_decision(model, x_r), clean_expert).sum().item()
-                logits_e, _ = _predict(model, x_e, expert=clean_expert, gate=info.gate)
-                batch[4] = (logits_e.argmax(1) == y).sum().item()
-                for e in _as_list(clean_expert):  # top-k: each image counts once for each of its k experts
-                    load_clean += torch.bincount(e.cpu().reshape(-1), minlength=n_expert).double()
-                for e in _as_list(info_adv.expert):
-                    load_adv += torch.bincount(e.cpu().reshape(-1), minlength=n_expert).double()
-            counts += torch.tensor(batch, dtype=torch.float64)
-            bar.set_postfix(sa=f"{100 * counts[1] / counts[0]:.1f}", ra=f"{100 * counts[2] / counts[0]:.1f}")
-    if reduce is not None:
-        counts, load_clean, load_adv = (reduce(t) for t in (counts, load_clean, load_adv))
-    c = dict(zip(_COUNTS, counts.tolist()))
-    n = max(c["n"], 1)
-    out = {"sa": 100 * c["clean_correct"] / n, "ra": 100 * c["adv_correct"] / n, "n": int(c["n"]), "counts": c}
-    if routed:
-        out["ra_ste"] = 100 * c["ste_adv_correct"] / n
-    if moe:
-        out["router_robustness"] = 100 * c["router_kept"] / n
-        out["expert_robustness"] = 100 * c["expert_adv_correct"] / n
-        out["load_clean"] = (100 * load_clean / load_clean.sum().clamp(min=1)).tolist()
-        out["load_adv"] = (100 * load_adv / load_adv.sum().clamp(min=1)).tolist()
-    return out
-
-
 def forced_routing(model, expert: int, batch: int, device):
     """Routing that sends every image of a batch of `batch` to expert `expert` in every MoE layer (the `expert=`
     argument of an MoE's forward; the router is not asked)."""
@@ -153,33 +145,117 @@ def forced_routing(model, expert: int, batch: int, device):
     return chosen
 
 
-def evaluate_per_expert(model, loader, *, eps, step_size, num_steps, device, max_batches=None, progress=True,
-                        reduce=None, seed=0, rank=0, world_size=1):
+def _load(expert, n_expert):
+    """(N,) images per expert of a routing decision; top-k: each image counts once for each of its k experts."""
+    load = torch.zeros(n_expert, dtype=torch.float64)
+    for e in _as_list(expert):
+        load += torch.bincount(e.cpu().reshape(-1), minlength=n_expert).double()
+    return load
+
+
+def attack_batch(model, x, y, cfg: EvalConfig, generator_seed: int, moe_metrics: bool) -> Counts:
+    """Attack one batch (x in [0,1], labels y) and count: clean and robust correct, and for an MoE the
+    straight-through attack alone; with `moe_metrics`, the dissection (router robustness, expert robustness,
+    loads). The attacks draw their random starts in turn from one generator seeded with `generator_seed`."""
+    routed = getattr(model, "is_moe", False)
+    generator = torch.Generator(device=x.device).manual_seed(generator_seed)
+
+    def attack(loss_fn):
+        return pgd_attack(model, x, loss_fn, eps=cfg.eps, step_size=cfg.step_size, num_steps=cfg.num_steps,
+                          random_start="uniform", generator=generator)
+
+    logits, info = _predict(model, x)
+    x_adv = attack(ce_loss_fn(y))  # through the router's straight-through gradient, for an MoE
+    logits_adv, info_adv = _predict(model, x_adv)
+    robust = logits_adv.argmax(1) == y
+    counts = Counts(n=len(y), clean_correct=(logits.argmax(1) == y).sum().item(),
+                    ste_adv_correct=robust.sum().item())
+    if routed:  # second attack, routing held at the clean choice; RA takes the worse of the two
+        clean_expert = info.expert
+        x_e = attack(fixed_routing_ce_fn(y, clean_expert, info.gate))
+        robust &= _predict(model, x_e)[0].argmax(1) == y
+    counts.adv_correct = robust.sum().item()
+    if routed and moe_metrics:
+        x_r = attack(router_decision_loss_fn(clean_expert))
+        counts.router_kept = _same_decision(_decision(model, x_r), clean_expert).sum().item()
+        logits_e, _ = _predict(model, x_e, expert=clean_expert, gate=info.gate)
+        counts.expert_adv_correct = (logits_e.argmax(1) == y).sum().item()
+        counts.load_clean = _load(clean_expert, model.n_expert)
+        counts.load_adv = _load(info_adv.expert, model.n_expert)
+    return counts
+
+
+def _batches(loader, cfg: EvalConfig, shard: Shard, device, desc):
+    """(batch number in the single-process order, x, y) of this process's batches, on `device`, with a bar."""
+    bar = tqdm(loader, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
+        batch_number = i * shard.world_size + shard.rank
+        if cfg.max_batches is not None and batch_number >= cfg.max_batches:
+            break
+        yield batch_number, x.to(device, non_blocking=True), y.to(device, non_blocking=True), bar
+
+
+def evaluate(model, loader, cfg: EvalConfig, device, *, moe_metrics=None, shard=Shard(), desc="eval"):
+    """SA and PGD RA of `model` on `loader` (this process's batches, see `Shard`), and for an MoE the
+    dissection (`moe_metrics`, default: when the model is an MoE). Returns percentages, `n` and the summed
+    `counts` (a `Counts`)."""
+    routed = getattr(model, "is_moe", False)
+    moe = routed if moe_metrics is None else moe_metrics and routed
+    total = Counts(load_clean=torch.zeros(model.n_expert if moe else 1, dtype=torch.float64),
+                   load_adv=torch.zeros(model.n_expert if moe else 1, dtype=torch.float64))
+    with eval_mode(model):
+        for batch_number, x, y, bar in _batches(loader, cfg, shard, device, desc):
+            total = total + attack_batch(model, x, y, cfg, eval_start_seed(cfg.seed, batch_number), moe)
+            bar.set_postfix(sa=f"{100 * total.clean_correct / total.n:.1f}",
+                            ra=f"{100 * total.adv_correct / total.n:.1f}")
+    if shard.reduce is not None:
+        total = total.reduced(shard.reduce)
+    n = max(total.n, 1)
+    out = {"sa": 100 * total.clean_correct / n, "ra": 100 * total.adv_correct / n, "n": total.n, "counts": total}
+    if routed:
+        out["ra_ste"] = 100 * total.ste_adv_correct / n
+    if moe:
+        out["router_robustness"] = 100 * total.router_kept / n
+        out["expert_robustness"] = 100 * total.expert_adv_correct / n
+        out["load_clean"] = (100 * total.load_clean / total.load_clean.sum().clamp(min=1)).tolist()
+        out["load_adv"] = (100 * total.load_adv / total.load_adv.sum().clamp(min=1)).tolist()
+    return out
+
+
+def moe_row(ev, prefix=""):
+    """The MoE dissection of an `evaluate` result as metrics-row fields (`prefix` + name), with `collapse`: one
+    expert takes `COLLAPSE_SHARE`% or more of the clean images."""
+    row = {}
+    for k in ("ra_ste", "router_robustness", "expert_robustness", "load_clean", "load_adv"):
+        if k in ev:
+            row[prefix + k] = ev[k]
+    if "load_clean" in ev and len(ev["load_clean"]) > 1:
+        row[prefix + "collapse"] = max(ev["load_clean"]) >= COLLAPSE_SHARE
+    return row
+
+
+def evaluate_per_expert(model, loader, cfg: EvalConfig, device, *, shard=Shard()):
     """SA and PGD RA of every expert on its own: every image forced to expert e in every MoE layer.
 
     Returns {"per_expert_sa": [...], "per_expert_ra": [...]} (% per expert). The PGD attack (uniform start, the
     same per batch as `evaluate`'s) maximises the cross-entropy of the forced model, so expert e's numbers are
-    those of an MoE whose router always picks e. Arguments as in `evaluate`.
+    those of an MoE whose router always picks e.
     """
-    counts = torch.zeros(model.n_expert, 2, dtype=torch.float64)  # (N, [clean correct, adversarial correct])
+    clean_correct = torch.zeros(model.n_expert, dtype=torch.float64)  # (N,)
+    adv_correct = torch.zeros(model.n_expert, dtype=torch.float64)  # (N,)
     n = torch.zeros(1, dtype=torch.float64)
     with eval_mode(model):
-        bar = tqdm(loader, desc="per expert", leave=False, disable=not progress, dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
-            batch_number = i * world_size + rank
-            if max_batches is not None and batch_number >= max_batches:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for batch_number, x, y, _ in _batches(loader, cfg, shard, device, "per expert"):
             for e in range(model.n_expert):
                 forced = forced_routing(model, e, len(y), x.device)
-                x_adv = pgd_attack(model, x, fixed_routing_ce_fn(y, forced), eps=eps, step_size=step_size,
-                                   num_steps=num_steps, random_start="uniform",
-                                   generator=_start_generator(seed, batch_number, x.device))
+                start = torch.Generator(device=x.device).manual_seed(eval_start_seed(cfg.seed, batch_number))
+                x_adv = pgd_attack(model, x, fixed_routing_ce_fn(y, forced), eps=cfg.eps, step_size=cfg.step_size,
+                                   num_steps=cfg.num_steps, random_start="uniform", generator=start)
                 with torch.no_grad():
-                    counts[e, 0] += (model(x, expert=forced).argmax(1) == y).sum().item()
-                    counts[e, 1] += (model(x_adv, expert=forced).argmax(1) == y).sum().item()
+                    clean_correct[e] += (model(x, expert=forced).argmax(1) == y).sum().item()
+                    adv_correct[e] += (model(x_adv, expert=forced).argmax(1) == y).sum().item()
             n += len(y)
-    if reduce is not None:
-        counts, n = reduce(counts), reduce(n)
-    pct = (100 * counts / n.clamp(min=1)).T.tolist()
-    return {"per_expert_sa": pct[0], "per_expert_ra": pct[1]}
+    if shard.reduce is not None:
+        clean_correct, adv_correct, n = (shard.reduce(t) for t in (clean_correct, adv_correct, n))
+    n = n.clamp(min=1)
+    return {"per_expert_sa": (100 * clean_correct / n).tolist(), "per_expert_ra": (100 * adv_correct / n).tolist()}

@@ -83,24 +83,26 @@ def make_train_step(model, kind="auto", *, num_steps=2, at="trades", lr=0.0, sca
     kind: 'advmoe' (router step then expert step), 'joint' (one update of everything; the dense models'
     TRADES/PGD-AT step) or 'auto' (advmoe for an MoE, joint for a dense model). `lr` 0 by default so that
     counting or timing steps leaves the weights as they were (BatchNorm running statistics still move).
-    `scaler`: a GradScaler for fp16 autocast, or None. Extra keywords go to `advmoe.StepConfig` (eps,
+    `scaler`: a GradScaler for fp16 autocast, or None. Extra keywords go to `utils.steps.StepConfig` (eps,
     step_size, beta, alpha, router_objective, balance, balance_strength: the entry scripts' defaults). The
     router upkeep of training follows each router update; its balancing pass runs on the batch itself (training
     draws 64 un-augmented training images per update instead).
     """
-    from . import advmoe
+    from .advmoe import advmoe_step
     from .balance import RouterUpkeep
+    from .steps import StepConfig, joint_step
+    from .update import StepContext
     if kind == "auto":
         kind = "advmoe" if getattr(model, "is_moe", False) else "joint"
-    step_cfg = advmoe.StepConfig(at=at, num_steps=num_steps, **cfg)
+    step_cfg = StepConfig(at=at, num_steps=num_steps, **cfg)
     upkeep = RouterUpkeep(step_cfg.balance, step_cfg.balance_strength)
     if kind == "advmoe":
-        opt = torch.optim.SGD(model.backbone_parameters(), lr=lr)
-        router_opt = torch.optim.SGD(model.router_parameters(), lr=lr)
-        return lambda x, y: advmoe.advmoe_step(model, x, y, step_cfg, opt, router_opt, scaler, upkeep=upkeep)
+        ctx = StepContext(torch.optim.SGD(model.backbone_parameters(), lr=lr),
+                          torch.optim.SGD(model.router_parameters(), lr=lr), scaler)
+        return lambda x, y: advmoe_step(model, x, y, step_cfg, ctx, upkeep=upkeep)
     if kind == "joint":
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        return lambda x, y: advmoe.joint_step(model, x, y, step_cfg, opt, scaler, upkeep=upkeep)
+        ctx = StepContext(torch.optim.SGD(model.parameters(), lr=lr), scaler=scaler)
+        return lambda x, y: joint_step(model, x, y, step_cfg, ctx, upkeep=upkeep)
     raise ValueError(f"unknown training step kind {kind!r} (advmoe, joint, auto)")
 
 

@@ -1,4 +1,5 @@
-"""The fast path on CUDA: device-resident data with on-device augmentation, backend flags, torch.compile.
+"""The fast path on CUDA: device-resident data with on-device augmentation, backend flags, torch.compile, mixed
+precision (`Precision`).
 
 Nothing here changes results on CPU: `configure_backends` leaves every flag alone there, the resident loader
 works on any device (the tests run it on CPU), and `maybe_compile` is off unless asked for.
@@ -13,13 +14,15 @@ the device by one gather per batch. Its random numbers are drawn on the CPU from
 where it was resumed, nor on the device.
 """
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Subset
 
 from .data import TensorImageDataset
+from .errors import UsageError
+from .runtime import augment_seed
 
 # Augmentation of each dataset's training split, as in utils/data.py: (padding in pixels, horizontal flip).
 RESIDENT_AUGMENTATION = {"CIFAR10": (4, True), "CIFAR100": (4, True), "Digits": (2, False),
@@ -98,7 +101,7 @@ class ResidentLoader:
         if not (self.padding or self.flip):
             return None
         n = len(self.labels)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + getattr(self.sampler, "epoch", 0) + 1)
+        g = torch.Generator().manual_seed(augment_seed(self.seed, getattr(self.sampler, "epoch", 0)))
         shifts = torch.randint(0, 2 * self.padding + 1, (2, n), generator=g)
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
         return shifts[0].to(self.device), shifts[1].to(self.device), flips.to(self.device)
@@ -240,3 +243,38 @@ def maybe_compile(model, enabled, **compile_kwargs):
     compile_kwargs.setdefault("dynamic", True)
     model.compile(**compile_kwargs)
     return model
+
+
+# Mixed precision
+# ----------------------------------------------------------------------------------------------------------
+
+def native_bf16(device: torch.device, capability=None) -> bool:
+    """Whether CUDA `device` computes bf16 natively: compute capability 8.0 (Ampere) or later, or ROCm.
+
+    `torch.cuda.is_bf16_supported()` also answers True where bf16 is only emulated (pre-Ampere GPUs), slow and
+    without bf16 tensor cores. `capability` ((major, minor)) replaces the device's own (tests)."""
+    if capability is None:
+        if torch.version.hip:
+            return True
+        capability = torch.cuda.get_device_capability(device)
+    return tuple(capability) >= (8, 0)
+
+
+class Precision:
+    """Mixed precision on CUDA: bf16 where the GPU computes it natively, else fp16 with a gradient scaler; off
+    on CPU. `capability` ((major, minor)) replaces the GPU's compute capability (tests)."""
+
+    def __init__(self, device: torch.device, amp: bool | None, capability=None):
+        self.enabled = device.type == "cuda" if amp is None else bool(amp)
+        if self.enabled and device.type != "cuda":
+            raise UsageError("--amp needs a CUDA device")
+        self.device_type = device.type
+        self.dtype = None
+        self.scaler = None
+        if self.enabled:
+            self.dtype = torch.bfloat16 if native_bf16(device, capability) else torch.float16
+            if self.dtype == torch.float16:
+                self.scaler = torch.amp.GradScaler("cuda")
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.enabled else nullcontext()

@@ -25,7 +25,7 @@ def pgd_at_objective(logits_adv, y):
     return {"loss": loss, "loss_robust": loss}
 
 
-def _call(model, x):
+def _call(model, x, which):
     return model(x)
 
 
@@ -38,7 +38,8 @@ def robust_loss(model, x, y, *, at, eps, step_size, num_steps, beta, generator=N
             'fast' (one FGSM step of 1.25 eps on the cross-entropy from a uniform start, then pgd_at_objective:
             "Fast is better than free", Wong et al. 2020; `step_size` and `num_steps` are not used).
         eps, step_size: in [0,1] pixel units. num_steps: attack iterations.
-        forward: `forward(model, x) -> logits` for the training-mode passes (default `model(x)`).
+        forward: `forward(model, x, which) -> logits` for the training-mode passes (default `model(x)`), `which`
+            saying which pass it is: "clean" (TRADES' natural term) or "adversarial".
     Returns the objective's dict plus `x_adv`, `logits_adv` (and `logits_clean` for TRADES), detached.
     TRADES runs the clean and adversarial batches as two forward passes, so BatchNorm sees each batch
     on its own, as in the reference.
@@ -49,7 +50,7 @@ def robust_loss(model, x, y, *, at, eps, step_size, num_steps, beta, generator=N
             target = model(x)
         x_adv = pgd_attack(model, x, trades_kl_loss_fn(target), eps=eps, step_size=step_size,
                            num_steps=num_steps, random_start="normal", generator=generator)
-        logits_clean, logits_adv = forward(model, x), forward(model, x_adv)
+        logits_clean, logits_adv = forward(model, x, "clean"), forward(model, x_adv, "adversarial")
         out = trades_objective(logits_clean, logits_adv, y, beta)
         out["logits_clean"] = logits_clean.detach()
     elif at in ("pgd", "fast"):
@@ -57,7 +58,7 @@ def robust_loss(model, x, y, *, at, eps, step_size, num_steps, beta, generator=N
             step_size, num_steps = FAST_STEP * eps, 1
         x_adv = pgd_attack(model, x, ce_loss_fn(y), eps=eps, step_size=step_size, num_steps=num_steps,
                            random_start="uniform", generator=generator)
-        logits_adv = forward(model, x_adv)
+        logits_adv = forward(model, x_adv, "adversarial")
         out = pgd_at_objective(logits_adv, y)
     else:
         raise ValueError(f"at must be 'trades', 'pgd' or 'fast', got {at!r}")

@@ -24,6 +24,7 @@ import yaml
 
 from .checkpoint import args_to_dict
 from .errors import UsageError
+from .runtime import atomic_file, write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LOGGER_IDS = itertools.count()
@@ -104,13 +105,6 @@ def _jsonable(x):
     return str(x)
 
 
-def _write_json_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=_jsonable)
-    os.replace(tmp, path)
-
-
 class RunLogger:
     """Context manager owning a run folder: creates it on entry only, so nothing is written before the input
     has been validated. Logs go to `setup.log` and the console (one handler each, per instance).
@@ -152,7 +146,7 @@ class RunLogger:
             record["previous"] = old.pop("previous", []) + [old]
         except (OSError, ValueError, AttributeError):
             pass
-        _write_json_atomic(path, record)
+        write_json_atomic(path, record, default=_jsonable)
 
     def __exit__(self, *exc):
         self.close()
@@ -183,8 +177,8 @@ class RunLogger:
     def set_status(self, state, message=""):
         """status.json: running, finished, failed or interrupted (written atomically)."""
         if self.is_main:
-            _write_json_atomic(os.path.join(self.folder, "status.json"),
-                               {"state": state, "message": message, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            write_json_atomic(os.path.join(self.folder, "status.json"),
+                              {"state": state, "message": message, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 def _pct(label, v):
@@ -220,3 +214,79 @@ def format_epoch_line(row: dict) -> str:
     if row.get("seconds") is not None:
         parts.append(f"{row['seconds']:.1f}s")  # last field: no padding needed
     return " | ".join(parts)
+
+
+# Run folders across runs: resuming, replacing, finishing
+# ----------------------------------------------------------------------------------------------------------
+
+def checkpoint_paths(folder):
+    """(latest, best): the run folder's `checkpoint/checkpoint.pth.tar` and `checkpoint/model_best.pth.tar`."""
+    return (os.path.join(folder, "checkpoint", "checkpoint.pth.tar"),
+            os.path.join(folder, "checkpoint", "model_best.pth.tar"))
+
+
+def mark_finished(folder, is_main=True):
+    """status.json "finished" for a run whose last checkpoint holds every epoch (a kill may have come between
+    that checkpoint and the status); left as it is when it says so already."""
+    path = os.path.join(folder, "status.json")
+    try:
+        with open(path) as f:
+            if json.load(f).get("state") == "finished":
+                return
+    except (OSError, ValueError, AttributeError):
+        pass
+    log = RunLogger(folder, None, is_main=is_main)  # only status.json: not entered, so nothing else is written
+    try:
+        log.set_status("finished", "every epoch was in the last checkpoint")
+    finally:
+        log.close()
+
+
+def record_unexpected_stop(log, e):
+    """status.json for a run stopped by anything but our own stops: never left at 'running'."""
+    if isinstance(e, KeyboardInterrupt):
+        log.set_status("interrupted", "Ctrl-C; resume from the last checkpoint with --resume auto")
+        return
+    reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:1000]
+    log.error(reason)
+    log.set_status("failed", reason)
+
+
+def continues_own_run(resume, latest) -> bool:
+    """True when `resume` is this run folder's own latest checkpoint (the run goes on where it stopped)."""
+    return bool(resume) and os.path.exists(latest) and os.path.samefile(resume, latest)
+
+
+def check_folder_is_free(folder, resume, continuing):
+    """UsageError when writing this run into `folder` would replace checkpoints of another run.
+
+    A run may write into a folder that holds checkpoints only when it continues that folder's run
+    (`continuing`: `--resume auto`, or `--resume` of the folder's own latest checkpoint). A fresh run, or
+    `--resume` of another file (another run's checkpoint, or this folder's model_best), would overwrite them.
+    """
+    held = [os.path.basename(p) for p in checkpoint_paths(folder) if os.path.exists(p)]
+    if not held or continuing:
+        return
+    what = f"--resume {resume} into it" if resume else "a fresh run there"
+    raise UsageError(f"{folder} already holds a run ({', '.join(held)}) that {what} would overwrite; continue "
+                     f"that run with --resume auto, or use another --exp-identifier/--save-dir")
+
+
+def _row_epoch(line):
+    """Epoch of a metrics row; a line cut short by a kill counts as after every epoch (it is dropped)."""
+    try:
+        return json.loads(line).get("epoch", 0)
+    except json.JSONDecodeError:
+        return float("inf")
+
+
+def trim_metrics(path, last_epoch):
+    """Drop metrics rows of epochs after `last_epoch` (logged before a kill, redone after the resume)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip()]
+    keep = [line for line in rows if _row_epoch(line) <= last_epoch]
+    if len(keep) != len(rows):
+        with atomic_file(path) as f:
+            f.writelines(keep)

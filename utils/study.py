@@ -22,6 +22,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .runtime import write_json_atomic
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The cheap setting (README: Routing study): 16x16 digits, ResNet-18 at ratio 0.25 (MoE, N=2) against dense at
@@ -132,9 +134,7 @@ def job(save, name, script, flags, seed, epochs, aa_n_ex, extra=()):
               "load_adv_min": min(ev["load_adv"]) if ev.get("load_adv") else None,
               "gflops": _gflops(flags), "minutes": sum(r.get("seconds", 0) for r in rows) / 60,
               "last_epoch": rows[-1] if rows else None, "command": shlex.join(train)}
-    with open(result_path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(result_path + ".tmp", result_path)
+    write_json_atomic(result_path, result)
     return result
 
 

@@ -1,0 +1,59 @@
+"""`--evaluate --resume CKPT`: SA, PGD RA and the MoE dissection of a checkpoint, recorded in a run folder."""
+import os
+import time
+
+from .checkpoint import load_checkpoint, load_model_weights
+from .data import LoaderConfig, build_loaders
+from .distributed import DistEnv, all_reduce_sum
+from .evaluate import EvalConfig, Shard, evaluate, evaluate_per_expert, moe_row
+from .run import build_model_from_args, check_arch_for_script
+from .runlog import RunLogger, check_can_create, record_unexpected_stop, run_dir
+from .runtime import seed_everything
+from .scalars import ScalarLog, summary_writer_class
+
+
+def evaluate_checkpoint(args, script, device, env=DistEnv()):
+    """Evaluate `args.resume` as the flags say (`--per-expert`: also every expert alone); returns the metrics row.
+    Everything that can fail on bad input (arch, checkpoint, data, folder) fails before the run folder exists."""
+    check_arch_for_script(args, script)
+    seed_everything(args.seed)
+    ckpt = load_checkpoint(args.resume)
+    _, _, test_loader, info = build_loaders(LoaderConfig.from_args(args, data_fraction=1.0), device, env.rank,
+                                            env.world_size)
+    model = build_model_from_args(args, info.num_classes, (info.mean, info.std)).to(device)
+    load_model_weights(model, ckpt, arch=args.arch, ratio=args.ratio, source=args.resume)
+    folder = run_dir(args, script, evaluate=True)
+    check_can_create(folder, f"--save-dir {args.save_dir}")
+    writer_class = summary_writer_class() if args.tensorboard else None  # before anything is written
+    with RunLogger(folder, args, is_main=env.is_main) as log:
+        try:
+            row = _evaluate_into(log, args, model, test_loader, ckpt, device, env)
+            if writer_class is not None and env.is_main:
+                scalar_log = ScalarLog(writer_class, folder)
+                scalar_log.write(row, int(ckpt.get("epoch") or 0))
+                scalar_log.close()
+        except BaseException as e:
+            record_unexpected_stop(log, e)
+            raise
+        log.set_status("finished")
+    return row
+
+
+def _evaluate_into(log, args, model, test_loader, ckpt, device, env):
+    """Evaluate the loaded checkpoint and log its row."""
+    t0 = time.time()
+    cfg = EvalConfig.from_args(args, env.is_main)
+    shard = Shard(env.rank, env.world_size, (lambda t: all_reduce_sum(t, env, device)) if env.enabled else None)
+    ev = evaluate(model, test_loader, cfg, device, shard=shard, desc="test")
+    per_expert = evaluate_per_expert(model, test_loader, cfg, device, shard=shard) if args.per_expert else {}
+    row = {"checkpoint": os.path.abspath(args.resume), "epoch": ckpt.get("epoch"), "sa": ev["sa"],
+           "ra": ev["ra"], "n": ev["n"], "eps": args.epsilon_test, "num_steps": args.num_steps_test,
+           **moe_row(ev), **per_expert, "seconds": time.time() - t0}
+    log.log_metrics(row)
+    log.info(f"evaluate {args.resume}: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}% "
+             f"(PGD-{args.num_steps_test}, eps {args.epsilon_test * 255:.1f}/255, {ev['n']} images)"
+             + "".join(f" | {k} {v:.2f}%" for k, v in row.items() if k.endswith("robustness") or k == "ra_ste"))
+    for e, (sa, ra) in enumerate(zip(per_expert.get("per_expert_sa", []), per_expert.get("per_expert_ra", []))):
+        log.info(f"  expert {e} alone (every image forced to it): SA {sa:.2f}% | RA {ra:.2f}% "
+                 f"(routed: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}%)")
+    return row

@@ -1,0 +1,104 @@
+"""Conventional adversarial training steps (dense models, and MoE router and experts together), and the pieces
+every training step shares: its settings (`StepConfig`) and its robust loss (`training_loss`).
+
+AdvMoE's alternating steps are in `utils.advmoe`; how a step moves the weights (backward, clipping, optimizer) is
+in `utils.update`; the router upkeep that follows every router update is in `utils.balance`.
+"""
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+from .balance import DEFAULT_STRENGTH, LOSS_MODES, RouterUpkeep, balance_loss
+from .losses import robust_loss
+from .update import StepContext, apply_update, check_finite, running_stats_frozen
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Attack and objective of a training step (eps and step size in [0,1] pixel units).
+
+    The defaults are the command line's (args.py), so `StepConfig()` is the step a user runs by default;
+    a run builds its settings with `from_args`.
+    """
+    at: str = "trades"
+    eps: float = 8 / 255
+    step_size: float = 5 / 255
+    num_steps: int = 2
+    beta: float = 6.0
+    alpha: float = 6.0
+    router_objective: str = "robust"
+    balance: str = "median"
+    balance_strength: float = DEFAULT_STRENGTH["median"]
+    router_grad_clip: float = 1.0
+    grad_clip: float = 1.0
+
+    @classmethod
+    def from_args(cls, args):
+        """The step settings of a run, from its parsed flags (every one of them must be there)."""
+        return cls(at=args.at, eps=args.epsilon, step_size=args.step_size, num_steps=args.num_steps,
+                   beta=args.beta, alpha=args.alpha, router_objective=args.router_objective,
+                   balance=args.balance, balance_strength=args.balance_strength,
+                   router_grad_clip=args.router_grad_clip, grad_clip=args.grad_clip)
+
+
+def training_loss(model, x, y, cfg: StepConfig, generator=None):
+    """The robust loss of a training step (`cfg.at`: TRADES, PGD-AT or fast AT; `utils.losses.robust_loss`).
+
+    Of TRADES' two training-mode passes only the adversarial one moves BatchNorm running statistics (the clean
+    one normalises with its own batch statistics all the same, so losses and gradients are those of two plain
+    train-mode passes): each BatchNorm moves once per update, as with PGD-AT's single pass. For an MoE the dict
+    also holds `router_logits`, the router's logits in the first training-mode pass (the clean batch for TRADES,
+    the adversarial one for PGD-AT), for a load-balancing loss.
+    """
+    moe = getattr(model, "is_moe", False)
+    router_logits = []
+
+    def forward(m, inp, which):
+        with running_stats_frozen(list(m.modules())) if which == "clean" else nullcontext():
+            if not moe:
+                return m(inp)
+            logits, info = m(inp, return_routing=True)
+        router_logits.append(info.logits)
+        return logits
+
+    out = robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size, num_steps=cfg.num_steps,
+                      beta=cfg.beta, generator=generator, forward=forward)
+    if moe:
+        out["router_logits"] = router_logits[0]
+    return out
+
+
+def loss_balancing(cfg: StepConfig, n_expert):
+    """Not in the paper: the load-balancing loss term of `--balance switch|entropy`, a function of the router
+    logits (`cfg.balance_strength` x `utils.balance.balance_loss`); None for every other mode."""
+    if cfg.balance not in LOSS_MODES or cfg.balance_strength <= 0:
+        return None
+    return lambda router_logits: cfg.balance_strength * balance_loss(cfg.balance, router_logits, n_expert)
+
+
+def add_balance_term(out, balance):
+    """`out["loss"]` plus `balance(out["router_logits"])`, recorded as `out["balance_loss"]` (in place)."""
+    out["balance_loss"] = balance(out["router_logits"])
+    out["loss"] = out["loss"] + out["balance_loss"]
+    return out
+
+
+def joint_step(model, x, y, cfg: StepConfig, ctx: StepContext, upkeep: RouterUpkeep | None = None):
+    """Conventional adversarial training of the whole model (dense, or MoE router and experts together) with
+    `ctx.optimizer`; the gradient norm is clipped at `cfg.grad_clip` (a dense model: all its parameters; an MoE:
+    the backbone, and the router on its own at `cfg.router_grad_clip`, as in AdvMoE's two steps). For an MoE,
+    the load-balancing loss of `cfg.balance` (if any) joins the loss, and `upkeep` follows the update (not in
+    the paper, as in AdvMoE). Returns the loss dict."""
+    out = training_loss(model, x, y, cfg, ctx.generator)
+    moe = getattr(model, "is_moe", False)
+    balance = loss_balancing(cfg, model.n_expert) if moe else None
+    if balance is not None:
+        add_balance_term(out, balance)
+    check_finite(out["loss"], "training loss", ctx.average)
+    if moe:
+        clips = [(model.router_parameters(), cfg.router_grad_clip), (model.backbone_parameters(), cfg.grad_clip)]
+    else:
+        clips = [(model.parameters(), cfg.grad_clip)]
+    apply_update(ctx.optimizer, out["loss"], ctx, clips)
+    if upkeep is not None:
+        upkeep.after_router_update(model, x)
+    return out
