@@ -157,8 +157,9 @@ def test_flags_are_the_librarys_own():
     model, _ = train_tiny("resnet18_cifar_ori", steps=10, seed=1)
     aa.prepare_model(model)
     x, y = digits_test()
-    res = aa.attack_chunk(model, x[:12], y[:12], library=lib, eps=8 / 255, version="custom",
-                          attacks=["apgd-ce", "apgd-t"], seed=3, batch_size=5, attack_params=CHEAP)
+    settings = aa.AttackSettings(lib, eps=8 / 255, version="custom", attacks=("apgd-ce", "apgd-t"), batch_size=5,
+                                 attack_params=CHEAP)
+    res = aa.attack_chunk(model, x[:12], y[:12], settings, seed=3)
     assert res.attacks == ["apgd-ce", "apgd-t"]
     assert torch.equal(res.robust, res.after["apgd-t"])
     assert not (res.after["apgd-ce"] & ~res.clean).any()  # only clean-correct points can stay robust
@@ -275,8 +276,9 @@ class _Noisy(torch.nn.Module):
 @pytest.mark.parametrize("softmax,expected", [(False, "randomized defense"), (True, "probability distribution")])
 def test_library_checks_are_captured(softmax, expected):
     x, y = digits_test()
-    res = aa.attack_chunk(aa.prepare_model(_Noisy(softmax)), x[:4], y[:4], library=aa.load_library(), eps=1 / 255,
-                          version="custom", attacks=["apgd-ce"], seed=0, batch_size=4, attack_params=CHEAP)
+    settings = aa.AttackSettings(aa.load_library(), eps=1 / 255, version="custom", attacks=("apgd-ce",), batch_size=4,
+                                 attack_params=CHEAP)
+    res = aa.attack_chunk(aa.prepare_model(_Noisy(softmax)), x[:4], y[:4], settings, seed=0)
     assert any(expected in w for w in res.warnings), res.warnings
 
 

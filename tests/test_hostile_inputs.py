@@ -276,7 +276,7 @@ def test_our_checkpoint_with_damaged_fields(finished, tmp_path, capsys, changes,
 def test_unexpected_exception_in_a_run_leaves_status_failed(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("something nobody expected")
-    monkeypatch.setattr(train_mod, "_train_and_evaluate_epoch", broken)
+    monkeypatch.setattr(train_mod, "train_one_epoch", broken)
     with no_signal_handlers(), pytest.raises(RuntimeError):
         run_main(train_ori.main, FLAGS + ["--epochs", "1", "--save-dir", str(tmp_path)])
     folder = os.path.join(tmp_path, "training", "train_ori", os.listdir(tmp_path / "training" / "train_ori")[0])

@@ -228,6 +228,36 @@ class ChunkResult:
     warnings: list = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class AttackSettings:
+    """What AutoAttack runs on every chunk.
+
+    eps: radius in [0,1] pixel units of `norm`; attacks: the attacks of version 'custom' (else None);
+    batch_size: AutoAttack's batch size (points per attack call); attack_params: {component: {attribute: value}}
+    applied after the version's settings (see `make_adversary`).
+    """
+    library: Library
+    eps: float
+    norm: str = "Linf"
+    version: str = "standard"
+    attacks: tuple | None = None
+    batch_size: int = 250
+    device: object = "cpu"
+    attack_params: dict | None = None
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """The first `n_ex` test points in chunks of `chunk_size`, chunk c attacked with `runtime.chunk_seed(seed, c)`
+    and stored in `folder` under the settings' fingerprint `key`; `num_workers` load the next chunk."""
+    n_ex: int
+    chunk_size: int
+    folder: str
+    key: str
+    seed: int
+    num_workers: int = 0
+
+
 def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     """The function AutoAttack attacks: eval mode (BatchNorm statistics frozen, deterministic), no
     parameter gradients (only input gradients are needed). The model maps [0,1] images to logits and an
@@ -238,24 +268,25 @@ def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def make_adversary(library: Library, model, *, eps, norm, version, attacks, seed, device, attack_params=None):
-    """An AutoAttack object. eps in the norm's pixel units ([0,1] images); attacks only for version 'custom'.
+def make_adversary(model, settings: AttackSettings, seed):
+    """An AutoAttack object of `settings` with seed `seed`.
 
-    attack_params: {component: {attribute: value}} applied after the version's settings, e.g.
-    {"apgd": {"n_restarts": 1}, "square": {"n_queries": 100}} (components: apgd, apgd_targeted, fab, square).
+    `settings.attack_params`, e.g. {"apgd": {"n_restarts": 1}, "square": {"n_queries": 100}} (components: apgd,
+    apgd_targeted, fab, square), is applied after the version's settings.
     """
-    kwargs = dict(norm=norm, eps=eps, seed=seed, version=version, device=device)
+    library, version = settings.library, settings.version
+    kwargs = dict(norm=settings.norm, eps=settings.eps, seed=seed, version=version, device=settings.device)
     names = _parameter_names(library.AutoAttack.__init__)
     if version == "custom":
-        kwargs["attacks_to_run" if "attacks_to_run" in names else "attacks"] = list(attacks)
-    elif attacks:
+        kwargs["attacks_to_run" if "attacks_to_run" in names else "attacks"] = list(settings.attacks)
+    elif settings.attacks:
         raise UsageError(f"--attacks only applies to --version custom (version {version} fixes its attacks)")
     adversary = library.AutoAttack(model, **kwargs)
-    for component, settings in (attack_params or {}).items():
+    for component, values in (settings.attack_params or {}).items():
         target = getattr(adversary, component, None) if component in _COMPONENTS else None
         if target is None:
             raise ValueError(f"unknown AutoAttack component {component!r}; valid: {', '.join(_COMPONENTS)}")
-        for attr, value in settings.items():
+        for attr, value in values.items():
             if not hasattr(target, attr):
                 raise ValueError(f"AutoAttack's {component} has no setting {attr!r}")
             setattr(target, attr, value)
@@ -271,27 +302,24 @@ def _run_library(library, adversary, x, y, batch_size):
     return out if isinstance(out, tuple) else (out, None)
 
 
-def attack_chunk(model, x, y, *, library: Library, eps, norm="Linf", version="standard", attacks=None, seed=0,
-                 batch_size=250, device="cpu", attack_params=None) -> ChunkResult:
+def attack_chunk(model, x, y, settings: AttackSettings, seed=0) -> ChunkResult:
     """Run AutoAttack on the points (x, y) and return the library's per-point flags and its warnings.
 
     Args:
         model: maps [0,1] images (B, C, H, W) to logits; put in eval mode by `prepare_model`.
-        x, y: images in [0,1] and labels, on the CPU (the library moves each batch to `device`).
-        eps: radius in [0,1] pixel units of `norm`.
+        x, y: images in [0,1] and labels, on the CPU (the library moves each batch to `settings.device`).
         seed: AutoAttack's seed (every attack and batch restarts its RNG from it) and the global seed.
-        batch_size: AutoAttack's batch size (points per attack call).
     """
+    library = settings.library
     seed_everything(seed)
     log = _LibraryLog()
     printed = io.StringIO()
     with _library_warnings(library, log), contextlib.redirect_stdout(printed):
-        adversary = make_adversary(library, model, eps=eps, norm=norm, version=version, attacks=attacks,
-                                   seed=seed, device=device, attack_params=attack_params)
+        adversary = make_adversary(model, settings, seed)
         _attach_log(adversary, log)
         sequence = list(adversary.attacks_to_run)
         with _recording_state(library) as states:
-            _, y_adv = _run_library(library, adversary, x, y, batch_size)
+            _, y_adv = _run_library(library, adversary, x, y, settings.batch_size)
     log.warnings += [line[len("Warning:"):].strip() for line in printed.getvalue().splitlines()
                      if line.startswith("Warning:")]
     y_cpu = y.cpu()
@@ -308,7 +336,8 @@ def attack_chunk(model, x, y, *, library: Library, eps, norm="Linf", version="st
         if from_labels is None:
             raise RuntimeError(f"{library.name} {library.version} returns neither a state nor labels")
         with torch.no_grad():
-            clean = torch.cat([model(xb.to(device)).argmax(1).cpu() for xb in x.split(batch_size)]) == y_cpu
+            clean = torch.cat([model(xb.to(settings.device)).argmax(1).cpu()
+                               for xb in x.split(settings.batch_size)]) == y_cpu
         robust, after = from_labels, {}
         log.warnings.append(f"{library.name} {library.version} exposes no per-attack flags: "
                             "robust accuracy after each attack is not reported")
@@ -550,27 +579,26 @@ def summarize(records: list, *, library: Library, aggregate_log=None) -> dict:
             "n_robust": robust, "seconds": sum(r["seconds"] for r in records), "warnings": warning_lines}
 
 
-def run_evaluation(model, dataset, *, n_ex, chunk_size, folder, key, library, eps, norm, version, attacks, seed,
-                   batch_size, device, num_workers=0, attack_params=None, rank=0, world_size=1,
+def run_evaluation(model, dataset, settings: AttackSettings, plan: ChunkPlan, *, rank=0, world_size=1,
                    progress=True) -> tuple[list, int]:
-    """Attack every chunk of the first n_ex points that `folder` does not hold yet; returns (records, resumed).
+    """Attack every chunk of `plan` that its folder does not hold yet; returns (records, resumed).
 
-    Chunk c covers points [c*chunk_size, (c+1)*chunk_size) and is attacked with seed `seed + c`, so its result
-    does not depend on which chunks ran before it (or in which process). With world_size > 1 this process
-    takes chunks rank, rank + world_size, ...; the caller gathers after all processes finished.
+    Chunk c covers points [c*chunk_size, (c+1)*chunk_size) and is attacked with seed `chunk_seed(seed, c)`, so
+    its result does not depend on which chunks ran before it (or in which process). With world_size > 1 this
+    process takes chunks rank, rank + world_size, ...; the caller gathers after all processes finished.
     """
-    ranges = chunk_ranges(n_ex, chunk_size)
+    folder, key = plan.folder, plan.key
+    ranges = chunk_ranges(plan.n_ex, plan.chunk_size)
     mine = chunks_for_rank(len(ranges), rank, world_size)
     records = {c: load_chunk(folder, c, *ranges[c], key) for c in mine}
     resumed = sum(r is not None for r in records.values())
     todo = [c for c in mine if records[c] is None]
     desc = "AutoAttack chunks" + (f" (rank {rank})" if world_size > 1 else "")
     bar = tqdm(total=len(mine), initial=resumed, desc=desc, unit="chunk", disable=not progress, dynamic_ncols=True)
-    for c, (x, y) in zip(todo, _chunk_points(dataset, [ranges[c] for c in todo], num_workers)):
+    for c, (x, y) in zip(todo, _chunk_points(dataset, [ranges[c] for c in todo], plan.num_workers)):
         t0 = time.time()
-        result = attack_chunk(model, x, y, library=library, eps=eps, norm=norm, version=version, attacks=attacks,
-                              seed=chunk_seed(seed, c), batch_size=batch_size, device=device, attack_params=attack_params)
-        save_chunk(folder, c, *ranges[c], chunk_seed(seed, c), result, time.time() - t0, key)
+        result = attack_chunk(model, x, y, settings, seed=chunk_seed(plan.seed, c))
+        save_chunk(folder, c, *ranges[c], chunk_seed(plan.seed, c), result, time.time() - t0, key)
         records[c] = load_chunk(folder, c, *ranges[c], key)
         on_chunk_done(c, records[c])
         bar.update(1)
@@ -614,7 +642,7 @@ def evaluate_checkpoint(args, *, attack_params=None, progress=None) -> dict | No
     all have finished, process 0 alone reads every chunk, prints the summary, writes `--out` and returns the
     report (the others return None).
     """
-    env, device = init_distributed(resolve_device(getattr(args, "device", "auto")), backend="gloo",
+    env, device = init_distributed(resolve_device(args.device), backend="gloo",
                                    timeout=BARRIER_TIMEOUT)
     try:
         return _evaluate_checkpoint(args, device, env, attack_params, progress)
@@ -644,8 +672,8 @@ def _evaluate_checkpoint(args, device, env, attack_params, progress):
         raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     ckpt = load_checkpoint(source)
     spec = resolve_spec(ckpt, source, arch=args.arch, ratio=args.ratio, n_expert=args.n_expert,
-                        normalize=args.normalize, dataset=args.dataset, routing=getattr(args, "routing", None))
-    model = build_from_checkpoint(ckpt, source, spec, device, sparse=getattr(args, "sparse", True))
+                        normalize=args.normalize, dataset=args.dataset, routing=args.routing)
+    model = build_from_checkpoint(ckpt, source, spec, device, sparse=args.sparse)
     _, test_ds = build_datasets(spec.dataset, args.data_dir)
     n_ex = len(test_ds) if args.n_ex is None else args.n_ex
     if not 1 <= n_ex <= len(test_ds):
@@ -662,19 +690,18 @@ def _evaluate_checkpoint(args, device, env, attack_params, progress):
                 "package": [library.name, library.version]}
     key = fingerprint(settings)
     folder = os.path.join(f"{out}.chunks", key)
-    check_out_path(out, source, folder, overwrite=getattr(args, "overwrite", False), default=args.out is None)
+    check_out_path(out, source, folder, overwrite=args.overwrite, default=args.out is None)
     os.makedirs(folder, exist_ok=True)
     if env.is_main:
         write_json_atomic(os.path.join(folder, "settings.json"), settings)
     if device.type == "cuda":
         # Same kernels on a rerun: a resumed evaluation must reproduce the chunks it did not keep.
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    show = (not getattr(args, "no_progress", False)) if progress is None else progress
-    records, resumed = run_evaluation(
-        model, test_ds, n_ex=n_ex, chunk_size=args.chunk_size, folder=folder, key=key, library=library, eps=eps,
-        norm=args.norm, version=args.version, attacks=attacks, seed=args.seed, batch_size=args.batch_size,
-        device=device, num_workers=args.num_workers, attack_params=attack_params, rank=env.rank,
-        world_size=env.world_size, progress=show)
+    show = not args.no_progress if progress is None else progress
+    attack = AttackSettings(library, eps, args.norm, args.version, attacks, args.batch_size, device, attack_params)
+    plan = ChunkPlan(n_ex, args.chunk_size, folder, key, args.seed, args.num_workers)
+    records, resumed = run_evaluation(model, test_ds, attack, plan, rank=env.rank, world_size=env.world_size,
+                                      progress=show)
     resumed = sum(gather_objects(resumed, env))  # also the barrier: every rank's chunks are on disk after it
     if not env.is_main:
         return None
