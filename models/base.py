@@ -3,8 +3,11 @@
 A family (ResNet, WRN, VGG, DenseNet) subclasses `RoutedNet`, builds its layers with `self.conv(...)`
 (an `nn.Conv2d` or, where the family routes, a `MoEConv2d`), calls `self.finish()` last in `__init__`
 (so the router's parameters come last in the state dict, as in the reference), and implements
-`forward_features(x, routing)` calling MoE convs through `call(conv, x, routing)`.
+`forward_features(x, routing)` calling MoE convs through `call(conv, x, routing)`. Families build their dense
+and MoE variants with `build_variant` and initialise with `init_weights`. Whether a module or a parameter
+belongs to a router is answered here only (`routers`, `router_modules`, `backbone_modules`).
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +48,38 @@ def backbone_modules(model: nn.Module) -> list[nn.Module]:
     """Every module of `model` that is not part of a router (the model itself included)."""
     inside = {id(m) for m in router_modules(model)}
     return [m for m in model.modules() if id(m) not in inside]
+
+
+def init_weights(model: nn.Module):
+    """Kaiming-normal (fan-out, ReLU) convs, per expert for MoE convs; BatchNorm to the identity.
+
+    Routers (global or per-layer) are left to their own initialisation.
+    """
+    for m in backbone_modules(model):
+        if isinstance(m, (nn.Conv2d, MoEConv2d)):
+            fan_out = m.out_channels * m.weight.shape[-2] * m.weight.shape[-1]  # MoE: one expert's rows
+            with torch.no_grad():
+                m.weight.normal_(0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def build_variant(cls, moe, *args, **kwargs):
+    """`cls(*args, **kwargs)` as a dense (`_ori`) or MoE (`_moe`) model; n_expert must agree with `moe`.
+
+    Dense builders accept n_expert None or 1 and drop the MoE-only keywords (routing, sparse).
+    """
+    n_expert = kwargs.pop("n_expert", None)
+    if not moe:
+        if n_expert not in (None, 1):
+            raise ValueError(f"dense {cls.__name__.strip('_')} takes no n_expert (got {n_expert})")
+        kwargs.pop("routing", None)
+        kwargs.pop("sparse", None)
+        return cls(*args, **kwargs)
+    if n_expert is None or n_expert < 1:
+        raise ValueError(f"MoE {cls.__name__.strip('_')} needs n_expert >= 1 (got {n_expert})")
+    return cls(*args, n_expert=n_expert, **kwargs)
 
 
 @dataclass

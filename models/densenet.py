@@ -26,7 +26,7 @@ sees the same channel count as in the dense model of that ratio; norm1/norm2 are
 experts. The stem, the transitions (one 1x1 conv each, a small share of the cost that also mixes the
 whole concatenated map) and the classifier stay dense. The global router (`router.*`) comes last.
 
-Initialisation as in `resnet.init_weights` (Kaiming-normal fan-out convs, per expert; identity BN).
+Initialisation as in `base.init_weights` (Kaiming-normal fan-out convs, per expert; identity BN).
 """
 from collections import OrderedDict
 
@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RoutedNet, call, require_channels
+from .base import RoutedNet, build_variant, call, init_weights, require_channels
 from .registry import register_model
-from .resnet import build_variant, init_weights
 
 _CIFAR = dict(growth=12, blocks=(6, 6, 6), stem=24, bottleneck=48, imagenet_stem=False)
 _IMAGENET = dict(growth=32, blocks=(6, 12, 24, 16), stem=64, bottleneck=128, imagenet_stem=True)

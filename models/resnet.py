@@ -29,14 +29,11 @@ global router (`router.*`) comes last in the state dict (`RoutedNet.finish`).
 Initialisation: every conv (each expert on its own) Kaiming-normal with fan-out, BatchNorm weight 1 and
 bias 0, the classifier PyTorch's default.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RoutedNet, backbone_modules, call, require_channels
-from .layers import MoEConv2d
+from .base import RoutedNet, build_variant, call, init_weights, require_channels
 from .registry import register_model
 
 _STAGE_PLANES = (64, 128, 256, 512)
@@ -106,21 +103,6 @@ class _Bottleneck(_Residual):
         return self.bn3(call(self.conv3, out, routing))  # (B, 4w, H/stride, W/stride)
 
 
-def init_weights(model: nn.Module):
-    """Kaiming-normal (fan-out, ReLU) convs, per expert for MoE convs; BatchNorm to the identity.
-
-    Routers (global or per-layer) are left to their own initialisation.
-    """
-    for m in backbone_modules(model):
-        if isinstance(m, (nn.Conv2d, MoEConv2d)):
-            fan_out = m.out_channels * m.weight.shape[-2] * m.weight.shape[-1]  # MoE: one expert's rows
-            with torch.no_grad():
-                m.weight.normal_(0.0, math.sqrt(2.0 / fan_out))
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 class _ResNet(RoutedNet):
     """ResNet over `block` with `depths` blocks per stage; `stem` is 'cifar' or 'imagenet'."""
 
@@ -166,23 +148,6 @@ class _ResNet(RoutedNet):
                 out = block(out, routing)  # (B, w * expansion, h, w) after the stage's stride
         out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)  # (B, C)
         return getattr(self, self.head_name)(out)  # (B, classes)
-
-
-def build_variant(cls, moe, *args, **kwargs):
-    """`cls(*args, **kwargs)` as a dense (`_ori`) or MoE (`_moe`) model; n_expert must agree with `moe`.
-
-    Dense builders accept n_expert None or 1 and drop the MoE-only keywords (routing, sparse).
-    """
-    n_expert = kwargs.pop("n_expert", None)
-    if not moe:
-        if n_expert not in (None, 1):
-            raise ValueError(f"dense {cls.__name__.strip('_')} takes no n_expert (got {n_expert})")
-        kwargs.pop("routing", None)
-        kwargs.pop("sparse", None)
-        return cls(*args, **kwargs)
-    if n_expert is None or n_expert < 1:
-        raise ValueError(f"MoE {cls.__name__.strip('_')} needs n_expert >= 1 (got {n_expert})")
-    return cls(*args, n_expert=n_expert, **kwargs)
 
 
 def _build(block, depths, stem, moe, **kwargs):

@@ -23,15 +23,14 @@ Our choices where the reference gives no listing or is wrong:
 - `vgg16_{ori,moe}` (no BN) keep the bias-free convs of the BN variant, so their layout is the BN
   layout without the BN entries (indices shifted as torchvision's vgg16 vs vgg16_bn).
 - `normalize` is applied (the reference's VGG ignores `--normalize`).
-- Initialisation as in `resnet.init_weights` (Kaiming-normal fan-out convs, per expert; identity BN),
+- Initialisation as in `base.init_weights` (Kaiming-normal fan-out convs, per expert; identity BN),
   which is also torchvision's VGG conv initialisation and keeps the BN-free VGG-16 trainable.
 """
 import torch
 from torch import nn
 
-from .base import RoutedNet, call, require_channels
+from .base import RoutedNet, build_variant, call, init_weights, require_channels
 from .registry import register_model
-from .resnet import build_variant, init_weights
 
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 _HIDDEN = 256  # classifier hidden width (not scaled by ratio)

@@ -24,15 +24,14 @@ checkpoints compute what they computed; the dense WRN is the standard pre-activa
 The reference's dense TinyImageNet WRN gives `bn0` 16 channels whatever r, so it only runs at r = 1;
 ours has int(16 r), the same layout at r = 1.
 
-Initialisation as in `resnet.init_weights` (Kaiming-normal fan-out convs, per expert; identity BN).
+Initialisation as in `base.init_weights` (Kaiming-normal fan-out convs, per expert; identity BN).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RoutedNet, call, require_channels
+from .base import RoutedNet, build_variant, call, init_weights, require_channels
 from .registry import register_model
-from .resnet import build_variant, init_weights
 
 
 class _WideBlock(nn.Module):
