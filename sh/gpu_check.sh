@@ -41,7 +41,8 @@ cd "$ROOT" || exit 2
 if [ "$QUICK" = 1 ]; then
     PYTEST_ARGS=(-k "cpu and (sparse_equals or resident or eps_ball)")
     BENCH_ARGS=(--quick --experts 2 --threads 1)
-    RUN_ARGS=(--ratio 0.125 --max-batches 2 --max-test-batches 1 --num-steps 1 --num-steps-test 2 --data-fraction 1.0)
+    RUN_ARGS=(--dataset Digits16 --test-batch-size 32 --ratio 0.125 --max-batches 2 --max-test-batches 1 --num-steps 1
+              --num-steps-test 2 --data-fraction 1.0)
     LIMITS=(300 300 300)
 else
     PYTEST_ARGS=()

@@ -20,8 +20,8 @@ from test_autoattack import ours, train_tiny
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-TINY = ["--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32", "--num-workers", "0", "--max-test-batches",
-        "1", "--num-steps", "1", "--num-steps-test", "2", "--no-progress", "--device", "cpu"]
+TINY = ["--dataset", "Digits16", "--ratio", "0.125", "--batch-size", "32", "--num-workers", "0", "--max-test-batches",
+        "1", "--test-batch-size", "32", "--num-steps", "1", "--num-steps-test", "2", "--no-progress", "--device", "cpu"]
 DENSE = ["--arch", "resnet18_cifar_ori"] + TINY
 MOE = ["--arch", "resnet18_cifar_moe", "--n-expert", "2"] + TINY
 ONE_EPOCH = ["--epochs", "1", "--max-batches", "3"]

@@ -23,6 +23,8 @@ TINY = ["--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32", "--test
         "--num-steps", "1", "--device", "cpu"]
 DENSE = ["--arch", "resnet18_cifar_ori"] + TINY
 MOE = ["--arch", "resnet18_cifar_moe", "--n-expert", "2"] + TINY
+# The resume tests train for several epochs: on 16x16 digits a batch costs a quarter of a 32x32 one.
+SMALL = ["--dataset", "Digits16", "--test-batch-size", "32"]
 
 
 def run_script(script, argv, **kw):
@@ -66,7 +68,7 @@ def _wait_for(path_fn, proc, timeout=120):
 @pytest.mark.slow
 @pytest.mark.parametrize("script,base", [("train_ori.py", DENSE), ("train_moe.py", MOE)])
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path, script, base):
-    argv = base + ["--epochs", "3", "--max-batches", "3"]
+    argv = base + SMALL + ["--epochs", "3", "--max-batches", "3"]
     ref = run_script(script, argv + ["--save-dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
     ref_weights, ref_ckpt = final_weights(tmp_path / "ref")
@@ -93,7 +95,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, script, base):
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path):
-    argv = MOE + ["--epochs", "2", "--max-batches", "12"]
+    argv = MOE + SMALL + ["--epochs", "2", "--max-batches", "12"]
     ref = run_script("train_moe.py", argv + ["--save-dir", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
     ref_weights, _ = final_weights(tmp_path / "ref")
@@ -170,7 +172,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv)
 
 
 def test_bad_checkpoints_exit_2_and_overwrite_nothing(tmp_path):
-    argv = DENSE + ["--epochs", "1", "--max-batches", "1", "--save-dir", str(tmp_path / "runs")]
+    argv = DENSE + SMALL + ["--epochs", "1", "--max-batches", "1", "--save-dir", str(tmp_path / "runs")]
     assert run_script("train_ori.py", argv).returncode == 0
     before = _snapshot(tmp_path / "runs")
     corrupt = tmp_path / "corrupt.pth.tar"

@@ -20,7 +20,7 @@ from utils.update import StepContext
 
 from test_train import DENSE, MOE, run_dir, run_script
 
-ONE = ["--epochs", "1", "--max-batches", "2"]
+ONE = ["--epochs", "1", "--max-batches", "2", "--dataset", "Digits16", "--test-batch-size", "32"]  # 16x16: fast
 
 
 @pytest.fixture(autouse=True)
