@@ -17,7 +17,9 @@ def test_atomic_json_replaces_all_or_nothing(tmp_path):
     path = tmp_path / "status.json"
     runtime.write_json_atomic(path, {"state": "running"})
     assert json.loads(path.read_text()) == {"state": "running"}
-    assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)  # not the temp file's private mode
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # a plain file's mode, not the temp file's 0600
     with pytest.raises(TypeError):  # fails half-way through writing: the old file stays, no temp file is left
         runtime.write_json_atomic(path, {"state": "finished", "bad": _Unserialisable()})
     assert json.loads(path.read_text()) == {"state": "running"}
