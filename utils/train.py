@@ -23,6 +23,7 @@ from .balance import RouterUpkeep, init_router, routing_report
 from .checkpoint import restore_rng_state, save_checkpoint
 from .distributed import (all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module, gather_objects,
                           init_distributed, shutdown)
+from .errors import UsageError
 from .evaluate import EvalConfig, Shard, evaluate, moe_row
 from .evaluate_checkpoint import evaluate_checkpoint
 from .run import Run, build_run, mid_epoch_state, restore, training_kind
@@ -31,7 +32,6 @@ from .runlog import (RunLogger, check_can_create, check_folder_is_free, checkpoi
 from .runtime import REQUEUE_EXIT_CODE, Interrupted, StopFlag, epoch_seed, resolve_device, seed_everything
 from .scalars import ScalarLog, summary_writer_class
 from .update import NonFiniteError, StepContext
-from .errors import UsageError
 
 # Catastrophic overfitting (Wong et al. 2020: under FGSM training, PGD robust accuracy falls to near zero within an
 # epoch): validation RA below this fraction of the best earlier validation RA is reported.
