@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from models.layers import MoEConv2d
 from .attack import ce_loss_fn, eval_mode, pgd_attack
+from .distributed import all_reduce_sum
 from .runtime import eval_start_seed
 
 COLLAPSE_SHARE = 95.0  # % of images on one expert that we call a load collapse
@@ -57,6 +58,12 @@ class Shard:
     rank: int = 0
     world_size: int = 1
     reduce: Callable | None = None
+
+    @classmethod
+    def of(cls, env, device):
+        """This process's shard of a run's processes (`utils.distributed.DistEnv`), summing on `device`."""
+        reduce = (lambda t: all_reduce_sum(t, env, device)) if env.enabled else None
+        return cls(env.rank, env.world_size, reduce)
 
 
 @dataclass

@@ -4,7 +4,7 @@ import time
 
 from .checkpoint import load_checkpoint, load_model_weights
 from .data import LoaderConfig, build_loaders
-from .distributed import DistEnv, all_reduce_sum
+from .distributed import DistEnv
 from .evaluate import EvalConfig, Shard, evaluate, evaluate_per_expert, moe_row
 from .run import build_model_from_args, check_arch_for_script
 from .runlog import RunLogger, check_can_create, record_unexpected_stop, run_dir
@@ -43,7 +43,7 @@ def _evaluate_into(log, args, model, test_loader, ckpt, device, env):
     """Evaluate the loaded checkpoint and log its row."""
     t0 = time.time()
     cfg = EvalConfig.from_args(args, env.is_main)
-    shard = Shard(env.rank, env.world_size, (lambda t: all_reduce_sum(t, env, device)) if env.enabled else None)
+    shard = Shard.of(env, device)
     ev = evaluate(model, test_loader, cfg, device, shard=shard, desc="test")
     per_expert = evaluate_per_expert(model, test_loader, cfg, device, shard=shard) if args.per_expert else {}
     row = {"checkpoint": os.path.abspath(args.resume), "epoch": ckpt.get("epoch"), "sa": ev["sa"],

@@ -217,8 +217,7 @@ def evaluate_epoch(run: Run, epoch: int, stats, lr):
     is_best, warnings = False, []
     if (epoch + 1) % a.eval_every == 0 or epoch + 1 == a.epochs:
         cfg = EvalConfig.from_args(a, env.is_main)
-        reduce = (lambda t: all_reduce_sum(t, env, run.device)) if env.enabled else None
-        shard = Shard(env.rank, env.world_size, reduce)
+        shard = Shard.of(env, run.device)
         select = None
         if run.val_loader is not None:  # model selection needs RA only
             val = evaluate(run.model, run.val_loader, cfg, run.device, moe_metrics=False, shard=shard, desc="val")
