@@ -432,7 +432,8 @@ def flags_table(parser=None) -> str:
         flag = " / ".join(long) if isinstance(action, argparse.BooleanOptionalAction) else long[0]
         default = "required" if action.required else action.default
         default = f"{default:g}" if isinstance(default, float) else default
-        meaning = (action.help or "").replace("%%", "%")
+        # Python 3.10's BooleanOptionalAction appends this to its help; 3.12 does not: the table is the same on both
+        meaning = (action.help or "").removesuffix(" (default: %(default)s)").replace("%%", "%")
         if action.dest == "arch":
             meaning = "registry name, `*_ori` (dense) or `*_moe` (see `models.list_models()`)"
         elif action.choices and not isinstance(action.choices, range):

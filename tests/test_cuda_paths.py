@@ -203,6 +203,7 @@ AGREE_SCRIPT = textwrap.dedent("""
     except NonFiniteError:
         result = "raised"
     open(out, "w").write(result)
+    dist.barrier()  # both ranks leave together: gloo could hang in destroy_process_group when one left first
     dist.destroy_process_group()
 """)
 

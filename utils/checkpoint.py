@@ -4,6 +4,7 @@ Everything saved here must load with `torch.load(weights_only=True)`: tensors, p
 (str/int/float/bool/None, lists, tuples, dicts) and nothing else. `args_to_dict` and `capture_rng_state`
 turn flags and RNG states into such values.
 """
+import contextlib
 import os
 import random
 import re
@@ -36,12 +37,37 @@ def save_checkpoint(state: dict, path):
 
 
 def _numpy_safe_globals() -> list:
-    """numpy scalars/arrays (a `best_acc` computed with numpy, say) are plain data: allow them."""
-    core = getattr(np, "_core", None) or np.core
+    """numpy scalars/arrays (a `best_acc` computed with numpy, say) are plain data: allow them.
+
+    numpy 2 keeps them in `numpy._core`; numpy 1.26 also has a `numpy._core`, but only as a stub for reading
+    numpy-2 pickles, so the module is picked by numpy's major version, never by what attribute exists."""
+    core = np._core if int(np.__version__.split(".")[0]) >= 2 else np.core
     allowed = [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype]
     allowed += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
                                             "uint8", "bool")]
     return allowed
+
+
+def _numpy_allowed():
+    """A context in which `torch.load(weights_only=True)` accepts numpy values.
+
+    torch 2.5 has the scoped `safe_globals`; torch 2.4 only the process-wide `add_safe_globals` (the same list,
+    added once); before 2.4 there is no way to allow them, and a checkpoint holding numpy values is refused
+    with a message that says so (`_refused`). Our own checkpoints hold none (`capture_rng_state`)."""
+    serialization = torch.serialization
+    if hasattr(serialization, "safe_globals"):
+        return serialization.safe_globals(_numpy_safe_globals())
+    if hasattr(serialization, "add_safe_globals"):
+        serialization.add_safe_globals(_numpy_safe_globals())
+    return contextlib.nullcontext()
+
+
+def _refused(path, name) -> UsageError:
+    if name.startswith("numpy") and not hasattr(torch.serialization, "add_safe_globals"):
+        return UsageError(f"checkpoint {path} holds numpy values ({name}), which torch {torch.__version__} "
+                          f"cannot load with weights_only=True: loading it needs torch 2.4 or newer")
+    return UsageError(f"checkpoint {path} refused: loading it would call the Python global {name}, and "
+                      f"unpickling that could run arbitrary code (only tensors and plain values are accepted)")
 
 
 def _first_line(e: Exception) -> str:
@@ -74,18 +100,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     (one whose unpickling would need arbitrary Python objects) is a UsageError naming `path`."""
     path = os.fspath(path)
     check_checkpoint_file(path)
-    try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_safe_globals()):
-            warnings.simplefilter("ignore")  # e.g. pickle-protocol notes: the one-line error says enough
+    with warnings.catch_warnings(), _numpy_allowed():  # outside the try: a torch API error is no bad file
+        warnings.simplefilter("ignore")  # e.g. pickle-protocol notes: the one-line error says enough
+        try:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - whatever the parser of a user's file raises, the file is bad
-        foreign = _REFUSED_GLOBAL.search(str(e))
-        if foreign:
-            raise UsageError(f"checkpoint {path} refused: loading it would call the Python global "
-                             f"{foreign.group(1)}, and unpickling that could run arbitrary code (only tensors "
-                             f"and plain values are accepted)") from None
-        raise UsageError(f"checkpoint {path} is not a PyTorch checkpoint or is corrupt/truncated "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
+        except Exception as e:  # noqa: BLE001 - whatever the parser of a user's file raises, the file is bad
+            foreign = _REFUSED_GLOBAL.search(str(e))
+            if foreign:
+                raise _refused(path, foreign.group(1)) from None
+            raise UsageError(f"checkpoint {path} is not a PyTorch checkpoint or is corrupt/truncated "
+                             f"({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(ckpt, dict):
         raise UsageError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt

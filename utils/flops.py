@@ -18,7 +18,7 @@ import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils import flop_counter
 
 from .attack import eval_mode
 
@@ -38,10 +38,19 @@ class _TotalFlops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
+        self.total += _operator_flops(func, args, kwargs, out)
         return out
+
+
+def _operator_flops(func, args, kwargs, out) -> int:
+    """torch's FLOP formula of one operator call (0 for uncounted ones): `flop_registry`, whose formulas take
+    `out_val=`, from torch 2.2; `flop_mapping`, whose formulas take `out=`, in torch 2.1."""
+    registry = getattr(flop_counter, "flop_registry", None)
+    if registry is not None:
+        formula = registry.get(func._overloadpacket)
+        return 0 if formula is None else formula(*args, **kwargs, out_val=out)
+    formula = flop_counter.FlopCounterMode().flop_mapping.get(func._overloadpacket)
+    return 0 if formula is None else formula(*args, **kwargs, out=out)
 
 
 def count_flops(fn) -> int:

@@ -239,7 +239,9 @@ def maybe_compile(model, enabled, **compile_kwargs):
     if getattr(model, "is_moe", False):
         raise ValueError("torch.compile supports dense models only here: an MoE's routing recompiles every batch")
     import torch._dynamo
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(config, name, max(getattr(config, name), COMPILE_RECOMPILE_LIMIT))
     compile_kwargs.setdefault("dynamic", True)
     model.compile(**compile_kwargs)
     return model
@@ -260,6 +262,13 @@ def native_bf16(device: torch.device, capability=None) -> bool:
     return tuple(capability) >= (8, 0)
 
 
+def grad_scaler():
+    """fp16's gradient scaler: `torch.amp.GradScaler` from torch 2.3, `torch.cuda.amp.GradScaler` before."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
 class Precision:
     """Mixed precision on CUDA: bf16 where the GPU computes it natively, else fp16 with a gradient scaler; off
     on CPU. `capability` ((major, minor)) replaces the GPU's compute capability (tests)."""
@@ -274,7 +283,7 @@ class Precision:
         if self.enabled:
             self.dtype = torch.bfloat16 if native_bf16(device, capability) else torch.float16
             if self.dtype == torch.float16:
-                self.scaler = torch.amp.GradScaler("cuda")
+                self.scaler = grad_scaler()
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype) if self.enabled else nullcontext()
