@@ -90,9 +90,9 @@ def check_checkpoint_file(path, what="checkpoint"):
         raise UsageError(f"{what} {path}: not readable (permission denied)")
 
 
-# torch's wording of a refused global, old ("Unsupported global: GLOBAL x.y") and new ("Trying to load
-# unsupported GLOBAL x.y whose module x is blocked").
-_REFUSED_GLOBAL = re.compile(r"unsupported (?:global:?\s+)?GLOBAL\s+([\w.]+)", re.IGNORECASE)
+# torch's wording of a refused global: 2.1 "Unsupported class x.y", later "Unsupported global: GLOBAL x.y" and
+# "Trying to load unsupported GLOBAL x.y whose module x is blocked".
+_REFUSED_GLOBAL = re.compile(r"unsupported (?:class\s+|(?:global:?\s+)?GLOBAL\s+)([\w.]+)", re.IGNORECASE)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -19,6 +19,7 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils import flop_counter
+from torch.utils._pytree import tree_map
 
 from .attack import eval_mode
 
@@ -43,14 +44,17 @@ class _TotalFlops(TorchDispatchMode):
 
 
 def _operator_flops(func, args, kwargs, out) -> int:
-    """torch's FLOP formula of one operator call (0 for uncounted ones): `flop_registry`, whose formulas take
-    `out_val=`, from torch 2.2; `flop_mapping`, whose formulas take `out=`, in torch 2.1."""
+    """torch's FLOP formula of one operator call (0 for uncounted ones): from torch 2.2 `flop_registry`, whose
+    formulas take the tensors and `out_val=`; in torch 2.1 `flop_mapping`, whose formulas take shapes."""
     registry = getattr(flop_counter, "flop_registry", None)
     if registry is not None:
         formula = registry.get(func._overloadpacket)
         return 0 if formula is None else formula(*args, **kwargs, out_val=out)
-    formula = flop_counter.FlopCounterMode().flop_mapping.get(func._overloadpacket)
-    return 0 if formula is None else formula(*args, **kwargs, out=out)
+    formula = flop_counter.flop_mapping.get(func._overloadpacket)
+    if formula is None:
+        return 0
+    args, kwargs, out_shape = tree_map(flop_counter.get_shape, (args, kwargs, out))
+    return formula(*args, **kwargs, out_shape=out_shape)
 
 
 def count_flops(fn) -> int:
