@@ -137,6 +137,38 @@ def test_loaders_split_and_batches(tmp_path, no_network):
     assert [len(b[1]) for b in test_loader] == [5, 5, 2]
 
 
+def test_device_resident_loaders_hold_the_cpu_loaders_images(tmp_path, no_network):
+    """The CUDA fast path (run here on CPU): the whole split as (N, 3, 28, 28) uint8, the same unaugmented batches
+    as the DataLoaders, and training images that are 2-pixel shifts of their source, flipped or not."""
+    import torch.nn.functional as F
+    from utils.gpu import _raw_tensors, resident_loaders
+    write_fashion_mnist(tmp_path / "FashionMNIST" / "raw")
+    cfg = LoaderConfig("FashionMNIST", str(tmp_path), batch_size=8, test_batch_size=5, num_workers=0, seed=1,
+                       data_fraction=0.75)
+    loaders = build_loaders(cfg, "cpu")[:3]
+    train, val, test = resident_loaders("FashionMNIST", loaders, "cpu", seed=0)
+    assert (train.padding, train.flip) == (2, True) and train.images.dtype == torch.uint8
+    for cpu, res in ((loaders[1], val), (loaders[2], test)):  # unaugmented: identical batches
+        batches = list(zip(cpu, res))
+        assert len(batches) == len(cpu) == len(res)
+        for (x0, y0), (x1, y1) in batches:
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    sources, _ = _raw_tensors(loaders[0].dataset)
+    train.sampler.set_epoch(0)
+    order = list(train.sampler)
+    xs = torch.cat([x for x, _ in train])
+    assert xs.shape == (30, 3, 28, 28) and xs.min() >= 0 and xs.max() <= 1
+    moved = 0
+    for x, i in zip(xs, order):
+        padded = F.pad(sources[i].float() / 255, (2, 2, 2, 2))
+        crops = {(t, l, f): padded[:, t:t + 28, l:l + 28].flip(-1) if f else padded[:, t:t + 28, l:l + 28]
+                 for t in range(5) for l in range(5) for f in (False, True)}
+        matches = [k for k, c in crops.items() if torch.equal(x, c)]
+        assert matches, "a training image is not a shifted (and maybe flipped) copy of its source"
+        moved += (2, 2, False) not in matches
+    assert moved > 0
+
+
 def test_dataset_facts():
     info = dataset_info("FashionMNIST")
     assert (info.num_classes, info.image_size) == (10, 28)
