@@ -1,4 +1,4 @@
-"""Datasets, samplers and loaders for CIFAR10, CIFAR100, TinyImageNet, ImageNet and Digits.
+"""Datasets, samplers and loaders for CIFAR10, CIFAR100, TinyImageNet, ImageNet, Digits and FashionMNIST.
 
 Every sample is `(image, label)`: a float tensor (C, H, W) in [0, 1] pixel units and an int class index.
 There is no normalisation here on purpose: attacks work in [0, 1] pixel space and the per-channel
@@ -12,6 +12,7 @@ Nothing is loaded or computed at import time; the user's data folders are read i
 """
 import copy
 import os
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from .errors import UsageError
 from .runtime import loader_seed, order_seed
 
-DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits", "Digits16")
+DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits", "Digits16", "FashionMNIST")
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -48,6 +49,9 @@ _INFO = {
     "Digits": DatasetInfo("Digits", 10, 32, (0.3054, 0.3054, 0.3054), (0.3237, 0.3237, 0.3237)),
     # The same digits upsampled to 16x16 only: a 4x cheaper setting for CPU studies (README: Routing study).
     "Digits16": DatasetInfo("Digits16", 10, 16, (0.3054, 0.3054, 0.3054), (0.319, 0.319, 0.319)),
+    # Fashion-MNIST at its own 28x28, grey copied to three channels; measured once on the 60,000 training images
+    # (the published 0.2860 / 0.3530).
+    "FashionMNIST": DatasetInfo("FashionMNIST", 10, 28, (0.2860, 0.2860, 0.2860), (0.3530, 0.3530, 0.3530)),
 }
 
 
@@ -71,9 +75,10 @@ def num_classes(name: str) -> int:
 def build_datasets(name: str, data_dir: str, download: bool = True):
     """(train_ds, test_ds) for dataset `name`; samples are ((C, H, W) float in [0, 1], int label).
 
-    data_dir: the `--data-dir` folder. CIFAR is looked for under it first and only downloaded into it
-    when missing and `download` is true. Training augmentation (random crop, and a horizontal flip except
-    for Digits) is applied to the training set only. Raises UsageError when the data cannot be found.
+    data_dir: the `--data-dir` folder. CIFAR and FashionMNIST are looked for under it first and only
+    downloaded into it when missing and `download` is true. Training augmentation (random crop, and a
+    horizontal flip except for Digits) is applied to the training set only. Raises UsageError when the data
+    cannot be found.
     """
     info = dataset_info(name)
     if name in ("Digits", "Digits16"):
@@ -81,6 +86,8 @@ def build_datasets(name: str, data_dir: str, download: bool = True):
     data_dir = os.path.expanduser(str(data_dir))
     if name in ("CIFAR10", "CIFAR100"):
         return _cifar_datasets(name, data_dir, download)
+    if name == "FashionMNIST":
+        return _fashion_mnist_datasets(data_dir, download)
     if name == "TinyImageNet":
         return _tiny_imagenet_datasets(data_dir, info.num_classes)
     return _imagenet_datasets(data_dir, info.num_classes)
@@ -145,6 +152,51 @@ def _remove_empty_dirs(top):
         if files or any(os.path.exists(os.path.join(root, d)) for d in dirs):
             return
         os.rmdir(root)
+
+
+def _fashion_mnist_datasets(data_dir, download):
+    """The four IDX files from the first of `fashion_mnist.candidate_folders(data_dir)` holding them all (unpacked
+    or .gz), else downloaded by torchvision into data_dir/FashionMNIST/raw when `download` is true.
+
+    28x28 grey images, copied to three channels so that the RGB models apply unchanged (as Digits).
+    Training: shifts of up to 2 pixels (the share of the image of Digits' 2 at 32x32) and horizontal flips.
+    """
+    from torchvision import transforms as T
+    from . import fashion_mnist as fm
+    folder = next((f for f in fm.candidate_folders(data_dir) if not fm.missing_files(f)), None)
+    if folder is None:
+        folder = _fetch_fashion_mnist(data_dir, download)
+    train_tf = T.Compose([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip(), T.Grayscale(3), T.ToTensor()])
+    test_tf = T.Compose([T.Grayscale(3), T.ToTensor()])
+    return fm.LocalFashionMNIST(folder, train=True, transform=train_tf), \
+        fm.LocalFashionMNIST(folder, train=False, transform=test_tf)
+
+
+def _fetch_fashion_mnist(data_dir, download):
+    """Download Fashion-MNIST into data_dir/FashionMNIST/raw and return that folder; UsageError when it is not
+    there and cannot be downloaded, or when a folder holds only some of the files (never completed over them)."""
+    from torchvision import datasets
+    from . import fashion_mnist as fm
+    torchvision_folder, flat = fm.candidate_folders(data_dir)
+    begun = [f for f in (torchvision_folder, flat) if len(fm.missing_files(f)) < len(fm.NAMES)]
+    if os.path.isdir(os.path.dirname(torchvision_folder)) and torchvision_folder not in begun:
+        begun.insert(0, torchvision_folder)  # the user's FashionMNIST folder: no download writes into it
+    if begun:
+        raise UsageError(f"FashionMNIST files in {begun[0]} are incomplete: {', '.join(fm.missing_files(begun[0]))} "
+                         f"missing (unpacked or .gz); add them, or pass --data-dir DIR where DIR or "
+                         f"DIR/FashionMNIST/raw holds all four")
+    hint = (f"FashionMNIST not found: expected its four IDX files ({', '.join(fm.NAMES)}; each may be .gz) in "
+            f"{torchvision_folder} or in {flat}; pass --data-dir DIR where DIR or DIR/FashionMNIST/raw holds them "
+            f"(Debian's package dataset-fashion-mnist installs them in {fm.DEBIAN_FOLDER})")
+    if not download:
+        raise UsageError(hint)
+    created = _first_missing_ancestor(os.path.dirname(torchvision_folder))  # not None: checked above
+    try:
+        datasets.FashionMNIST(data_dir, train=True, download=True)  # fetches and unpacks all four files
+    except (OSError, RuntimeError, ValueError) as e:  # torchvision turns URLError (offline) into RuntimeError
+        shutil.rmtree(created, ignore_errors=True)  # everything in it is this download's
+        raise UsageError(f"{hint}; downloading it failed ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    return torchvision_folder
 
 
 class ImageListDataset(Dataset):

@@ -4,7 +4,8 @@ precision (`Precision`).
 Nothing here changes results on CPU: `configure_backends` leaves every flag alone there, the resident loader
 works on any device (the tests run it on CPU), and `maybe_compile` is off unless asked for.
 
-Device-resident loading: CIFAR-10/100 (50,000 x 3 x 32 x 32 uint8 = 147 MiB) and Digits fit in GPU memory
+Device-resident loading: CIFAR-10/100 (50,000 x 3 x 32 x 32 uint8 = 147 MiB), Fashion-MNIST (60,000 x 3 x 28 x 28
+uint8 = 135 MiB) and Digits fit in GPU memory
 many times over, so the whole split is copied to the device once and every batch is gathered there:
 no worker processes, no host-to-device copy per batch. The order is the CPU loader's own `EpochSampler`
 (same (seed, epoch) order, same `set_epoch`/`set_start` interface, same distributed split), and the
@@ -26,7 +27,7 @@ from .runtime import augment_seed
 
 # Augmentation of each dataset's training split, as in utils/data.py: (padding in pixels, horizontal flip).
 RESIDENT_AUGMENTATION = {"CIFAR10": (4, True), "CIFAR100": (4, True), "Digits": (2, False),
-                         "Digits16": (1, False)}
+                         "Digits16": (1, False), "FashionMNIST": (2, True)}
 
 
 def fits_on_device(name: str) -> bool:
@@ -37,8 +38,9 @@ def fits_on_device(name: str) -> bool:
 def _raw_tensors(dataset):
     """(images (N, C, H, W) uint8 or float in [0, 1], labels (N,) long) of a dataset, without transforms.
 
-    Knows TensorImageDataset (Digits), torchvision's CIFAR10/100 (`.data` (N, H, W, C) uint8, `.targets`)
-    and Subsets of them.
+    Knows TensorImageDataset (Digits), torchvision's CIFAR10/100 (`.data` (N, H, W, C) uint8, `.targets`),
+    its FashionMNIST (`.data` (N, H, W) uint8 grey, copied to three channels as its transforms do) and Subsets
+    of them.
     """
     if isinstance(dataset, Subset):
         images, labels = _raw_tensors(dataset.dataset)
@@ -52,6 +54,9 @@ def _raw_tensors(dataset):
         if images.shape[-1] in (1, 3):  # (N, H, W, C) as torchvision's CIFAR stores it
             images = images.permute(0, 3, 1, 2)
         return images.contiguous(), torch.as_tensor(list(dataset.targets), dtype=torch.long)
+    if data is not None and hasattr(dataset, "targets") and getattr(data, "ndim", 0) == 3:  # (N, H, W) grey
+        images = torch.as_tensor(data)[:, None].expand(-1, 3, -1, -1)  # (N, 3, H, W)
+        return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
     raise TypeError(f"no device-resident form for {type(dataset).__name__}: needs in-memory images")
 
 

@@ -40,7 +40,7 @@ import yaml
 from .errors import UsageError
 
 RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
-DATASET_ORDER = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits", "Digits16")
+DATASET_ORDER = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits", "Digits16", "FashionMNIST")
 METHOD_ORDER = ("dense", "joint", "advmoe")
 CSV_FIELDS = ("arch", "dataset", "method", "ratio", "n_expert", "status", "epochs_done", "epochs", "best_epoch",
               "selection", "sa", "pgd_ra", "pgd_source", "aa_ra", "aa_sa", "aa_n_ex", "aa_version", "aa_stale",
