@@ -150,7 +150,7 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g.add_argument("--router-objective", choices=("robust", "reference"), default="robust",
                    help="router step loss: the MoE's robust loss, or the released code's router loss")
     g.add_argument("--balance", choices=BALANCE_MODES, default="median",
-                   help="expert load balancing, not in the paper (README: Router balancing). median: re-centre the "
+                   help="expert load balancing, not in the paper (docs/routing.md). median: re-centre the "
                         "router's output bias on un-augmented training images after each router update; bias: a "
                         "selection-only expert bias moved towards equal load (bias-sign: by fixed steps, as "
                         "DeepSeek-V3); switch / entropy: a balancing loss in the router's loss; none: off, as the "
@@ -434,8 +434,8 @@ def get_autoattack_parser() -> argparse.ArgumentParser:
 
 
 def flags_table(parser=None) -> str:
-    """The README's flags table (markdown) of the training parser, generated from it:
-    `python -c "import args; print(args.flags_table())"`; tests/test_args.py checks the README against it."""
+    """docs/flags.md's table (markdown) of the training parser, generated from it:
+    `python -c "import args; print(args.flags_table())"`; tests/test_args.py checks docs/flags.md against it."""
     parser = parser or get_args_parser()
     lines = ["| flag | default | meaning |", "|---|---|---|"]
     for action in parser._actions:

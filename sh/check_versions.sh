@@ -55,8 +55,11 @@ QUICK=(--dataset Digits16 --arch resnet18_cifar_moe --ratio 0.125 --n-expert 2 -
        --epsilon-test 0.15 --step-size-test 0.0375 --test-batch-size 100 --max-test-batches 1 --no-progress
        --exp-identifier versions --save-dir "$RUN")
 start=$(OMP_NUM_THREADS=2 result quickstart "$P" train_moe.py "${QUICK[@]}" --epochs $EPOCHS "${SHORT[@]}")
-CKPT=$(ls "$RUN"/training/train_moe/*/checkpoint/model_best.pth.tar 2>/dev/null | head -1 || true)
-resume=$(OMP_NUM_THREADS=2 result resume "$P" train_moe.py "${QUICK[@]}" --epochs $((EPOCHS + 1)) "${SHORT[@]}" --resume auto)
+FOLDER=$(ls -d "$RUN"/training/train_moe/*/ 2>/dev/null | head -1 || true)
+CKPT=${FOLDER}checkpoint/model_best.pth.tar
+# one more epoch from the last checkpoint: it loads the optimizer, scheduler and RNG states too
+resume=$(OMP_NUM_THREADS=2 result resume "$P" train_moe.py "${QUICK[@]}" --epochs $((EPOCHS + 1)) "${SHORT[@]}" \
+         --resume "${FOLDER}checkpoint/checkpoint.pth.tar" --save-dir "$WORK/resumed")
 evaluate=$(OMP_NUM_THREADS=2 result evaluate "$P" train_moe.py "${QUICK[@]}" --save-dir "$WORK/eval" --evaluate --resume "$CKPT")
 autoattack=$(OMP_NUM_THREADS=2 result autoattack "$P" auto_attack_eval.py --source-net "$CKPT" --n-ex 16 --version custom \
              --attacks apgd-ce --epsilon 38.25 --num-workers 0 --no-progress --out "$WORK/aa.json")

@@ -331,8 +331,8 @@ def test_digits_defaults_to_small_batches_unless_told_otherwise():
 
 
 def test_readme_flags_table_is_the_parsers():
-    """The README's flags table is `args.flags_table()` verbatim: a flag added, renamed or re-defaulted without
+    """docs/flags.md's table is `args.flags_table()` verbatim: a flag added, renamed or re-defaulted without
     regenerating it fails here."""
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "flags.md")).read()
     start = readme.index("| flag | default | meaning |")
     assert readme[start:readme.index("\n\n", start)] == args_module.flags_table()
