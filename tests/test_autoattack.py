@@ -314,18 +314,19 @@ def test_stop_signal_says_where_and_the_same_command_resumes(ckpts, tmp_path, ca
 
 
 def test_sigterm_while_attacking(ckpts, tmp_path):
-    """A real SIGTERM from outside, in the middle of a chunk: one line, exit 143, no half-written chunk."""
+    """A real SIGTERM from outside, in the middle of a chunk, to the process and its data-loading worker (as
+    SLURM's scancel signals every process of a job): one line, exit 143, no half-written chunk."""
     out = tmp_path / "aa.json"
     cmd = [sys.executable, os.path.join(ROOT, "auto_attack_eval.py"), "--source-net", ckpts["dense"], "--out", out,
-           "--dataset", "Digits", "--data-dir", "x", "--device", "cpu", "--num-workers", "0", "--n-ex", "8",
+           "--dataset", "Digits", "--data-dir", "x", "--device", "cpu", "--num-workers", "1", "--n-ex", "8",
            "--chunk-size", "1", "--epsilon", "4", "--version", "custom", "--attacks", "apgd-ce", "--no-progress"]
     proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob("aa.json.chunks/*/chunk_00000.json")) and proc.poll() is None:
         assert time.time() < deadline
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     lines = stderr.strip().splitlines()
     assert proc.returncode == 143 and len(lines) == 1, (proc.returncode, stderr)

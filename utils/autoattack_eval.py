@@ -1,23 +1,17 @@
 """AutoAttack robust accuracy of a dense or MoE checkpoint, computed by the official `pyautoattack` package.
 
-Nothing here implements an attack. `evaluate_checkpoint` rebuilds the model from the checkpoint
-(`model_from_checkpoint`), takes the first `n_ex` test points in index order, splits them into chunks of
-`chunk_size` and runs `AutoAttack.run_standard_evaluation` on chunk c with seed `chunk_seed(seed, c)`. Each
-chunk's flags go atomically to `<out>.chunks/<fingerprint>/chunk_NNNNN.json`; a rerun with the same settings
-skips the finished chunks, so a killed and resumed evaluation reports what an uninterrupted one would. The
-fingerprint covers what changes a chunk (checkpoint file, model, eps, norm, version, attacks, n_ex, seed, chunk
-size, batch size, attack overrides, package version), not the device, data folder or worker count. Under
-torchrun rank r takes chunks r, r + K, ...; rank 0 then reads them all and writes the report.
+`evaluate_checkpoint` rebuilds the model (`model_from_checkpoint`), splits the first `n_ex` test points into
+chunks and runs `AutoAttack.run_standard_evaluation` on chunk c with seed `chunk_seed(seed, c)`. Each chunk's
+flags go atomically to `<out>.chunks/<fingerprint>/chunk_NNNNN.json`, and a rerun with the same settings skips
+finished chunks: a killed and resumed evaluation reports what an uninterrupted one would. The fingerprint
+covers what changes a chunk, not the device, data folder or worker count. Under torchrun rank r takes chunks
+r, r + K, ...; rank 0 writes the report.
 
-Per point ('1' = correctly classified): `clean` is the model's prediction, batched as the library batches it;
-`robust` is `y_adv == y` on the labels `run_standard_evaluation` returns (the clean prediction, replaced by
-another label for every point an attack flips). The robust count after each attack is the clean count less
-the points the library logs as flipped. A chunk on disk that is damaged, or whose flags contradict each other
-(a robust point that is not clean-correct, counts that grow), is refused with the file's name.
-
-The library's warnings (randomised or dynamic defence, probability outputs, zero gradients, too many target
-classes, Square beating the white-box attacks) come from its logger; they are kept per chunk, printed in the
-summary and written to the JSON. The Square check is also rerun on the accuracies of the whole evaluation.
+Per point: `clean` is the model's prediction, batched as the library batches it; `robust` is `y_adv == y` on
+the labels the library returns. The robust count after each attack is the clean count less the points the
+library logs as flipped. The library's warnings (randomised or dynamic defence, probability outputs, zero
+gradients, target classes, Square beating the white-box attacks) come from its logger, per chunk; the Square
+check is rerun on the whole evaluation. A damaged or self-contradicting chunk file is refused, named.
 """
 import contextlib
 import hashlib
@@ -112,10 +106,6 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One chunk
-# ----------------------------------------------------------------------------------------------------------
-
 class _LibraryLog(logging.Handler):
     """Keeps the library's warnings and the points each attack flipped (its per-batch debug lines)."""
 
@@ -205,10 +195,6 @@ def attack_chunk(model, x, y, settings: AttackSettings, seed=0) -> dict:
             "warnings": log.warnings}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Chunks on disk
-# ----------------------------------------------------------------------------------------------------------
-
 def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
     """[(start, stop)) index ranges covering range(n) in order, each of at most chunk_size points."""
     if chunk_size < 1:
@@ -281,10 +267,6 @@ def on_chunk_done(index: int, record: dict):
     """Called after each chunk is stored (a hook: tests interrupt here, a scheduler could report here)."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Model from checkpoint and flags
-# ----------------------------------------------------------------------------------------------------------
-
 def _same(a, b) -> bool:
     return abs(float(a) - float(b)) < 1e-9 if isinstance(a, float) or isinstance(b, float) else a == b
 
@@ -334,10 +316,6 @@ def model_from_checkpoint(ckpt: dict, source: str, args, device):
     return prepare_model(model.to(device)), spec
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The report's file
-# ----------------------------------------------------------------------------------------------------------
-
 def default_out_path(source: str, version: str, norm: str, epsilon_255: float, n_ex: int) -> str:
     """`<checkpoint without extension>.autoattack-<version>-<norm>-eps<e>-n<N>.json`, next to the checkpoint."""
     stem = os.path.basename(source)
@@ -382,14 +360,17 @@ def check_out_path(out, source, folder, *, overwrite=False, default=False):
     check_can_create(folder, flag)  # the chunks' folder is beside `out`: the same nearest existing folder
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The whole evaluation
-# ----------------------------------------------------------------------------------------------------------
+def _ignore_stop_signals(worker_id):
+    """In a data-loading worker: the main process answers stop signals and then shuts its workers down."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
 
 def _chunk_points(dataset, ranges, num_workers):
     """Yield (x, y) holding all points of each (start, stop) range in index order (workers load the next chunk
     while this one is attacked; a generator, so that nothing starts when no chunk is left)."""
-    yield from DataLoader(dataset, batch_sampler=[list(range(s, e)) for s, e in ranges], num_workers=num_workers)
+    yield from DataLoader(dataset, batch_sampler=[list(range(s, e)) for s, e in ranges], num_workers=num_workers,
+                          worker_init_fn=_ignore_stop_signals)
 
 
 def run_evaluation(model, dataset, settings: AttackSettings, plan: ChunkPlan, *, rank=0, world_size=1,
