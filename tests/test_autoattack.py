@@ -483,3 +483,16 @@ def test_bad_input_exits_2_with_one_line(ckpts, tmp_path):
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], (argv, stderr)
         assert not out.exists() and not os.path.exists(f"{out}.chunks"), argv
+
+
+def test_square_check_on_the_whole_evaluation():
+    """Square beating the white-box attacks over all chunks is flagged, by the library's own check."""
+    def chunk(index, after):
+        return {"index": index, "attacks": ["apgd-ce", "square"], "clean": "1111110000", "robust": "1110000000",
+                "after": after, "warnings": [], "seconds": 1.0}
+    summary = aa.summarize([chunk(0, {"apgd-ce": 5, "square": 3}), chunk(1, {"apgd-ce": 5, "square": 3})])
+    assert summary["robust_accuracy_after"] == {"apgd-ce": 50.0, "square": 30.0}
+    assert summary["clean_accuracy"] == 60.0 and summary["robust_accuracy"] == 30.0
+    assert [w for w in summary["warnings"] if "Square Attack" in w and w.endswith("(whole evaluation)")], summary
+    quiet = aa.summarize([chunk(0, {"apgd-ce": 3, "square": 3})])
+    assert not quiet["warnings"]
