@@ -6,16 +6,24 @@
     torchrun --nproc_per_node=4 auto_attack_eval.py --source-net PATH   (chunks shared by 4 processes)
 
 Arch, ratio, experts and normalisation default to what the checkpoint records (reference checkpoints
-record only the arch). Rerunning a killed command resumes from its finished chunks.
+record only the arch). Rerunning a killed command resumes from its finished chunks. SIGTERM, SIGINT or
+SIGUSR1 stops it with one line saying how far it got, and exit code 128 + the signal (143, 130, 138).
 """
+import sys
+
 from args import get_autoattack_parser
-from utils.autoattack_eval import evaluate_checkpoint
+from utils.autoattack_eval import Stopped, evaluate_checkpoint, stop_on_signals
 from utils.cli import run_main
 
 
 def main(argv=None):
     args = get_autoattack_parser().parse_args(argv)
-    evaluate_checkpoint(args)
+    try:
+        with stop_on_signals():
+            evaluate_checkpoint(args)
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

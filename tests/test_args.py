@@ -259,8 +259,8 @@ def test_validate_args_checks_a_namespace_built_elsewhere():
 def test_autoattack_parser_defaults():
     args = get_autoattack_parser().parse_args(["--source-net", "c.pth.tar"])
     assert (args.arch, args.ratio, args.n_expert, args.normalize, args.routing) == (None,) * 5
-    assert (args.dataset, args.data_dir, args.num_workers, args.batch_size, args.test_batch_size, args.seed) == \
-        (None, "../data/", 6, 128, 128, 1234)
+    assert (args.dataset, args.data_dir, args.num_workers, args.batch_size, args.seed) == \
+        (None, "../data/", 6, 128, 1234)
     assert (args.epsilon, args.version, args.attacks, args.n_ex, args.norm, args.out, args.device,
             args.chunk_size, args.no_progress, args.sparse) == \
         (8, "standard", None, None, "Linf", None, "auto", 500, False, True)
