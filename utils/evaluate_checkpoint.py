@@ -20,8 +20,8 @@ def evaluate_checkpoint(args, script, device, env=DistEnv()):
     ckpt = load_checkpoint(args.resume)
     _, _, test_loader, info = build_loaders(LoaderConfig.from_args(args, data_fraction=1.0), device, env.rank,
                                             env.world_size)
-    model = build_model_from_args(args, info.num_classes, (info.mean, info.std)).to(device)
-    load_model_weights(model, ckpt, arch=args.arch, ratio=args.ratio, source=args.resume)
+    model = build_model_from_args(args, info).to(device)
+    load_model_weights(model, ckpt, source=args.resume)
     folder = run_dir(args, script, evaluate=True)
     check_can_create(folder, f"--save-dir {args.save_dir}")
     writer_class = summary_writer_class() if args.tensorboard else None  # before anything is written
