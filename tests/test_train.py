@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import models
+import train
 from args import parse_args
 from utils.steps import StepConfig
 from utils.data import LoaderConfig, build_loaders
 from utils.errors import UsageError
-from utils.train import fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,11 +213,11 @@ def test_step_settings_are_the_flags_and_default_to_the_command_lines():
         StepConfig.from_args(args)
 
 
-def test_unknown_moe_training_is_a_usage_error_for_code_calling_fit(tmp_path):
-    """The parser refuses unknown --moe-training values; `fit` called from code must too (not train joint)."""
+def test_unknown_moe_training_is_a_usage_error_for_code_calling_run(tmp_path):
+    """The parser refuses unknown --moe-training values; `train.run` called from code must too (not train joint)."""
     args = parse_args(MOE + ["--epochs", "1", "--max-batches", "1", "--save-dir", str(tmp_path / "runs")],
                       script="train_moe")
     args.moe_training = "jiont"
     with pytest.raises(UsageError, match="--moe-training 'jiont'"):
-        fit(args, "train_moe")
+        train.run(args, "train_moe")
     assert not (tmp_path / "runs").exists()

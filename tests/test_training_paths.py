@@ -11,11 +11,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import models
+import train as entry
 from args import parse_args
 from utils import advmoe, balance, run as run_state, steps, train
 from utils.distributed import DistEnv, average_gradients
 from utils.errors import UsageError
-from utils.train import fit
 from utils.update import StepContext
 
 from test_train import DENSE, MOE, run_dir, run_script
@@ -44,7 +44,7 @@ def _checkpoint(folder, name="checkpoint.pth.tar"):
 def test_layer_routing_trains_its_routers_and_evaluates(tmp_path):
     """--routing layer: every MoE layer has its own router, the router step moves all of them, and --evaluate
     rebuilds the model with layer routers and reproduces the training run's test SA and RA."""
-    trained = fit(_args(MOE + ONE + ["--routing", "layer"], tmp_path), "train_moe")
+    trained = entry.run(_args(MOE + ONE + ["--routing", "layer"], tmp_path), "train_moe")
     folder = run_dir(tmp_path / "runs" / "training")
     ckpt = _checkpoint(folder)
     assert ckpt["routing"] == "layer" and "router" not in ckpt
@@ -58,7 +58,7 @@ def test_layer_routing_trains_its_routers_and_evaluates(tmp_path):
     assert len(moved) == n_router and sum(bool(b.abs().sum() > 0) for b in moved) == n_router
 
     best = os.path.join(folder, "checkpoint", "model_best.pth.tar")
-    evaluated = fit(_args(MOE + ONE + ["--routing", "layer", "--evaluate", "--resume", best], tmp_path),
+    evaluated = entry.run(_args(MOE + ONE + ["--routing", "layer", "--evaluate", "--resume", best], tmp_path),
                     "train_moe")
     assert (evaluated["sa"], evaluated["ra"], evaluated["ra_ste"]) == (trained["sa"], trained["ra"],
                                                                       trained["ra_ste"])
@@ -90,7 +90,7 @@ def test_pgd_at_for_an_moe_through_the_flags(tmp_path, monkeypatch):
         return out
     monkeypatch.setattr(steps, "robust_loss", spy)
     args = _args(MOE + ["--epochs", "1", "--max-batches", "1", "--at", "pgd", "--epsilon", "16/255"], tmp_path)
-    fit(args, "train_moe")
+    entry.run(args, "train_moe")
     assert [at for at, _ in seen] == ["pgd", "pgd"]  # router step, expert step
     for _, out in seen:
         assert "logits_clean" not in out
@@ -128,7 +128,7 @@ def test_best_epoch_is_selected_on_the_validation_split_not_the_test_set(tmp_pat
     ras = {"val": iter([50.0, 40.0]), "test": iter([10.0, 90.0])}
     monkeypatch.setattr(train, "evaluate", lambda model, loader, cfg, device, desc, **kw: {"sa": 99.0,
                                                                                           "ra": next(ras[desc])})
-    row = fit(_args(DENSE + ["--epochs", "2", "--max-batches", "1"], tmp_path, "train_ori"), "train_ori")
+    row = entry.run(_args(DENSE + ["--epochs", "2", "--max-batches", "1"], tmp_path, "train_ori"), "train_ori")
     assert (row["best_epoch"], row["best_ra"]) == (1, 10.0)
     folder = run_dir(tmp_path / "runs" / "training")
     best = _checkpoint(folder, "model_best.pth.tar")

@@ -91,14 +91,6 @@ def model_spec(args, info: DatasetInfo | None = None) -> ModelSpec:
         raise UsageError(str(e)) from None
 
 
-def check_arch_for_script(args, script):
-    moe = models.is_moe(args.arch)
-    if script == "train_ori" and moe:
-        raise UsageError(f"{args.arch} is an MoE arch: train it with train_moe.py")
-    if script == "train_moe" and not moe:
-        raise UsageError(f"{args.arch} is a dense arch: train it with train_ori.py")
-
-
 def build_model_from_args(args, info: DatasetInfo):
     """The model of `model_spec(args, info)`; UsageError when the arch cannot take these settings."""
     try:
@@ -118,7 +110,6 @@ def training_kind(args, model):
 
 def build_run(args, script, device, env=DistEnv()):
     """Build data, model, optimizers and precision of a fresh run. Raises UsageError before anything is written."""
-    check_arch_for_script(args, script)
     if args.deterministic and device.type == "cuda":  # before any CUDA matmul (cuBLAS reads its setting once)
         deterministic_backends()
     seed_everything(args.seed)
