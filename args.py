@@ -355,13 +355,6 @@ def _check_run_folder_name(args):
                          f"use a shorter --exp-identifier")
 
 
-def args_to_yaml(args) -> str:
-    """The resolved flags as YAML, loadable again with `--configs` (`configs` itself is left out)."""
-    from utils.checkpoint import args_to_dict  # one conversion to plain values for YAML and checkpoints
-    values = {k: v for k, v in args_to_dict(args).items() if k != "configs"}
-    return yaml.safe_dump(values, sort_keys=False)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # auto_attack_eval.py
 # ----------------------------------------------------------------------------------------------------------

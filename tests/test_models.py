@@ -32,15 +32,6 @@ RATIO, BATCH, CLASSES = 0.125, 2, 5
 STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared machine they oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def input_size(arch: str) -> int:
     """Pixels per side: 64 for ImageNet/TinyImageNet variants (enough for a /32 net), 32 otherwise."""
     return 64 if "imagenet" in arch else 32

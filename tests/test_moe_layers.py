@@ -16,15 +16,6 @@ PREFERRED = ["resnet18_cifar_moe", "resnet50_imagenet_moe", "wrn_28_4_cifar_moe"
 MOE_ARCHS = [a for a in models.list_models() if models.is_moe(a)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared machine they oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def family(arch):
     return re.match(r"[a-z]+", arch).group(0)
 

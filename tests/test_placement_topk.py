@@ -8,7 +8,7 @@ import models
 from args import parse_args
 from models.layers import MoEConv2d, top_k_gates
 from utils.errors import UsageError
-from utils.flops import count_flops, inference_gflops
+from utils.flops import inference_gflops
 
 REF = os.path.join(os.path.dirname(__file__), "data", "reference_parameters")
 

@@ -9,12 +9,11 @@ import torch
 import models
 import train
 from args import parse_args
+from conftest import MOE, run_dir, run_script
 from models.layers import hard_top1
 from utils import advmoe, balance, steps, update
 from utils.evaluate import routing_report
 from utils.update import StepContext
-
-from test_train import MOE, run_dir, run_script
 
 
 def _model(n_expert=2, seed=0):
@@ -248,7 +247,6 @@ def test_nan_mid_run_keeps_last_good_checkpoint(tmp_path, monkeypatch):
             raise update.NonFiniteError("router-step loss is not finite (NaN/inf); stopping, last good checkpoint kept")
         return real(*a, **kw)
     monkeypatch.setattr(advmoe, "advmoe_step", failing_step)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with pytest.raises(update.NonFiniteError):
         train.run(args, "train_moe")
     folder = run_dir(tmp_path)

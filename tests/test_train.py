@@ -12,32 +12,13 @@ import torch
 import models
 import train
 from args import parse_args
+from conftest import DENSE, MOE, ROOT, TINY, run_dir, run_script
 from utils.steps import StepConfig
 from utils.data import LoaderConfig, build_loaders
 from utils.errors import UsageError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY = ["--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32", "--test-batch-size", "64",
-        "--num-workers", "0", "--max-test-batches", "1", "--num-steps-test", "2", "--no-progress",
-        "--num-steps", "1", "--device", "cpu"]
-DENSE = ["--arch", "resnet18_cifar_ori"] + TINY
-MOE = ["--arch", "resnet18_cifar_moe", "--n-expert", "2"] + TINY
 # The resume tests train for several epochs: on 16x16 digits a batch costs a quarter of a 32x32 one.
 SMALL = ["--dataset", "Digits16", "--test-batch-size", "32"]
-
-
-def run_script(script, argv, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
-                          env=env, cwd=ROOT, **kw)
-
-
-def run_dir(save_dir):
-    found = [os.path.join(d, s) for d, subs, _ in os.walk(save_dir) for s in subs
-             if os.path.exists(os.path.join(d, s, "metrics.jsonl"))]
-    assert len(found) == 1, found
-    return found[0]
 
 
 def final_weights(save_dir):
@@ -52,9 +33,8 @@ def assert_same_weights(a, b):
 
 
 def _spawn(script, argv):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def _wait_for(path_fn, proc, timeout=120):

@@ -13,22 +13,13 @@ import torch.nn.functional as F
 import models
 import train as entry
 from args import parse_args
+from conftest import DENSE, MOE, run_dir, run_script
 from utils import advmoe, balance, run as run_state, steps, train
 from utils.distributed import DistEnv, average_gradients
 from utils.errors import UsageError
 from utils.update import StepContext
 
-from test_train import DENSE, MOE, run_dir, run_script
-
 ONE = ["--epochs", "1", "--max-batches", "2", "--dataset", "Digits16", "--test-batch-size", "32"]  # 16x16: fast
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; these models are tiny
-    yield
-    torch.set_num_threads(old)
 
 
 def _args(argv, tmp_path, script="train_moe"):
@@ -183,7 +174,7 @@ def _two_steps(model, x, y, grad_sync=None):
 
 
 def _worker(rank, port, x, y, out, save_dir):
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # a spawned process: tests/conftest.py does not run here
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     env = DistEnv(rank, 2)
     try:

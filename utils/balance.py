@@ -27,7 +27,8 @@ from torch import nn
 from models.layers.router import selection_scores
 
 BALANCE_MODES = ("bias", "bias-sign", "switch", "entropy", "median", "none")
-# Defaults of --balance-strength per mode; the choice of `bias` and its step are justified in the README's study.
+# Defaults of --balance-strength per mode. The default mode is `median` with the whole shift (1): the README's
+# "Why `median` is the default" shows the smaller steps of `bias` and `bias-sign` falling behind the router.
 DEFAULT_STRENGTH = {"bias": 0.5, "bias-sign": 0.02, "switch": 0.01, "entropy": 0.1, "median": 1.0, "none": 0.0}
 LOSS_MODES = ("switch", "entropy")
 LOAD_MOMENTUM = 0.1  # weight of the newest measurement in the running load estimate
