@@ -1,7 +1,7 @@
 """DenseNet-BC, CIFAR and ImageNet variants, dense (`*_ori`) and MoE (`*_moe`).
 
-One class, `_DenseNet`, builds the four archs from their `ModelSpec`; a model is MoE when the spec has experts. Widths scale
-with the ratio r as everywhere else: each base width below becomes int(r * width).
+One class, `_DenseNet`, builds the four archs from their `ModelSpec`; a model is MoE when the spec has experts.
+Widths scale with the ratio r as everywhere else: each base width below becomes int(r * width).
 
 CIFAR (`densenet_cifar_*`, 32x32), read off `reference/parameters/densenet_cifar_ori_ratio0.5_*`
 (DenseNet-BC-40): growth rate 12, three dense blocks of 6 layers, stem 24 channels, bottleneck 48

@@ -1,8 +1,8 @@
 """ResNet-18/34/50/101/152, CIFAR and ImageNet variants, dense (`*_ori`) and MoE (`*_moe`).
 
-One class, `_ResNet`, builds all twenty archs from their `ModelSpec`; a model is MoE when the spec has experts. The state-dict
-layout equals the reference's (see `reference/parameters/resnet18_*`), so its checkpoints load with
-`strict=True`. Rules, read off the listings (w = int(ratio * width) everywhere):
+One class, `_ResNet`, builds all twenty archs from their `ModelSpec`; a model is MoE when the spec has experts.
+The state-dict layout equals the reference's (see `reference/parameters/resnet18_*`), so its checkpoints load
+with `strict=True`. Rules, read off the listings (w = int(ratio * width) everywhere):
 
 Stage widths (planes) 64, 128, 256, 512 with strides 1, 2, 2, 2; a stage's blocks have
 `int(ratio * planes)` channels, times the expansion (1 basic, 4 bottleneck) at the block output

@@ -1,8 +1,8 @@
 """VGG-16 with and without BatchNorm, dense (`*_ori`) and MoE (`*_moe`).
 
-One class, `_VGG`, builds the four archs from their `ModelSpec`; a model is MoE when the spec has experts. The state-dict
-layout equals the reference's (see `reference/parameters/vgg16_bn_*`). Rules read off the listings
-(w = int(ratio * width) everywhere):
+One class, `_VGG`, builds the four archs from their `ModelSpec`; a model is MoE when the spec has experts.
+The state-dict layout equals the reference's (see `reference/parameters/vgg16_bn_*`). Rules read off the
+listings (w = int(ratio * width) everywhere):
 
 `features` is a torchvision-style sequence over the VGG-16 configuration
 64 64 M 128 128 M 256 256 256 M 512 512 512 M 512 512 512: each number is a 3x3 conv (padding 1,

@@ -75,9 +75,9 @@ def test_pgd_at_for_an_moe_through_the_flags(tmp_path, monkeypatch):
     in the eps-ball, in [0, 1], with a higher cross-entropy than the clean images; no TRADES clean pass."""
     real, seen = steps.robust_loss, []
 
-    def spy(model, x, y, **kw):
-        out = real(model, x, y, **kw)
-        seen.append((kw["at"], out))
+    def spy(model, x, y, cfg, generator=None):
+        out = real(model, x, y, cfg, generator)
+        seen.append((cfg.at, out))
         return out
     monkeypatch.setattr(steps, "robust_loss", spy)
     args = _args(MOE + ["--epochs", "1", "--max-batches", "1", "--at", "pgd", "--epsilon", "16/255"], tmp_path)

@@ -36,20 +36,24 @@ def _train_forward(model, x):
     return model(x, return_routing=True)
 
 
-def robust_loss(model, x, y, *, at, eps, step_size, num_steps, beta, generator=None):
+def robust_loss(model, x, y, cfg, generator=None):
     """Adversarial training loss of `model` on (x, y): attack, then the objective.
 
     Args:
+        cfg: the attack and objective, read as `cfg.at`, `cfg.eps`, `cfg.step_size`, `cfg.num_steps`, `cfg.beta`
+            (a `utils.steps.StepConfig`).
         at: 'trades' (attack KL(f(x)||f(x_adv)) from a 0.001-normal start, loss trades_objective),
             'pgd' (attack cross-entropy from a uniform start, loss pgd_at_objective) or
             'fast' (one FGSM step of 1.25 eps on the cross-entropy from a uniform start, then pgd_at_objective:
             "Fast is better than free", Wong et al. 2020; `step_size` and `num_steps` are not used).
-        eps, step_size: in [0,1] pixel units. num_steps: attack iterations.
+        eps, step_size: in [0,1] pixel units. num_steps: attack iterations. beta: TRADES' weight.
+        generator: the attack's random start (None: torch's global RNG).
     Returns the objective's dict plus `x_adv`, `logits_adv` (and `logits_clean` for TRADES), detached; for an MoE
     also `router_logits`, the router's logits in the first training-mode pass (the clean batch for TRADES, the
     adversarial one otherwise), for a load-balancing loss. TRADES runs the clean and adversarial batches as two
     forward passes, so BatchNorm sees each batch on its own, as in the reference.
     """
+    at, eps, step_size, num_steps = cfg.at, cfg.eps, cfg.step_size, cfg.num_steps
     if at == "trades":
         with torch.no_grad(), eval_mode(model), attack_precision(x):  # the attack's target, in float32 as it
             target = model(x)
@@ -58,7 +62,7 @@ def robust_loss(model, x, y, *, at, eps, step_size, num_steps, beta, generator=N
         with running_stats_frozen(list(model.modules())):
             logits_clean, routing = _train_forward(model, x)
         logits_adv, _ = _train_forward(model, x_adv)
-        out = trades_objective(logits_clean, logits_adv, y, beta)
+        out = trades_objective(logits_clean, logits_adv, y, cfg.beta)
         out["logits_clean"] = logits_clean.detach()
     elif at in ("pgd", "fast"):
         if at == "fast":

@@ -43,8 +43,7 @@ class StepConfig:
 def training_loss(model, x, y, cfg: StepConfig, generator=None):
     """The robust loss of a training step (`cfg.at`: TRADES, PGD-AT or fast AT; `utils.losses.robust_loss`); for an
     MoE the dict also holds `router_logits`, for a load-balancing loss."""
-    return robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size, num_steps=cfg.num_steps,
-                       beta=cfg.beta, generator=generator)
+    return robust_loss(model, x, y, cfg, generator)
 
 
 def joint_step(model, x, y, cfg: StepConfig, ctx: StepContext, upkeep: RouterUpkeep | None = None):
