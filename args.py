@@ -18,8 +18,6 @@ import yaml
 
 from utils.errors import UsageError
 
-DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits", "Digits16", "FashionMNIST")
-
 _REAL = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
 _FRACTION = re.compile(rf"^\s*({_REAL})\s*/\s*({_REAL})\s*$")
 
@@ -58,8 +56,9 @@ def _arch_names() -> list:
     return models.list_models()
 
 
-def _is_moe(arch: str) -> bool:
-    return arch.endswith("_moe")  # registry convention: *_ori dense, *_moe mixture of experts
+def _datasets() -> tuple:
+    from utils.data import DATASETS  # lazy like the registry (imports torch)
+    return DATASETS
 
 
 def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
@@ -112,7 +111,7 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                         "probabilities (1: hard top-1, the released code)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="CIFAR10", choices=DATASETS)
+    g.add_argument("--dataset", default="CIFAR10", choices=_datasets())
     g.add_argument("--data-dir", default="../data/",
                    help="where the dataset's files are (CIFAR, FashionMNIST: downloaded into it when missing)")
     g.add_argument("--num-workers", type=int, default=None, help="default 6 (Digits: 0, it is in memory)")
@@ -322,20 +321,10 @@ def validate_args(args):
     _check(args, ("num_steps", "num_steps_test", "num_workers"), lambda v: v >= 0, ">= 0")
     _check(args, ("epochs", "batch_size", "test_batch_size", "eval_every", "max_batches", "max_test_batches"),
            lambda v: v >= 1, ">= 1")
-    if _is_moe(args.arch):
-        if args.n_expert is None:
-            raise UsageError(f"--n-expert is required for the MoE arch {args.arch}")
-        if args.n_expert < 1:
-            raise UsageError(f"--n-expert must be >= 1, got {args.n_expert}")
-        if not 1 <= args.top_k <= args.n_expert:
-            raise UsageError(f"--top-k must be in 1..{args.n_expert} (--n-expert), got {args.top_k}")
-    elif args.n_expert is not None:
-        raise UsageError(f"--n-expert applies to MoE archs (*_moe) only; {args.arch} is dense")
-    else:
-        for flag, unset in (("moe_stages", args.moe_stages is None), ("top_k", args.top_k == 1),
-                            ("per_expert", not args.per_expert)):
-            if not unset:
-                raise UsageError(f"--{flag.replace('_', '-')} applies to MoE archs (*_moe) only; {args.arch} is dense")
+    from utils.run import model_spec  # lazy: imports torch
+    spec = model_spec(args)  # --arch, --n-expert, --top-k, --moe-stages, ... checked against each other
+    if args.per_expert and not spec.is_moe:
+        raise UsageError(f"--per-expert applies to MoE archs (*_moe) only; {args.arch} is dense")
     if args.per_expert and not args.evaluate:
         raise UsageError("--per-expert works with --evaluate --resume CHECKPOINT")
     if args.at == "fast" and args.router_objective == "reference":
@@ -356,7 +345,7 @@ def validate_args(args):
         if args.balance == "median" and not 0 < args.balance_strength <= 1:
             raise UsageError(f"--balance-strength for --balance median is the fraction of the shift applied, in "
                              f"(0, 1]; got {args.balance_strength}")
-    if args.compile and _is_moe(args.arch):
+    if args.compile and spec.is_moe:
         raise UsageError(f"--compile supports dense models only, not the MoE {args.arch}: its data-dependent "
                          f"expert groups break the graph and recompile until torch.compile gives up")
     if args.routing == "layer" and args.router_objective == "reference":
@@ -377,13 +366,6 @@ def _check_run_folder_name(args):
     if size > NAME_MAX:
         raise UsageError(f"the run folder name would be {size} bytes, over the file system's {NAME_MAX}: "
                          f"use a shorter --exp-identifier")
-
-
-def args_to_yaml(args) -> str:
-    """The resolved flags as YAML, loadable again with `--configs` (`configs` itself is left out)."""
-    from utils.checkpoint import args_to_dict  # one conversion to plain values for YAML and checkpoints
-    values = {k: v for k, v in args_to_dict(args).items() if k != "configs"}
-    return yaml.safe_dump(values, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,7 +392,7 @@ def get_autoattack_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", choices=("global", "layer"), default=None, help="default: the checkpoint's")
     p.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=True,
                    help="MoE layers compute only each image's expert (--no-sparse: every expert, then masked)")
-    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: what the checkpoint recorded")
+    p.add_argument("--dataset", default=None, choices=_datasets(), help="default: what the checkpoint recorded")
     p.add_argument("--data-dir", default="../data/")
     p.add_argument("--num-workers", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=128, help="AutoAttack's batch size (points per attack call)")

@@ -3,14 +3,12 @@
     python train_moe.py --dataset Digits --arch resnet18_cifar_moe --ratio 0.5 --n-expert 2 --epochs 5
     python train_moe.py --evaluate --arch ARCH --ratio R --n-expert N --resume RUN/checkpoint/model_best.pth.tar
 """
-from args import parse_args
+import train
 from utils.cli import run_main
-from utils.train import fit
 
 
 def main(argv=None):
-    args = parse_args(argv, script="train_moe")
-    fit(args, script="train_moe")
+    train.main(argv, script="train_moe")
 
 
 if __name__ == "__main__":

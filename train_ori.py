@@ -3,14 +3,12 @@
     python train_ori.py --dataset Digits --arch resnet18_cifar_ori --ratio 0.25 --epochs 5
     python train_ori.py --evaluate --arch ARCH --ratio R --resume RUN/checkpoint/model_best.pth.tar
 """
-from args import parse_args
+import train
 from utils.cli import run_main
-from utils.train import fit
 
 
 def main(argv=None):
-    args = parse_args(argv, script="train_ori")
-    fit(args, script="train_ori")
+    train.main(argv, script="train_ori")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 A family (ResNet, WRN, VGG, DenseNet) subclasses `RoutedNet`, builds its layers with `self.conv(...)`
 (an `nn.Conv2d` or, where the family routes, a `MoEConv2d`), calls `self.finish()` last in `__init__`
 (so the router's parameters come last in the state dict, as in the reference), and implements
-`forward_features(x, routing)` calling MoE convs through `call(conv, x, routing)`. Families build their dense
-and MoE variants with `build_variant` and initialise with `init_weights`. Whether a module or a parameter
-belongs to a router is answered here only (`routers`, `router_modules`, `backbone_modules`).
+`forward_features(x, routing)` calling MoE convs through `call(conv, x, routing)`. A family's constructor takes
+the model's `ModelSpec` (validated by `models.build_model`) and its own layout; it initialises with
+`init_weights`. Whether a module or a parameter belongs to a router is answered here only (`routers`,
+`router_modules`, `backbone_modules`).
 """
 import math
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from torch import nn
 
 from .layers import (LayerRouter, MoEConv2d, Normalize, Router, Routing, expert_groups, hard_top1, selection_scores,
                      top_k_gates)
+from .spec import ModelSpec
 
 
 def call(layer: nn.Module, x: torch.Tensor, routing: Routing | None):
@@ -65,23 +67,6 @@ def init_weights(model: nn.Module):
             nn.init.zeros_(m.bias)
 
 
-def build_variant(cls, moe, *args, **kwargs):
-    """`cls(*args, **kwargs)` as a dense (`_ori`) or MoE (`_moe`) model; n_expert must agree with `moe`.
-
-    Dense builders accept n_expert None or 1 and drop the MoE-only keywords (routing, sparse).
-    """
-    n_expert = kwargs.pop("n_expert", None)
-    if not moe:
-        if n_expert not in (None, 1):
-            raise ValueError(f"dense {cls.__name__.strip('_')} takes no n_expert (got {n_expert})")
-        kwargs.pop("routing", None)
-        kwargs.pop("sparse", None)
-        return cls(*args, **kwargs)
-    if n_expert is None or n_expert < 1:
-        raise ValueError(f"MoE {cls.__name__.strip('_')} needs n_expert >= 1 (got {n_expert})")
-    return cls(*args, n_expert=n_expert, **kwargs)
-
-
 @dataclass
 class RoutingInfo:
     """What the routing did in one forward, in the caller's batch order.
@@ -96,23 +81,18 @@ class RoutingInfo:
 
 
 class RoutedNet(nn.Module):
-    """Dense model when `n_expert` is None, MoE-CNN otherwise."""
+    """Dense model when `spec.n_expert` is None, MoE-CNN otherwise; `spec` is a validated `ModelSpec`."""
 
-    def __init__(self, normalize=None, n_expert=None, routing="global", sparse=True, moe_stages=None, top_k=1):
+    def __init__(self, spec: ModelSpec):
         super().__init__()
-        self.normalize = Normalize(normalize)
-        self.n_expert = n_expert
-        self.routing_mode = routing if n_expert else None
-        self.sparse = sparse
+        self.spec = spec
+        self.normalize = Normalize(spec.normalize)
+        self.n_expert = spec.n_expert
+        self.routing_mode = spec.routing if spec.n_expert else None
+        self.sparse = spec.sparse
         # Stages (1-based) whose convs are MoE convs; None: every stage (the reference's layout).
-        self.moe_stages = None if moe_stages is None else tuple(sorted(set(moe_stages)))
-        self.top_k = top_k
-        if n_expert is None and (moe_stages is not None or top_k != 1):
-            raise ValueError("moe_stages and top_k apply to MoE models only")
-        if moe_stages is not None and not self.moe_stages:
-            raise ValueError("moe_stages must name at least one stage")
-        if n_expert is not None and not 1 <= top_k <= n_expert:
-            raise ValueError(f"top_k must be in 1..n_expert={n_expert}, got {top_k}")
+        self.moe_stages = spec.moe_stages
+        self.top_k = spec.top_k
 
     @property
     def is_moe(self) -> bool:

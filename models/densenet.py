@@ -1,7 +1,7 @@
 """DenseNet-BC, CIFAR and ImageNet variants, dense (`*_ori`) and MoE (`*_moe`).
 
-One class, `_DenseNet`, builds the four archs; a model is MoE when `n_expert` is given. Widths scale
-with the ratio r as everywhere else: each base width below becomes int(r * width).
+One class, `_DenseNet`, builds the four archs from their `ModelSpec`; a model is MoE when the spec has experts.
+Widths scale with the ratio r as everywhere else: each base width below becomes int(r * width).
 
 CIFAR (`densenet_cifar_*`, 32x32), read off `reference/parameters/densenet_cifar_ori_ratio0.5_*`
 (DenseNet-BC-40): growth rate 12, three dense blocks of 6 layers, stem 24 channels, bottleneck 48
@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RoutedNet, build_variant, call, init_weights, require_channels
+from .base import RoutedNet, call, init_weights, require_channels
 from .registry import register_model
+from .spec import ModelSpec
 
 _CIFAR = dict(growth=12, blocks=(6, 6, 6), stem=24, bottleneck=48, imagenet_stem=False)
 _IMAGENET = dict(growth=32, blocks=(6, 12, 24, 16), stem=64, bottleneck=128, imagenet_stem=True)
@@ -86,10 +87,9 @@ class _Transition(nn.Sequential):
 class _DenseNet(RoutedNet):
     """DenseNet-BC with base widths `growth`, `stem`, `bottleneck` (scaled by ratio) and `blocks` layers per block."""
 
-    def __init__(self, growth, blocks, stem, bottleneck, imagenet_stem, num_classes=10, ratio=1.0,
-                 normalize=None, n_expert=None, routing="global", sparse=True, moe_stages=None, top_k=1):
-        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse,
-                         moe_stages=moe_stages, top_k=top_k)
+    def __init__(self, spec: ModelSpec, growth, blocks, stem, bottleneck, imagenet_stem):
+        super().__init__(spec)
+        ratio = spec.ratio
         require_channels(ratio, {"each dense layer (growth rate)": growth, "the stem": stem,
                                  "each bottleneck": bottleneck})
         growth, stem, bottleneck = int(ratio * growth), int(ratio * stem), int(ratio * bottleneck)
@@ -110,7 +110,7 @@ class _DenseNet(RoutedNet):
                 channels //= 2
         features["norm_final"] = nn.BatchNorm2d(channels)
         self.features = nn.Sequential(features)
-        self.classifier = nn.Linear(channels, num_classes)
+        self.classifier = nn.Linear(channels, spec.num_classes)
         init_weights(self)
         self.finish()
 
@@ -123,26 +123,22 @@ class _DenseNet(RoutedNet):
         return self.classifier(x)  # (B, classes)
 
 
-def _build(config, moe, **kwargs):
-    return build_variant(_DenseNet, moe, **config, **kwargs)
-
-
-# Builders take num_classes, ratio, normalize and, for `_moe`, n_expert, routing, sparse.
+# Builders take the model's ModelSpec; `_ori` and `_moe` differ by the spec's experts.
 @register_model
-def densenet_cifar_ori(**kwargs):
-    return _build(_CIFAR, False, **kwargs)
+def densenet_cifar_ori(spec):
+    return _DenseNet(spec, **_CIFAR)
 
 
 @register_model
-def densenet_cifar_moe(**kwargs):
-    return _build(_CIFAR, True, **kwargs)
+def densenet_cifar_moe(spec):
+    return _DenseNet(spec, **_CIFAR)
 
 
 @register_model
-def densenet_imagenet_ori(**kwargs):
-    return _build(_IMAGENET, False, **kwargs)
+def densenet_imagenet_ori(spec):
+    return _DenseNet(spec, **_IMAGENET)
 
 
 @register_model
-def densenet_imagenet_moe(**kwargs):
-    return _build(_IMAGENET, True, **kwargs)
+def densenet_imagenet_moe(spec):
+    return _DenseNet(spec, **_IMAGENET)

@@ -1,8 +1,8 @@
 """ResNet-18/34/50/101/152, CIFAR and ImageNet variants, dense (`*_ori`) and MoE (`*_moe`).
 
-One class, `_ResNet`, builds all twenty archs; a model is MoE when `n_expert` is given. The state-dict
-layout equals the reference's (see `reference/parameters/resnet18_*`), so its checkpoints load with
-`strict=True`. Rules, read off the listings (w = int(ratio * width) everywhere):
+One class, `_ResNet`, builds all twenty archs from their `ModelSpec`; a model is MoE when the spec has experts.
+The state-dict layout equals the reference's (see `reference/parameters/resnet18_*`), so its checkpoints load
+with `strict=True`. Rules, read off the listings (w = int(ratio * width) everywhere):
 
 Stage widths (planes) 64, 128, 256, 512 with strides 1, 2, 2, 2; a stage's blocks have
 `int(ratio * planes)` channels, times the expansion (1 basic, 4 bottleneck) at the block output
@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RoutedNet, build_variant, call, init_weights, require_channels
+from .base import RoutedNet, call, init_weights, require_channels
 from .registry import register_model
+from .spec import ModelSpec
 
 _STAGE_PLANES = (64, 128, 256, 512)
 _STAGE_STRIDES = (1, 2, 2, 2)
@@ -106,10 +107,9 @@ class _Bottleneck(_Residual):
 class _ResNet(RoutedNet):
     """ResNet over `block` with `depths` blocks per stage; `stem` is 'cifar' or 'imagenet'."""
 
-    def __init__(self, block, depths, stem, num_classes=10, ratio=1.0, normalize=None, n_expert=None,
-                 routing="global", sparse=True, moe_stages=None, top_k=1):
-        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse,
-                         moe_stages=moe_stages, top_k=top_k)
+    def __init__(self, spec: ModelSpec, block, depths, stem):
+        super().__init__(spec)
+        ratio = spec.ratio
         imagenet = stem == "imagenet"
         require_channels(ratio, {"layer1": _STAGE_PLANES[0]})
         # The reference's CIFAR MoE keeps a full 64-channel stem; every other variant scales it.
@@ -135,7 +135,7 @@ class _ResNet(RoutedNet):
             setattr(self, f"layer{i}", nn.ModuleList(blocks))
 
         self.head_name = "fc" if imagenet else "linear"
-        setattr(self, self.head_name, nn.Linear(in_planes, num_classes))
+        setattr(self, self.head_name, nn.Linear(in_planes, spec.num_classes))
         init_weights(self)
         self.finish()
 
@@ -150,110 +150,106 @@ class _ResNet(RoutedNet):
         return getattr(self, self.head_name)(out)  # (B, classes)
 
 
-def _build(block, depths, stem, moe, **kwargs):
-    return build_variant(_ResNet, moe, block, depths, stem, **kwargs)
-
-
 _B, _BN = _BasicBlock, _Bottleneck
 _D18, _D34, _D50, _D101, _D152 = (2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
 
 
-# Builders take num_classes, ratio, normalize and, for `_moe`, n_expert, routing, sparse.
+# Builders take the model's ModelSpec; `_ori` and `_moe` differ by the spec's experts.
 @register_model
-def resnet18_cifar_ori(**kwargs):
-    return _build(_B, _D18, "cifar", False, **kwargs)
-
-
-@register_model
-def resnet18_cifar_moe(**kwargs):
-    return _build(_B, _D18, "cifar", True, **kwargs)
+def resnet18_cifar_ori(spec):
+    return _ResNet(spec, _B, _D18, "cifar")
 
 
 @register_model
-def resnet34_cifar_ori(**kwargs):
-    return _build(_B, _D34, "cifar", False, **kwargs)
+def resnet18_cifar_moe(spec):
+    return _ResNet(spec, _B, _D18, "cifar")
 
 
 @register_model
-def resnet34_cifar_moe(**kwargs):
-    return _build(_B, _D34, "cifar", True, **kwargs)
+def resnet34_cifar_ori(spec):
+    return _ResNet(spec, _B, _D34, "cifar")
 
 
 @register_model
-def resnet50_cifar_ori(**kwargs):
-    return _build(_BN, _D50, "cifar", False, **kwargs)
+def resnet34_cifar_moe(spec):
+    return _ResNet(spec, _B, _D34, "cifar")
 
 
 @register_model
-def resnet50_cifar_moe(**kwargs):
-    return _build(_BN, _D50, "cifar", True, **kwargs)
+def resnet50_cifar_ori(spec):
+    return _ResNet(spec, _BN, _D50, "cifar")
 
 
 @register_model
-def resnet101_cifar_ori(**kwargs):
-    return _build(_BN, _D101, "cifar", False, **kwargs)
+def resnet50_cifar_moe(spec):
+    return _ResNet(spec, _BN, _D50, "cifar")
 
 
 @register_model
-def resnet101_cifar_moe(**kwargs):
-    return _build(_BN, _D101, "cifar", True, **kwargs)
+def resnet101_cifar_ori(spec):
+    return _ResNet(spec, _BN, _D101, "cifar")
 
 
 @register_model
-def resnet152_cifar_ori(**kwargs):
-    return _build(_BN, _D152, "cifar", False, **kwargs)
+def resnet101_cifar_moe(spec):
+    return _ResNet(spec, _BN, _D101, "cifar")
 
 
 @register_model
-def resnet152_cifar_moe(**kwargs):
-    return _build(_BN, _D152, "cifar", True, **kwargs)
+def resnet152_cifar_ori(spec):
+    return _ResNet(spec, _BN, _D152, "cifar")
 
 
 @register_model
-def resnet18_imagenet_ori(**kwargs):
-    return _build(_B, _D18, "imagenet", False, **kwargs)
+def resnet152_cifar_moe(spec):
+    return _ResNet(spec, _BN, _D152, "cifar")
 
 
 @register_model
-def resnet18_imagenet_moe(**kwargs):
-    return _build(_B, _D18, "imagenet", True, **kwargs)
+def resnet18_imagenet_ori(spec):
+    return _ResNet(spec, _B, _D18, "imagenet")
 
 
 @register_model
-def resnet34_imagenet_ori(**kwargs):
-    return _build(_B, _D34, "imagenet", False, **kwargs)
+def resnet18_imagenet_moe(spec):
+    return _ResNet(spec, _B, _D18, "imagenet")
 
 
 @register_model
-def resnet34_imagenet_moe(**kwargs):
-    return _build(_B, _D34, "imagenet", True, **kwargs)
+def resnet34_imagenet_ori(spec):
+    return _ResNet(spec, _B, _D34, "imagenet")
 
 
 @register_model
-def resnet50_imagenet_ori(**kwargs):
-    return _build(_BN, _D50, "imagenet", False, **kwargs)
+def resnet34_imagenet_moe(spec):
+    return _ResNet(spec, _B, _D34, "imagenet")
 
 
 @register_model
-def resnet50_imagenet_moe(**kwargs):
-    return _build(_BN, _D50, "imagenet", True, **kwargs)
+def resnet50_imagenet_ori(spec):
+    return _ResNet(spec, _BN, _D50, "imagenet")
 
 
 @register_model
-def resnet101_imagenet_ori(**kwargs):
-    return _build(_BN, _D101, "imagenet", False, **kwargs)
+def resnet50_imagenet_moe(spec):
+    return _ResNet(spec, _BN, _D50, "imagenet")
 
 
 @register_model
-def resnet101_imagenet_moe(**kwargs):
-    return _build(_BN, _D101, "imagenet", True, **kwargs)
+def resnet101_imagenet_ori(spec):
+    return _ResNet(spec, _BN, _D101, "imagenet")
 
 
 @register_model
-def resnet152_imagenet_ori(**kwargs):
-    return _build(_BN, _D152, "imagenet", False, **kwargs)
+def resnet101_imagenet_moe(spec):
+    return _ResNet(spec, _BN, _D101, "imagenet")
 
 
 @register_model
-def resnet152_imagenet_moe(**kwargs):
-    return _build(_BN, _D152, "imagenet", True, **kwargs)
+def resnet152_imagenet_ori(spec):
+    return _ResNet(spec, _BN, _D152, "imagenet")
+
+
+@register_model
+def resnet152_imagenet_moe(spec):
+    return _ResNet(spec, _BN, _D152, "imagenet")

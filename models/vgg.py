@@ -1,8 +1,8 @@
 """VGG-16 with and without BatchNorm, dense (`*_ori`) and MoE (`*_moe`).
 
-One class, `_VGG`, builds the four archs; a model is MoE when `n_expert` is given. The state-dict
-layout equals the reference's (see `reference/parameters/vgg16_bn_*`). Rules read off the listings
-(w = int(ratio * width) everywhere):
+One class, `_VGG`, builds the four archs from their `ModelSpec`; a model is MoE when the spec has experts.
+The state-dict layout equals the reference's (see `reference/parameters/vgg16_bn_*`). Rules read off the
+listings (w = int(ratio * width) everywhere):
 
 `features` is a torchvision-style sequence over the VGG-16 configuration
 64 64 M 128 128 M 256 256 256 M 512 512 512 M 512 512 512: each number is a 3x3 conv (padding 1,
@@ -29,8 +29,9 @@ Our choices where the reference gives no listing or is wrong:
 import torch
 from torch import nn
 
-from .base import RoutedNet, build_variant, call, init_weights, require_channels
+from .base import RoutedNet, call, init_weights, require_channels
 from .registry import register_model
+from .spec import ModelSpec
 
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 _HIDDEN = 256  # classifier hidden width (not scaled by ratio)
@@ -40,10 +41,9 @@ _POOL = 2  # side of the adaptive average pool before the classifier
 class _VGG(RoutedNet):
     """VGG over `config` (conv widths and 'M' max-pools), with or without BatchNorm."""
 
-    def __init__(self, config, batch_norm, num_classes=10, ratio=1.0, normalize=None, n_expert=None,
-                 routing="global", sparse=True, moe_stages=None, top_k=1):
-        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse,
-                         moe_stages=moe_stages, top_k=top_k)
+    def __init__(self, spec: ModelSpec, config, batch_norm):
+        super().__init__(spec)
+        ratio = spec.ratio
         require_channels(ratio, {f"features.{i} (a {w}-channel conv)": w for i, w in enumerate(config) if w != "M"})
         layers, in_channels = [], 3
         n_blocks = config.count("M") + (config[-1] != "M")  # a block: the convs up to a max-pool
@@ -66,7 +66,7 @@ class _VGG(RoutedNet):
         self.classifier = nn.Sequential(
             nn.Linear(in_channels * _POOL * _POOL, _HIDDEN), nn.ReLU(inplace=True),
             nn.Linear(_HIDDEN, _HIDDEN), nn.ReLU(inplace=True),
-            nn.Linear(_HIDDEN, num_classes),
+            nn.Linear(_HIDDEN, spec.num_classes),
         )
         init_weights(self)
         self.finish()
@@ -79,26 +79,22 @@ class _VGG(RoutedNet):
         return self.classifier(x)  # (B, classes)
 
 
-def _build(batch_norm, moe, **kwargs):
-    return build_variant(_VGG, moe, _VGG16, batch_norm, **kwargs)
-
-
-# Builders take num_classes, ratio, normalize and, for `_moe`, n_expert, routing, sparse.
+# Builders take the model's ModelSpec; `_ori` and `_moe` differ by the spec's experts.
 @register_model
-def vgg16_ori(**kwargs):
-    return _build(False, False, **kwargs)
+def vgg16_ori(spec):
+    return _VGG(spec, _VGG16, batch_norm=False)
 
 
 @register_model
-def vgg16_moe(**kwargs):
-    return _build(False, True, **kwargs)
+def vgg16_moe(spec):
+    return _VGG(spec, _VGG16, batch_norm=False)
 
 
 @register_model
-def vgg16_bn_ori(**kwargs):
-    return _build(True, False, **kwargs)
+def vgg16_bn_ori(spec):
+    return _VGG(spec, _VGG16, batch_norm=True)
 
 
 @register_model
-def vgg16_bn_moe(**kwargs):
-    return _build(True, True, **kwargs)
+def vgg16_bn_moe(spec):
+    return _VGG(spec, _VGG16, batch_norm=True)

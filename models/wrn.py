@@ -1,6 +1,7 @@
 """Wide ResNets WRN-28-4, WRN-28-10 and WRN-34-10, CIFAR and TinyImageNet variants, dense and MoE.
 
-One class, `_WideResNet`, builds all twelve archs; a model is MoE when `n_expert` is given. The
+One class, `_WideResNet`, builds all twelve archs from their `ModelSpec`; a model is MoE when the spec has
+experts. The
 state-dict layout equals the reference's (see `reference/parameters/wrn_28_10_*`). Rules read off the
 listings (w = int(ratio * width) everywhere):
 
@@ -30,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RoutedNet, build_variant, call, init_weights, require_channels
+from .base import RoutedNet, call, init_weights, require_channels
 from .registry import register_model
+from .spec import ModelSpec
 
 
 class _WideBlock(nn.Module):
@@ -75,10 +77,9 @@ class _Stage(nn.Module):
 class _WideResNet(RoutedNet):
     """WRN-`depth`-`widen`; `stem` is 'cifar' (32x32) or 'imagenet' (TinyImageNet, 64x64)."""
 
-    def __init__(self, depth, widen, stem, num_classes=10, ratio=1.0, normalize=None, n_expert=None,
-                 routing="global", sparse=True, moe_stages=None, top_k=1):
-        super().__init__(normalize=normalize, n_expert=n_expert, routing=routing, sparse=sparse,
-                         moe_stages=moe_stages, top_k=top_k)
+    def __init__(self, spec: ModelSpec, depth, widen, stem):
+        super().__init__(spec)
+        ratio = spec.ratio
         if (depth - 4) % 6:
             raise ValueError(f"WRN depth must be 6n + 4, got {depth}")
         n = (depth - 4) // 6
@@ -97,7 +98,7 @@ class _WideResNet(RoutedNet):
         self.block2 = _Stage(convs[1], n, widths[1], widths[2], 2, convs[1].holds_moe and self.is_moe)
         self.block3 = _Stage(convs[2], n, widths[2], widths[3], 2, convs[2].holds_moe and self.is_moe)
         self.bn1 = nn.BatchNorm2d(widths[3])
-        self.fc = nn.Linear(widths[3], num_classes)
+        self.fc = nn.Linear(widths[3], spec.num_classes)
         init_weights(self)
         nn.init.zeros_(self.fc.bias)
         self.finish()
@@ -113,66 +114,62 @@ class _WideResNet(RoutedNet):
         return self.fc(out)  # (B, classes)
 
 
-def _build(depth, widen, stem, moe, **kwargs):
-    return build_variant(_WideResNet, moe, depth, widen, stem, **kwargs)
-
-
-# Builders take num_classes, ratio, normalize and, for `_moe`, n_expert, routing, sparse.
+# Builders take the model's ModelSpec; `_ori` and `_moe` differ by the spec's experts.
 @register_model
-def wrn_28_4_cifar_ori(**kwargs):
-    return _build(28, 4, "cifar", False, **kwargs)
+def wrn_28_4_cifar_ori(spec):
+    return _WideResNet(spec, 28, 4, "cifar")
 
 
 @register_model
-def wrn_28_4_cifar_moe(**kwargs):
-    return _build(28, 4, "cifar", True, **kwargs)
+def wrn_28_4_cifar_moe(spec):
+    return _WideResNet(spec, 28, 4, "cifar")
 
 
 @register_model
-def wrn_28_10_cifar_ori(**kwargs):
-    return _build(28, 10, "cifar", False, **kwargs)
+def wrn_28_10_cifar_ori(spec):
+    return _WideResNet(spec, 28, 10, "cifar")
 
 
 @register_model
-def wrn_28_10_cifar_moe(**kwargs):
-    return _build(28, 10, "cifar", True, **kwargs)
+def wrn_28_10_cifar_moe(spec):
+    return _WideResNet(spec, 28, 10, "cifar")
 
 
 @register_model
-def wrn_34_10_cifar_ori(**kwargs):
-    return _build(34, 10, "cifar", False, **kwargs)
+def wrn_34_10_cifar_ori(spec):
+    return _WideResNet(spec, 34, 10, "cifar")
 
 
 @register_model
-def wrn_34_10_cifar_moe(**kwargs):
-    return _build(34, 10, "cifar", True, **kwargs)
+def wrn_34_10_cifar_moe(spec):
+    return _WideResNet(spec, 34, 10, "cifar")
 
 
 @register_model
-def wrn_28_4_imagenet_ori(**kwargs):
-    return _build(28, 4, "imagenet", False, **kwargs)
+def wrn_28_4_imagenet_ori(spec):
+    return _WideResNet(spec, 28, 4, "imagenet")
 
 
 @register_model
-def wrn_28_4_imagenet_moe(**kwargs):
-    return _build(28, 4, "imagenet", True, **kwargs)
+def wrn_28_4_imagenet_moe(spec):
+    return _WideResNet(spec, 28, 4, "imagenet")
 
 
 @register_model
-def wrn_28_10_imagenet_ori(**kwargs):
-    return _build(28, 10, "imagenet", False, **kwargs)
+def wrn_28_10_imagenet_ori(spec):
+    return _WideResNet(spec, 28, 10, "imagenet")
 
 
 @register_model
-def wrn_28_10_imagenet_moe(**kwargs):
-    return _build(28, 10, "imagenet", True, **kwargs)
+def wrn_28_10_imagenet_moe(spec):
+    return _WideResNet(spec, 28, 10, "imagenet")
 
 
 @register_model
-def wrn_34_10_imagenet_ori(**kwargs):
-    return _build(34, 10, "imagenet", False, **kwargs)
+def wrn_34_10_imagenet_ori(spec):
+    return _WideResNet(spec, 34, 10, "imagenet")
 
 
 @register_model
-def wrn_34_10_imagenet_moe(**kwargs):
-    return _build(34, 10, "imagenet", True, **kwargs)
+def wrn_34_10_imagenet_moe(spec):
+    return _WideResNet(spec, 34, 10, "imagenet")

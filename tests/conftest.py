@@ -1,12 +1,92 @@
-"""Test-session setup: under pytest-xdist (pytest.ini runs 2 workers) every worker computes on one thread.
+"""Test-session setup and the helpers that several test files share (no test file imports another).
 
-Two workers with two OpenMP threads each on a 2-core machine spin against each other: an in-process test that
-takes 2 s alone took 122 s that way. Subprocesses started by tests inherit OMP_NUM_THREADS=1 (most set it anyway).
+Threads: every test computes on one thread, in this process (the session fixture `one_thread`) and in the
+processes it starts (OMP_NUM_THREADS=1, set here before torch is imported, is inherited). The models are tiny, and
+two pytest-xdist workers with two OpenMP threads each on a 2-core machine spin against each other: an in-process
+test that takes 2 s alone took 122 s that way. A process started with `multiprocessing` spawn does not run this
+file: its target sets its own thread count.
 """
 import os
+import subprocess
+import sys
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
+os.environ["OMP_NUM_THREADS"] = "1"
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread for the whole session (the one place tests limit threads)."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------ entry scripts
+
+TINY = ["--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32", "--test-batch-size", "64",
+        "--num-workers", "0", "--max-test-batches", "1", "--num-steps-test", "2", "--no-progress",
+        "--num-steps", "1", "--device", "cpu"]
+DENSE = ["--arch", "resnet18_cifar_ori"] + TINY
+MOE = ["--arch", "resnet18_cifar_moe", "--n-expert", "2"] + TINY
+
+
+def run_script(script, argv, **kw):
+    """`python script argv` from the repository root; the CompletedProcess with its text output."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
+                          cwd=ROOT, **kw)
+
+
+def run_dir(save_dir):
+    """The one run folder (holding a metrics.jsonl) under `save_dir`."""
+    found = [os.path.join(d, s) for d, subs, _ in os.walk(save_dir) for s in subs
+             if os.path.exists(os.path.join(d, s, "metrics.jsonl"))]
+    assert len(found) == 1, found
+    return found[0]
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+TINY_RATIO = 0.0625
+
+
+def train_tiny(arch, steps, n_expert=None, seed=0):
+    """A ResNet-18 at ratio 1/16 trained with plain cross-entropy for a few SGD steps on Digits."""
+    import models
+    from utils.data import build_datasets
+    torch.manual_seed(seed)
+    train_ds, _ = build_datasets("Digits", "unused")
+    model = models.build_model(arch, num_classes=10, ratio=TINY_RATIO, n_expert=n_expert)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(steps):
+        idx = torch.randint(0, len(train_ds), (48,))
+        loss = F.cross_entropy(model(train_ds.images[idx]), train_ds.labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # Re-estimate BatchNorm statistics as plain averages: after so few steps the running averages still
+    # remember the initial weights and the eval-mode model would be far worse than the trained one.
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    with torch.no_grad():
+        for start in range(0, 512, 128):
+            model(train_ds.images[start:start + 128])
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval(), opt
+
+
+def ours(model, opt, arch, n_expert=None):
+    """A checkpoint in this tool's layout (records how to rebuild the model)."""
+    return {"format": "advmoe-tool/1", "epoch": 1, "arch": arch, "state_dict": model.state_dict(), "best_acc": 0.0,
+            "sa_record": 0.0, "optimizer": opt.state_dict(), "ratio": TINY_RATIO, "n_expert": n_expert,
+            "num_classes": 10, "dataset": "Digits", "normalize": False,
+            "routing": "global" if n_expert else None, "args": {}}

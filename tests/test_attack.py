@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from utils.attack import ce_loss_fn, eval_mode, kl_divergence, pgd_attack, trades_kl_loss_fn
+from utils.steps import StepConfig
 from utils.losses import pgd_at_objective, robust_loss, trades_objective
 
 
@@ -141,9 +142,9 @@ class CountingModel(nn.Module):
 def test_robust_loss_forward_counts(at, train_forwards, eval_forwards):
     model = CountingModel().train()
     x, y = batch()
-    out = robust_loss(model, x, y, at=at, eps=0.1, step_size=0.03, num_steps=3, beta=6.0)
+    out = robust_loss(model, x, y, StepConfig(at=at, eps=0.1, step_size=0.03, num_steps=3, beta=6.0))
     assert model.calls == {"train": train_forwards, "eval": eval_forwards}
     assert model.training and torch.isfinite(out["loss"]) and out["loss"].requires_grad
     assert (out["x_adv"] - x).abs().max() <= 0.1 + 1e-12
     with pytest.raises(ValueError):
-        robust_loss(model, x, y, at="fgsm", eps=0.1, step_size=0.03, num_steps=1, beta=6.0)
+        robust_loss(model, x, y, StepConfig(at="fgsm", eps=0.1, step_size=0.03, num_steps=1, beta=6.0))

@@ -25,8 +25,8 @@ from utils.errors import UsageError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import auto_attack_eval  # noqa: E402  (the entry script: its parser is the one users get)
+from conftest import TINY_RATIO as RATIO, ours, train_tiny  # noqa: E402
 
-RATIO = 0.0625
 # AutoAttack's own settings for the cheap runs (the authors' README customises attacks the same way).
 CHEAP = {"apgd": {"n_restarts": 1, "n_iter": 10}, "apgd_targeted": {"n_iter": 10, "n_target_classes": 2}}
 
@@ -65,40 +65,6 @@ def digits_test():
     return test_ds.images, test_ds.labels
 
 
-def train_tiny(arch, steps, n_expert=None, seed=0):
-    """A ResNet-18 at ratio 1/16 trained with plain cross-entropy for a few SGD steps on Digits."""
-    torch.manual_seed(seed)
-    train_ds, _ = build_datasets("Digits", "unused")
-    model = models.build_model(arch, num_classes=10, ratio=RATIO, n_expert=n_expert)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(steps):
-        idx = torch.randint(0, len(train_ds), (48,))
-        loss = F.cross_entropy(model(train_ds.images[idx]), train_ds.labels[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    # Re-estimate BatchNorm statistics as plain averages: after so few steps the running averages still
-    # remember the initial weights and the eval-mode model would be far worse than the trained one.
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    with torch.no_grad():
-        for start in range(0, 512, 128):
-            model(train_ds.images[start:start + 128])
-    for bn in bns:
-        bn.momentum = 0.1
-    return model.eval(), opt
-
-
-def ours(model, opt, arch, n_expert=None):
-    """A checkpoint in this tool's layout (records how to rebuild the model)."""
-    return {"format": "advmoe-tool/1", "epoch": 1, "arch": arch, "state_dict": model.state_dict(), "best_acc": 0.0,
-            "sa_record": 0.0, "optimizer": opt.state_dict(), "ratio": RATIO, "n_expert": n_expert,
-            "num_classes": 10, "dataset": "Digits", "normalize": False,
-            "routing": "global" if n_expert else None, "args": {}}
-
-
 def reference(model, opt, arch):
     """A checkpoint in the reference's layout: no ratio, experts, dataset; MoE adds `router`."""
     ckpt = {"epoch": 1, "arch": arch, "state_dict": model.state_dict(), "best_acc": 0.0, "sa_record": 0.0,
@@ -107,15 +73,6 @@ def reference(model, opt, arch):
         ckpt["router"] = model.router.state_dict()
         ckpt["router_optimizer"] = opt.state_dict()
     return ckpt
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_threads():
-    """One thread: these models are too small to gain from more, and the machine is shared."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

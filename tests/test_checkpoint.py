@@ -25,7 +25,7 @@ class Foreign:
 class TinyNet(nn.Module):
     def __init__(self, width=4, n_expert=None):
         super().__init__()
-        self.n_expert = n_expert
+        self.spec = models.ModelSpec("tiny_moe" if n_expert else "tiny_ori", n_expert=n_expert)
         self.conv = nn.Conv2d(3, width, 3)
         self.bn = nn.BatchNorm2d(width)
         self.fc = nn.Linear(width, 2)

@@ -120,10 +120,10 @@ def test_trades_attack_target_is_float32_under_autocast():
     model = models.build_model("resnet18_cifar_ori", ratio=0.125).train()
     twin = copy.deepcopy(model)  # the training passes move BatchNorm statistics: each call gets a fresh model
     x, y = _images(4), torch.tensor([0, 1, 2, 3])
-    kw = dict(at="trades", eps=8 / 255, step_size=2 / 255, num_steps=2, beta=6.0)
-    want = robust_loss(model, x, y, generator=torch.Generator().manual_seed(5), **kw)["x_adv"]
+    cfg = steps.StepConfig(at="trades", eps=8 / 255, step_size=2 / 255, num_steps=2, beta=6.0)
+    want = robust_loss(model, x, y, cfg, generator=torch.Generator().manual_seed(5))["x_adv"]
     with bf16_autocast():
-        got = robust_loss(twin, x, y, generator=torch.Generator().manual_seed(5), **kw)["x_adv"]
+        got = robust_loss(twin, x, y, cfg, generator=torch.Generator().manual_seed(5))["x_adv"]
     assert torch.equal(got, want)
 
 
@@ -209,7 +209,7 @@ AGREE_SCRIPT = textwrap.dedent("""
 
 
 def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": ROOT}
     store = tmp_path / "store"
     procs = [subprocess.Popen([sys.executable, "-c", AGREE_SCRIPT, str(rank), str(store), str(tmp_path / f"r{rank}")],
                               cwd=ROOT, env=env) for rank in range(2)]

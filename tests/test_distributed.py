@@ -15,10 +15,10 @@ import torch
 import models
 from utils.data import EpochSampler, LoaderConfig, build_loaders
 from utils.evaluate import Counts, EvalConfig, Shard, evaluate
-from test_autoattack import ours, train_tiny
+from conftest import ours, train_tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = dict(os.environ)
 
 TINY = ["--dataset", "Digits16", "--ratio", "0.125", "--batch-size", "32", "--num-workers", "0", "--max-test-batches",
         "1", "--test-batch-size", "32", "--num-steps", "1", "--num-steps-test", "2", "--no-progress", "--device", "cpu"]

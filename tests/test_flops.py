@@ -132,7 +132,7 @@ def test_dense_trades_step_cost_and_model_untouched():
 
 
 def test_table_and_cli(capsys):
-    rows = flops_rows("resnet18_cifar_moe", ratio=0.25, n_expert=2, batch=2)
+    rows = flops_rows(models.ModelSpec("resnet18_cifar_moe", ratio=0.25, n_expert=2).validate(), batch=2)
     names = [r["name"] for r in rows]
     assert names[0].startswith("resnet18_cifar_ori r=1") and names[1].startswith("resnet18_cifar_ori r=0.25")
     assert "activated" in names[2] and "dense-masked" in names[3]

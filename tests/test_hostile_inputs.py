@@ -22,7 +22,6 @@ import train_ori  # noqa: E402
 from utils import autoattack_eval as aa  # noqa: E402
 from utils import train as train_mod  # noqa: E402
 from utils.cli import run_main  # noqa: E402
-from test_autoattack import torch_threads  # noqa: E402,F401  (autouse: one thread in this module too)
 
 FLAGS = ["--arch", "resnet18_cifar_ori", "--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32",
          "--test-batch-size", "32", "--num-workers", "0", "--max-batches", "1", "--max-test-batches", "1",
@@ -297,7 +296,7 @@ def test_bad_launcher_environment(tmp_path, capsys, monkeypatch, env, named):
 
 
 def test_rank_not_below_world_size_exits_instead_of_hanging(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0",
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29513"}
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train_ori.py"), *FLAGS, "--epochs", "1",
                           "--save-dir", str(tmp_path / "runs")], capture_output=True, text=True, env=env, cwd=ROOT,

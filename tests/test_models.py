@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models.resnet import resnet18_cifar_moe, resnet18_cifar_ori
+from models import ModelSpec
+from models.spec import base_arch, contradiction, dense_arch
 
 # The listings travel with the tests when copied into tests/data; otherwise the shared reference folder.
 LISTINGS = next((p for p in (Path(__file__).parent / "data" / "reference_parameters",
@@ -29,15 +30,6 @@ REFERENCE_ARCHS = (
 
 RATIO, BATCH, CLASSES = 0.125, 2, 5
 STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared machine they oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def input_size(arch: str) -> int:
@@ -214,7 +206,7 @@ def test_normalize_adds_no_state_keys(arch):
 def _one_per_family(kind):
     """The smallest-named (so usually the shallowest) arch of each family: resnet18, wrn_28_4, ..."""
     best = {}
-    for arch in models.list_models(kind):
+    for arch in [a for a in models.list_models() if models.is_moe(a) == (kind == "moe")]:
         family = re.match(r"[a-z]+", arch).group(0)
         best[family] = min(best.get(family, arch), arch, key=lambda a: (len(a), a))
     return sorted(best.values())
@@ -235,13 +227,50 @@ def test_normalize_is_applied_inside(arch):
         assert not torch.allclose(normed(x), plain(x))
 
 
-def test_dense_and_moe_builders_check_n_expert():
-    with pytest.raises(ValueError):
-        models.build_model("resnet18_cifar_ori", n_expert=2)
-    with pytest.raises(ValueError):
-        models.build_model("wrn_28_4_cifar_moe")
-    with pytest.raises(ValueError):
-        resnet18_cifar_ori(num_classes=10, ratio=RATIO, normalize=None, n_expert=2)
-    with pytest.raises(ValueError):
-        resnet18_cifar_moe(num_classes=10, ratio=RATIO, normalize=None)
-    assert not resnet18_cifar_ori(num_classes=10, ratio=RATIO, normalize=None, n_expert=1).is_moe
+@pytest.mark.parametrize("spec, message", [
+    (ModelSpec("resnet18_cifar_orx"), "unknown arch 'resnet18_cifar_orx'"),
+    (ModelSpec("resnet18_cifar_ori", ratio=0.0), r"--ratio must be in \(0, 1\], got 0.0"),
+    (ModelSpec("resnet18_cifar_ori", n_expert=2), r"--n-expert applies to MoE archs \(\*_moe\) only"),
+    (ModelSpec("resnet18_cifar_ori", n_expert=1), "--n-expert applies to MoE archs"),
+    (ModelSpec("resnet18_cifar_ori", moe_stages=(4,)), "--moe-stages applies to MoE archs"),
+    (ModelSpec("resnet18_cifar_ori", top_k=2), "--top-k applies to MoE archs"),
+    (ModelSpec("wrn_28_4_cifar_moe"), "--n-expert is required for the MoE arch wrn_28_4_cifar_moe"),
+    (ModelSpec("wrn_28_4_cifar_moe", n_expert=0), "--n-expert must be >= 1, got 0"),
+    (ModelSpec("wrn_28_4_cifar_moe", n_expert=2, top_k=3), r"--top-k must be in 1..2 \(--n-expert\), got 3"),
+    (ModelSpec("wrn_28_4_cifar_moe", n_expert=2, routing="local"), "--routing must be 'global' or 'layer'"),
+    (ModelSpec("wrn_28_4_cifar_moe", n_expert=2, moe_stages=()), "--moe-stages must name at least one stage"),
+])
+def test_the_spec_is_checked_in_one_place(spec, message):
+    with pytest.raises(ValueError, match=message):
+        spec.validate()
+    with pytest.raises(ValueError, match=message):
+        models.build_model(spec)
+
+
+def test_the_spec_built_into_a_model_and_recorded_as_the_reference_keys():
+    spec = ModelSpec("resnet18_cifar_moe", ratio=RATIO, num_classes=CLASSES, n_expert=2, moe_stages=[4, 3, 4],
+                     normalize=STATS)
+    model = models.build_model(spec)
+    assert model.spec == spec.validate() and model.spec.moe_stages == (3, 4)
+    assert (model.n_expert, model.routing_mode, model.moe_stages, model.top_k) == (2, "global", (3, 4), 1)
+    assert model.spec.record() == {"arch": "resnet18_cifar_moe", "ratio": RATIO, "n_expert": 2,
+                                   "num_classes": CLASSES, "normalize": True, "routing": "global",
+                                   "moe_stages": [3, 4], "top_k": 1}
+    dense = models.build_model("resnet18_cifar_ori", ratio=RATIO)
+    assert dense.spec.record()["routing"] is None and dense.spec.compared()["top_k"] is None
+    assert models.build_model(spec, sparse=False).sparse is False
+
+
+def test_a_checkpoint_record_is_compared_field_by_field_and_unknowns_are_skipped():
+    wanted = ModelSpec("resnet18_cifar_moe", ratio=0.5, n_expert=2).validate().compared()
+    assert contradiction({"arch": "resnet18_cifar_moe"}, wanted) is None  # the released code records the arch only
+    assert contradiction({"ratio": 0.5 + 1e-12, "n_expert": 2, "top_k": 1}, wanted) is None
+    assert contradiction({"ratio": 0.25, "n_expert": 3}, wanted) == ("--ratio", 0.25, 0.5)
+    assert contradiction({"n_expert": 3, "routing": "layer"}, wanted) == ("--n-expert", 3, 2)
+    assert contradiction({"moe_stages": [4]}, wanted) is None  # the model has every stage: not compared
+
+
+def test_moe_and_dense_names():
+    assert models.is_moe("vgg16_bn_moe") and not models.is_moe("vgg16_bn_ori")
+    assert base_arch("wrn_28_10_cifar_moe") == base_arch("wrn_28_10_cifar_ori") == "wrn_28_10_cifar"
+    assert dense_arch("densenet_cifar_moe") == dense_arch("densenet_cifar_ori") == "densenet_cifar_ori"

@@ -28,14 +28,6 @@ VGG16_CONVS = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
 VGG16_BN_CONVS = [0, 3, 7, 10, 14, 17, 20, 24, 27, 30, 34, 37, 40]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; these models are tiny
-    yield
-    torch.set_num_threads(old)
-
-
 def input_size(arch):
     return 64 if "imagenet" in arch else 32
 

@@ -13,15 +13,7 @@ RATIO, CLASSES = 0.125, 5
 # Representatives: basic and bottleneck ResNets (dense vs MoE shortcuts), both WRN stems; every other
 # family in the registry joins with its first MoE arch.
 PREFERRED = ["resnet18_cifar_moe", "resnet50_imagenet_moe", "wrn_28_4_cifar_moe", "wrn_28_4_imagenet_moe"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared machine they oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+MOE_ARCHS = [a for a in models.list_models() if models.is_moe(a)]
 
 
 def family(arch):
@@ -29,9 +21,9 @@ def family(arch):
 
 
 def representatives():
-    archs = [a for a in PREFERRED if a in models.list_models("moe")]
+    archs = [a for a in PREFERRED if a in MOE_ARCHS]
     covered = {family(a) for a in archs}
-    for arch in models.list_models("moe"):
+    for arch in MOE_ARCHS:
         if family(arch) not in covered:
             archs.append(arch)
             covered.add(family(arch))
@@ -316,7 +308,7 @@ def test_first_moe_conv_of_loaded_model_by_hand(forced):
 # ---- (d) parameter partition -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("routing", ["global", "layer"])
-@pytest.mark.parametrize("arch", models.list_models("moe"))
+@pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_router_and_backbone_parameters_partition(arch, routing):
     with torch.device("meta"):
         model = models.build_model(arch, num_classes=CLASSES, ratio=RATIO, n_expert=2, routing=routing)

@@ -81,7 +81,7 @@ def test_fast_attack_is_one_fgsm_step_inside_the_eps_ball(monkeypatch):
     model = models.build_model("resnet18_cifar_ori", ratio=0.125).train()
     x, y = _batch()
     counter = Counter(model, monkeypatch)
-    out = robust_loss(model, x, y, at="fast", eps=EPS, step_size=0.5, num_steps=7, beta=6.0,
+    out = robust_loss(model, x, y, steps.StepConfig(at="fast", eps=EPS, step_size=0.5, num_steps=7, beta=6.0),
                       generator=torch.Generator().manual_seed(3))
     assert counter.grads == 1 and counter.forwards == {"eval": 1, "train": 1}  # one gradient per attack
     delta = out["x_adv"] - x

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import models
+import train
 from args import parse_args
+from conftest import MOE, run_dir, run_script
 from models.layers import hard_top1
 from utils import advmoe, balance, steps, update
-from utils.train import fit
+from utils.evaluate import routing_report
 from utils.update import StepContext
-
-from test_train import MOE, run_dir, run_script
 
 
 def _model(n_expert=2, seed=0):
@@ -183,18 +183,18 @@ def test_loss_balancing_enters_the_router_loss(mode):
     model, x, y = _collapsed()
     plain = steps.training_loss(copy.deepcopy(model), x, y, steps.StepConfig(num_steps=1, balance="none"),
                                 torch.Generator().manual_seed(1))  # a copy: its pass moves BatchNorms
-    assert steps.loss_balancing(steps.StepConfig(balance="none"), 2) is None
+    assert balance.loss_balancing(steps.StepConfig(balance="none"), 2) is None
     cfg = steps.StepConfig(num_steps=1, balance=mode, balance_strength=0.5)
     out = steps.training_loss(model, x, y, cfg, torch.Generator().manual_seed(1))
     torch.testing.assert_close(out["loss"], plain["loss"])
-    steps.add_balance_term(out, steps.loss_balancing(cfg, 2))
+    balance.add_balance_term(out, balance.loss_balancing(cfg, 2))
     term = balance.balance_loss(mode, out["router_logits"], 2)
     assert torch.allclose(out["loss"], plain["loss"] + 0.5 * term, atol=1e-5)
     assert term > 0.5  # collapsed: switch -> ~2, entropy -> ~log 2
 
     # and the router step adds it: the router's gradient is that of the robust loss plus the balancing term
     grads = []
-    for balancing in (None, steps.loss_balancing(cfg, 2)):
+    for balancing in (None, balance.loss_balancing(cfg, 2)):
         m = copy.deepcopy(model)
         opt = torch.optim.SGD(m.router_parameters(), lr=0.0)
         advmoe.router_step(m, x, y, cfg, StepContext(router_optimizer=opt, generator=torch.Generator().manual_seed(1)),
@@ -215,7 +215,7 @@ def test_center_router_bias_averages_the_shift_over_processes():
 def test_routing_report_shows_loads_with_and_without_augmentation():
     model, x, _ = _collapsed()
     shifted = torch.roll(x, shifts=2, dims=3)
-    report = balance.routing_report(model.eval(), x, shifted)
+    report = routing_report(model.eval(), x, shifted)
     assert report["load_train_plain"] == [100.0, 0.0]
     assert len(report["load_train_aug"]) == 2 and sum(report["load_train_aug"]) == pytest.approx(100.0)
     with torch.no_grad():
@@ -247,9 +247,8 @@ def test_nan_mid_run_keeps_last_good_checkpoint(tmp_path, monkeypatch):
             raise update.NonFiniteError("router-step loss is not finite (NaN/inf); stopping, last good checkpoint kept")
         return real(*a, **kw)
     monkeypatch.setattr(advmoe, "advmoe_step", failing_step)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with pytest.raises(update.NonFiniteError):
-        fit(args, "train_moe")
+        train.run(args, "train_moe")
     folder = run_dir(tmp_path)
     ckpt = torch.load(os.path.join(folder, "checkpoint", "checkpoint.pth.tar"), weights_only=True)
     assert ckpt["epoch"] == 1

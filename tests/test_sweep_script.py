@@ -18,7 +18,7 @@ NAME = re.compile(r"^(?P<id>[a-z-]+)_(?P<dataset>\w+?)-(?P<arch>\w+)-ratio(?P<ra
 
 
 def sweep(*args, env=None, cwd=None):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {**os.environ, **(env or {})}
     for k in ("SWEEP_BACKEND", "SWEEP_GPUS", "SWEEP_PRESET", "SWEEP_SAVE_DIR", "SWEEP_EPOCHS"):
         if env is None or k not in env:
             full_env.pop(k, None)

@@ -10,34 +10,15 @@ import pytest
 import torch
 
 import models
+import train
 from args import parse_args
+from conftest import DENSE, MOE, ROOT, TINY, run_dir, run_script
 from utils.steps import StepConfig
 from utils.data import LoaderConfig, build_loaders
 from utils.errors import UsageError
-from utils.train import fit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY = ["--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32", "--test-batch-size", "64",
-        "--num-workers", "0", "--max-test-batches", "1", "--num-steps-test", "2", "--no-progress",
-        "--num-steps", "1", "--device", "cpu"]
-DENSE = ["--arch", "resnet18_cifar_ori"] + TINY
-MOE = ["--arch", "resnet18_cifar_moe", "--n-expert", "2"] + TINY
 # The resume tests train for several epochs: on 16x16 digits a batch costs a quarter of a 32x32 one.
 SMALL = ["--dataset", "Digits16", "--test-batch-size", "32"]
-
-
-def run_script(script, argv, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], capture_output=True, text=True,
-                          env=env, cwd=ROOT, **kw)
-
-
-def run_dir(save_dir):
-    found = [os.path.join(d, s) for d, subs, _ in os.walk(save_dir) for s in subs
-             if os.path.exists(os.path.join(d, s, "metrics.jsonl"))]
-    assert len(found) == 1, found
-    return found[0]
 
 
 def final_weights(save_dir):
@@ -52,9 +33,8 @@ def assert_same_weights(a, b):
 
 
 def _spawn(script, argv):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def _wait_for(path_fn, proc, timeout=120):
@@ -213,11 +193,11 @@ def test_step_settings_are_the_flags_and_default_to_the_command_lines():
         StepConfig.from_args(args)
 
 
-def test_unknown_moe_training_is_a_usage_error_for_code_calling_fit(tmp_path):
-    """The parser refuses unknown --moe-training values; `fit` called from code must too (not train joint)."""
+def test_unknown_moe_training_is_a_usage_error_for_code_calling_run(tmp_path):
+    """The parser refuses unknown --moe-training values; `train.run` called from code must too (not train joint)."""
     args = parse_args(MOE + ["--epochs", "1", "--max-batches", "1", "--save-dir", str(tmp_path / "runs")],
                       script="train_moe")
     args.moe_training = "jiont"
     with pytest.raises(UsageError, match="--moe-training 'jiont'"):
-        fit(args, "train_moe")
+        train.run(args, "train_moe")
     assert not (tmp_path / "runs").exists()

@@ -11,24 +11,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import models
+import train as entry
 from args import parse_args
+from conftest import DENSE, MOE, run_dir, run_script
 from utils import advmoe, balance, run as run_state, steps, train
 from utils.distributed import DistEnv, average_gradients
 from utils.errors import UsageError
-from utils.train import fit
 from utils.update import StepContext
 
-from test_train import DENSE, MOE, run_dir, run_script
-
 ONE = ["--epochs", "1", "--max-batches", "2", "--dataset", "Digits16", "--test-batch-size", "32"]  # 16x16: fast
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared; these models are tiny
-    yield
-    torch.set_num_threads(old)
 
 
 def _args(argv, tmp_path, script="train_moe"):
@@ -44,7 +35,7 @@ def _checkpoint(folder, name="checkpoint.pth.tar"):
 def test_layer_routing_trains_its_routers_and_evaluates(tmp_path):
     """--routing layer: every MoE layer has its own router, the router step moves all of them, and --evaluate
     rebuilds the model with layer routers and reproduces the training run's test SA and RA."""
-    trained = fit(_args(MOE + ONE + ["--routing", "layer"], tmp_path), "train_moe")
+    trained = entry.run(_args(MOE + ONE + ["--routing", "layer"], tmp_path), "train_moe")
     folder = run_dir(tmp_path / "runs" / "training")
     ckpt = _checkpoint(folder)
     assert ckpt["routing"] == "layer" and "router" not in ckpt
@@ -58,7 +49,7 @@ def test_layer_routing_trains_its_routers_and_evaluates(tmp_path):
     assert len(moved) == n_router and sum(bool(b.abs().sum() > 0) for b in moved) == n_router
 
     best = os.path.join(folder, "checkpoint", "model_best.pth.tar")
-    evaluated = fit(_args(MOE + ONE + ["--routing", "layer", "--evaluate", "--resume", best], tmp_path),
+    evaluated = entry.run(_args(MOE + ONE + ["--routing", "layer", "--evaluate", "--resume", best], tmp_path),
                     "train_moe")
     assert (evaluated["sa"], evaluated["ra"], evaluated["ra_ste"]) == (trained["sa"], trained["ra"],
                                                                       trained["ra_ste"])
@@ -84,13 +75,13 @@ def test_pgd_at_for_an_moe_through_the_flags(tmp_path, monkeypatch):
     in the eps-ball, in [0, 1], with a higher cross-entropy than the clean images; no TRADES clean pass."""
     real, seen = steps.robust_loss, []
 
-    def spy(model, x, y, **kw):
-        out = real(model, x, y, **kw)
-        seen.append((kw["at"], out))
+    def spy(model, x, y, cfg, generator=None):
+        out = real(model, x, y, cfg, generator)
+        seen.append((cfg.at, out))
         return out
     monkeypatch.setattr(steps, "robust_loss", spy)
     args = _args(MOE + ["--epochs", "1", "--max-batches", "1", "--at", "pgd", "--epsilon", "16/255"], tmp_path)
-    fit(args, "train_moe")
+    entry.run(args, "train_moe")
     assert [at for at, _ in seen] == ["pgd", "pgd"]  # router step, expert step
     for _, out in seen:
         assert "logits_clean" not in out
@@ -128,7 +119,7 @@ def test_best_epoch_is_selected_on_the_validation_split_not_the_test_set(tmp_pat
     ras = {"val": iter([50.0, 40.0]), "test": iter([10.0, 90.0])}
     monkeypatch.setattr(train, "evaluate", lambda model, loader, cfg, device, desc, **kw: {"sa": 99.0,
                                                                                           "ra": next(ras[desc])})
-    row = fit(_args(DENSE + ["--epochs", "2", "--max-batches", "1"], tmp_path, "train_ori"), "train_ori")
+    row = entry.run(_args(DENSE + ["--epochs", "2", "--max-batches", "1"], tmp_path, "train_ori"), "train_ori")
     assert (row["best_epoch"], row["best_ra"]) == (1, 10.0)
     folder = run_dir(tmp_path / "runs" / "training")
     best = _checkpoint(folder, "model_best.pth.tar")
@@ -183,7 +174,7 @@ def _two_steps(model, x, y, grad_sync=None):
 
 
 def _worker(rank, port, x, y, out, save_dir):
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # a spawned process: tests/conftest.py does not run here
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     env = DistEnv(rank, 2)
     try:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from models.base import backbone_modules, router_modules
 from .attack import attack_precision, eval_mode, kl_divergence, pgd_attack
-from .balance import RouterUpkeep
-from .steps import StepConfig, add_balance_term, loss_balancing, training_loss
+from .balance import RouterUpkeep, add_balance_term, loss_balancing
+from .steps import StepConfig, training_loss
 from .update import StepContext, apply_update, check_finite, frozen, running_stats_frozen
 
 

@@ -1,5 +1,5 @@
-"""Router upkeep that the paper does not have: BatchNorm statistics that follow the router, and expert load
-balancing (`--balance`, `--balance-strength`).
+"""Expert load balancing and router upkeep, neither in the paper: BatchNorm statistics that follow the router,
+and `--balance`, `--balance-strength` (a loss term in the router's loss, or an adjustment after each router update).
 
 Balancing modes (one flag, for global and per-layer routing alike):
 - `bias`: a selection-only bias per expert (`models.layers.router.BalanceState`), added to the logits
@@ -27,7 +27,8 @@ from torch import nn
 from models.layers.router import selection_scores
 
 BALANCE_MODES = ("bias", "bias-sign", "switch", "entropy", "median", "none")
-# Defaults of --balance-strength per mode; the choice of `bias` and its step are justified in the README's study.
+# Defaults of --balance-strength per mode. The default mode is `median` with the whole shift (1): the README's
+# "Why `median` is the default" shows the smaller steps of `bias` and `bias-sign` falling behind the router.
 DEFAULT_STRENGTH = {"bias": 0.5, "bias-sign": 0.02, "switch": 0.01, "entropy": 0.1, "median": 1.0, "none": 0.0}
 LOSS_MODES = ("switch", "entropy")
 LOAD_MOMENTUM = 0.1  # weight of the newest measurement in the running load estimate
@@ -59,6 +60,22 @@ def entropy_loss(router_logits, n_expert):
 def balance_loss(mode, router_logits, n_expert):
     """The loss-based balancing term of `mode` (`switch` or `entropy`)."""
     return {"switch": switch_loss, "entropy": entropy_loss}[mode](router_logits, n_expert)
+
+
+def loss_balancing(cfg, n_expert):
+    """The load-balancing loss term of `--balance switch|entropy`, a function of the router logits
+    (`cfg.balance_strength` x `balance_loss`), for a step whose settings are `cfg` (a `utils.steps.StepConfig`);
+    None for every other mode."""
+    if cfg.balance not in LOSS_MODES or cfg.balance_strength <= 0:
+        return None
+    return lambda router_logits: cfg.balance_strength * balance_loss(cfg.balance, router_logits, n_expert)
+
+
+def add_balance_term(out, balance):
+    """`out["loss"]` plus `balance(out["router_logits"])`, recorded as `out["balance_loss"]` (in place)."""
+    out["balance_loss"] = balance(out["router_logits"])
+    out["loss"] = out["loss"] + out["balance_loss"]
+    return out
 
 
 @contextmanager
@@ -267,36 +284,3 @@ class RouterUpkeep:
                 step_select_bias(router, logits, self.strength, self.average, sign=self.mode == "bias-sign")
             elif self.mode == "median":
                 center_router_bias(router, logits, self.strength, self.average)
-
-
-SATURATED = 0.99  # chosen expert's softmax probability above which the straight-through gradient has all but died
-
-
-@torch.no_grad()
-def routing_report(model, plain, augmented):
-    """How the router treats training images without (`plain`) and with (`augmented`) augmentation, both
-    (P, C, H, W) in [0, 1] on the model's device. Returns percentages per expert (`load_train_plain`,
-    `load_train_aug`: they should agree when the router routes on content, not on the crop), the logit scale
-    (`router_logit_absmax`, the median and 95th percentile of the top-1 minus top-2 selection-score margin) and
-    `router_saturated`, the % of images whose chosen expert's softmax probability exceeds 0.99 (the router then
-    hardly learns from the loss). Per-layer routing: loads and scales over every layer's decisions.
-    """
-    n = model.n_expert
-    out = {}
-    for key, x in (("plain", plain), ("aug", augmented)):
-        pairs = router_logits_on(model, x)
-        experts = torch.cat([selection_scores(lg, r.balance.select_bias).argmax(1) for r, lg in pairs])
-        out[f"load_train_{key}"] = (100 * torch.bincount(experts.cpu(), minlength=n).double() / len(experts)).tolist()
-        if key == "plain":
-            logits = torch.cat([lg.float() for _, lg in pairs])  # (layers * P, N)
-            scores = torch.cat([selection_scores(lg, r.balance.select_bias).float() for r, lg in pairs])
-            top = scores.topk(min(2, n), dim=1).values
-            margin = (top[:, 0] - top[:, -1]).cpu()
-            chosen = F.softmax(logits, dim=1).gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
-            out.update({"router_logit_absmax": logits.abs().max().item(),
-                        "router_margin_p50": margin.quantile(0.5).item(),
-                        "router_margin_p95": margin.quantile(0.95).item(),
-                        "router_saturated": 100 * (chosen > SATURATED).float().mean().item()})
-    if model.routing_mode == "global":
-        out["select_bias"] = model.router.balance.select_bias.tolist()
-    return out

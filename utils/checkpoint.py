@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import torch
 
+from models.spec import contradiction
 from .errors import UsageError
 from .runtime import atomic_file
 
@@ -150,36 +151,26 @@ def extract_state_dict(ckpt, source="") -> dict:
     return out
 
 
-def _recorded_mismatch(where, ckpt, key, flag, wanted):
-    recorded = ckpt.get(key)
-    if wanted is None or recorded is None:
-        return
-    try:
-        same = abs(float(recorded) - wanted) < 1e-9 if isinstance(wanted, float) else recorded == wanted
-    except (TypeError, ValueError):
-        same = False
-    if not same:
-        raise UsageError(f"{where} was trained with {flag} {recorded}; {flag} says {wanted}")
-
-
 def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
     """Load the checkpoint's weights into `model` strictly.
 
-    A different recorded arch, ratio, number of experts or routing, missing or unexpected parameters,
-    or differing shapes are UsageErrors that say which flag is likely wrong.
+    A checkpoint whose record contradicts the model's `spec` (`models.spec.contradiction`: arch, ratio, number of
+    experts, routing, MoE stages, top-k; `arch` and `ratio`, when given, in place of the spec's), missing or
+    unexpected parameters, or differing shapes are UsageErrors that say which flag is likely wrong.
     """
     where = f"checkpoint {source}" if source else "checkpoint"
-    recorded_arch = ckpt.get("arch") if isinstance(ckpt, dict) else None
-    if arch is not None and recorded_arch is not None and recorded_arch != arch:
-        raise UsageError(f"{where} was trained for {recorded_arch}; --arch says {arch}")
-    if isinstance(ckpt, dict):
-        _recorded_mismatch(where, ckpt, "ratio", "--ratio", None if ratio is None else float(ratio))
-        _recorded_mismatch(where, ckpt, "n_expert", "--n-expert", getattr(model, "n_expert", None))
-        _recorded_mismatch(where, ckpt, "routing", "--routing", getattr(model, "routing_mode", None))
-        stages = getattr(model, "moe_stages", None)
-        _recorded_mismatch(where, ckpt, "moe_stages", "--moe-stages", None if stages is None else list(stages))
-        if getattr(model, "is_moe", False):
-            _recorded_mismatch(where, ckpt, "top_k", "--top-k", model.top_k)
+    wanted = model.spec.compared() if hasattr(model, "spec") else {}
+    if arch is not None:
+        wanted["arch"] = arch
+    if ratio is not None:
+        wanted["ratio"] = float(ratio)
+    arch = wanted.get("arch")
+    found = contradiction(ckpt, wanted) if isinstance(ckpt, dict) else None
+    if found is not None:
+        flag, recorded, value = found
+        if flag == "--arch":
+            raise UsageError(f"{where} was trained for {recorded}; --arch says {value}")
+        raise UsageError(f"{where} was trained with {flag} {recorded}; {flag} says {value}")
     sd = extract_state_dict(ckpt, source)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))

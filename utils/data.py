@@ -63,11 +63,6 @@ def dataset_info(name: str) -> DatasetInfo:
         raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}") from None
 
 
-def num_classes(name: str) -> int:
-    """Number of classes of dataset `name`."""
-    return dataset_info(name).num_classes
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Datasets
 # --------------------------------------------------------------------------------------------------------------

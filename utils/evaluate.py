@@ -14,6 +14,7 @@ router once reported RA 85% where the experts alone kept 32%. `ra_ste` is the st
 - router robustness: % of images whose expert choice survives PGD on the router's own decision;
 - expert robustness: RA with the routing fixed to the clean image's choice (attacks the experts only);
 - expert load: % of images per expert, clean and under the RA attack.
+`routing_report` tells how the router treats training images, with and without augmentation (per epoch).
 """
 from dataclasses import dataclass, field, fields
 from typing import Callable
@@ -22,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.layers import MoEConv2d
+from models.layers import MoEConv2d, selection_scores
 from .attack import ce_loss_fn, eval_mode, pgd_attack
+from .balance import router_logits_on
 from .distributed import all_reduce_sum
 from .runtime import eval_start_seed
 
@@ -266,3 +268,36 @@ def evaluate_per_expert(model, loader, cfg: EvalConfig, device, *, shard=Shard()
         clean_correct, adv_correct, n = (shard.reduce(t) for t in (clean_correct, adv_correct, n))
     n = n.clamp(min=1)
     return {"per_expert_sa": (100 * clean_correct / n).tolist(), "per_expert_ra": (100 * adv_correct / n).tolist()}
+
+
+SATURATED = 0.99  # chosen expert's softmax probability above which the straight-through gradient has all but died
+
+
+@torch.no_grad()
+def routing_report(model, plain, augmented):
+    """How the router treats training images without (`plain`) and with (`augmented`) augmentation, both
+    (P, C, H, W) in [0, 1] on the model's device. Returns percentages per expert (`load_train_plain`,
+    `load_train_aug`: they should agree when the router routes on content, not on the crop), the logit scale
+    (`router_logit_absmax`, the median and 95th percentile of the top-1 minus top-2 selection-score margin) and
+    `router_saturated`, the % of images whose chosen expert's softmax probability exceeds 0.99 (the router then
+    hardly learns from the loss). Per-layer routing: loads and scales over every layer's decisions.
+    """
+    n = model.n_expert
+    out = {}
+    for key, x in (("plain", plain), ("aug", augmented)):
+        pairs = router_logits_on(model, x)
+        experts = torch.cat([selection_scores(lg, r.balance.select_bias).argmax(1) for r, lg in pairs])
+        out[f"load_train_{key}"] = (100 * torch.bincount(experts.cpu(), minlength=n).double() / len(experts)).tolist()
+        if key == "plain":
+            logits = torch.cat([lg.float() for _, lg in pairs])  # (layers * P, N)
+            scores = torch.cat([selection_scores(lg, r.balance.select_bias).float() for r, lg in pairs])
+            top = scores.topk(min(2, n), dim=1).values
+            margin = (top[:, 0] - top[:, -1]).cpu()
+            chosen = F.softmax(logits, dim=1).gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
+            out.update({"router_logit_absmax": logits.abs().max().item(),
+                        "router_margin_p50": margin.quantile(0.5).item(),
+                        "router_margin_p95": margin.quantile(0.95).item(),
+                        "router_saturated": 100 * (chosen > SATURATED).float().mean().item()})
+    if model.routing_mode == "global":
+        out["select_bias"] = model.router.balance.select_bias.tolist()
+    return out

@@ -6,7 +6,7 @@ from .checkpoint import load_checkpoint, load_model_weights
 from .data import LoaderConfig, build_loaders
 from .distributed import DistEnv
 from .evaluate import EvalConfig, Shard, evaluate, evaluate_per_expert, moe_row
-from .run import build_model_from_args, check_arch_for_script
+from .run import build_model_from_args
 from .runlog import RunLogger, check_can_create, record_unexpected_stop, run_dir
 from .runtime import seed_everything
 from .scalars import ScalarLog, summary_writer_class
@@ -15,13 +15,12 @@ from .scalars import ScalarLog, summary_writer_class
 def evaluate_checkpoint(args, script, device, env=DistEnv()):
     """Evaluate `args.resume` as the flags say (`--per-expert`: also every expert alone); returns the metrics row.
     Everything that can fail on bad input (arch, checkpoint, data, folder) fails before the run folder exists."""
-    check_arch_for_script(args, script)
     seed_everything(args.seed)
     ckpt = load_checkpoint(args.resume)
     _, _, test_loader, info = build_loaders(LoaderConfig.from_args(args, data_fraction=1.0), device, env.rank,
                                             env.world_size)
-    model = build_model_from_args(args, info.num_classes, (info.mean, info.std)).to(device)
-    load_model_weights(model, ckpt, arch=args.arch, ratio=args.ratio, source=args.resume)
+    model = build_model_from_args(args, info).to(device)
+    load_model_weights(model, ckpt, source=args.resume)
     folder = run_dir(args, script, evaluate=True)
     check_can_create(folder, f"--save-dir {args.save_dir}")
     writer_class = summary_writer_class() if args.tensorboard else None  # before anything is written

@@ -156,36 +156,34 @@ def format_flops_table(rows, title=None) -> str:
     return "\n".join(lines)
 
 
-def _dense_name(arch):
-    return arch[:-len("_moe")] + "_ori" if arch.endswith("_moe") else arch
-
-
-def flops_rows(arch, *, ratio, n_expert=None, num_classes=10, image_size=32, train_step=False, num_steps=2,
-               batch=8, at="trades", moe_training="advmoe", device="cpu", moe_stages=None, top_k=1) -> list[dict]:
-    """Rows for `format_flops_table`: dense `arch` at ratio 1.0 and `ratio`; for an MoE arch also the
-    activated (sparse) MoE and the reference's dense-masked MoE, with MoE convs in `moe_stages` (None: all)
-    and `top_k` experts per image (the activated cost grows with it). GFLOPs per image."""
+def flops_rows(spec, *, image_size=32, train_step=False, num_steps=2, batch=8, at="trades", moe_training="advmoe",
+               device="cpu") -> list[dict]:
+    """Rows for `format_flops_table`: the dense counterpart of `spec` (a `models.ModelSpec`) at ratio 1.0 and at
+    its ratio; for an MoE spec also the activated (sparse) MoE and the reference's dense-masked MoE, with MoE convs
+    in its `moe_stages` (None: all) and `top_k` experts per image (the activated cost grows with it). GFLOPs per
+    image."""
     import models
+    from models.spec import dense_arch
     rows = []
-    dense = _dense_name(arch)
-    for r in dict.fromkeys((1.0, ratio)):  # both ratios, once each
-        model = models.build_model(dense, num_classes=num_classes, ratio=r).to(device)
+    dense = dense_arch(spec.arch)
+    for r in dict.fromkeys((1.0, spec.ratio)):  # both ratios, once each
+        model = models.build_model(dense, num_classes=spec.num_classes, ratio=r).to(device)
         rows.append(dict(name=f"{dense} r={r:g}", **inference_gflops(model, image_size, batch, device)))
         if train_step:
             rows[-1]["step"] = train_step_gflops(model, "joint", image_size=image_size, batch=batch,
-                                                 num_classes=num_classes, num_steps=num_steps, at=at,
+                                                 num_classes=spec.num_classes, num_steps=num_steps, at=at,
                                                  device=device)
-    if models.is_moe(arch):
-        placement = "" if moe_stages is None else f" stages={','.join(map(str, sorted(set(moe_stages))))}"
-        placement += f" k={top_k}" if top_k != 1 else ""
+    if spec.is_moe:
+        placement = "" if spec.moe_stages is None else f" stages={','.join(map(str, sorted(set(spec.moe_stages))))}"
+        placement += f" k={spec.top_k}" if spec.top_k != 1 else ""
         for sparse, label in ((True, "activated"), (False, "dense-masked, as the reference")):
-            model = models.build_model(arch, num_classes=num_classes, ratio=ratio, n_expert=n_expert,
-                                       sparse=sparse, moe_stages=moe_stages, top_k=top_k).to(device)
-            row = dict(name=f"{arch} r={ratio:g} N={n_expert}{placement} {label}",
+            model = models.build_model(spec, sparse=sparse).to(device)
+            row = dict(name=f"{spec.arch} r={spec.ratio:g} N={spec.n_expert}{placement} {label}",
                        **inference_gflops(model, image_size, batch, device))
             if train_step:
                 row["step"] = train_step_gflops(model, moe_training, image_size=image_size, batch=batch,
-                                                num_classes=num_classes, num_steps=num_steps, at=at, device=device)
+                                                num_classes=spec.num_classes, num_steps=num_steps, at=at,
+                                                device=device)
             rows.append(row)
     return rows
 
@@ -210,32 +208,22 @@ def get_args_parser():
 
 
 def main(args) -> int:
-    import models
+    from models import ModelSpec
     from .data import dataset_info
     from .errors import UsageError
     try:
         info = dataset_info(args.dataset)
-        if args.arch not in models.list_models():
-            raise UsageError(f"unknown arch {args.arch!r}; valid: {', '.join(models.list_models())}")
-        if models.is_moe(args.arch) and (args.n_expert is None or args.n_expert < 1):
-            raise UsageError(f"{args.arch} is an MoE arch: give --n-expert N (N >= 1)")
-        if not models.is_moe(args.arch) and (args.n_expert not in (None, 1) or args.moe_stages or args.top_k != 1):
-            raise UsageError(f"{args.arch} is dense: --n-expert, --moe-stages and --top-k apply to MoE archs only")
-        if models.is_moe(args.arch) and not 1 <= args.top_k <= args.n_expert:
-            raise UsageError(f"--top-k must be in 1..{args.n_expert} (--n-expert), got {args.top_k}")
-        if not 0 < args.ratio <= 1:
-            raise UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
+        spec = ModelSpec(args.arch, ratio=args.ratio, num_classes=info.num_classes, n_expert=args.n_expert,
+                         moe_stages=args.moe_stages, top_k=args.top_k).validate()
         if args.batch < 1 or args.num_steps < 0 or (args.image_size is not None and args.image_size < 8):
             raise UsageError("--batch must be >= 1, --num-steps >= 0 and --image-size >= 8")
-    except UsageError as e:
+    except (UsageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     image_size = args.image_size or info.image_size
     try:
-        rows = flops_rows(args.arch, ratio=args.ratio, n_expert=args.n_expert, num_classes=info.num_classes,
-                          image_size=image_size, train_step=args.train_step, num_steps=args.num_steps,
-                          batch=args.batch, at=args.at, moe_training=args.moe_training,
-                          moe_stages=args.moe_stages, top_k=args.top_k)
+        rows = flops_rows(spec, image_size=image_size, train_step=args.train_step, num_steps=args.num_steps,
+                          batch=args.batch, at=args.at, moe_training=args.moe_training)
     except ValueError as e:  # e.g. a stage the arch does not have
         print(f"error: {e}", file=sys.stderr)
         return 2

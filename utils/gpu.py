@@ -156,10 +156,6 @@ class BackendConfig:
     tf32: bool = False
     deterministic: bool = False
 
-    def describe(self) -> str:
-        on = [k for k, v in vars(self).items() if v]
-        return "backends: " + (", ".join(on) if on else "defaults")
-
 
 def _has_sparse_moe(model) -> bool:
     return bool(getattr(model, "is_moe", False) and getattr(model, "sparse", False))

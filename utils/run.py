@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 import models
-from models.base import backbone_modules
+from models import ModelSpec
 from .checkpoint import args_to_dict, capture_rng_state, load_checkpoint, load_model_weights
-from .data import LoaderConfig, TrainingProbe, build_loaders
+from .data import DatasetInfo, LoaderConfig, TrainingProbe, build_loaders, dataset_info
 from .distributed import DistEnv, broadcast_module
 from .errors import UsageError
 from .gpu import Precision, configure_backends, deterministic_backends, fits_on_device, maybe_compile, resident_loaders
@@ -49,15 +49,13 @@ class Run:
         """The checkpoint; `mid_epoch` (at an interrupt) is every rank's `mid_epoch_state`, gathered by all ranks."""
         m = self.model
         state = {
-            "format": CHECKPOINT_FORMAT, "epoch": epoch, "arch": self.args.arch, "state_dict": m.state_dict(),
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "state_dict": m.state_dict(),
             "best_acc": self.best_ra, "sa_record": self.best_sa, "best_epoch": self.best_epoch,
             "best_select": self.best_select,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "step_in_epoch": step_in_epoch, "mid_epoch": mid_epoch or [], "world_size": self.env.world_size,
-            "args": args_to_dict(self.args), "ratio": self.args.ratio, "n_expert": m.n_expert,
-            "num_classes": num_classes_of(m), "dataset": self.args.dataset, "normalize": bool(self.args.normalize),
-            "routing": m.routing_mode, "moe_stages": None if m.moe_stages is None else list(m.moe_stages),
-            "top_k": m.top_k,
+            "args": args_to_dict(self.args), "dataset": self.args.dataset,
+            **m.spec.record(),  # arch, ratio, n_expert, num_classes, normalize, routing, moe_stages, top_k
         }
         if m.is_moe:
             state["balance_state"] = m.balance_state()
@@ -79,26 +77,24 @@ def mid_epoch_state(run, stats):
             "buffers": {name: b.detach().cpu().clone() for name, b in run.model.named_buffers()}}
 
 
-def num_classes_of(model):
-    last = [m for m in backbone_modules(model) if isinstance(m, torch.nn.Linear)][-1]
-    return last.out_features
-
-
-def check_arch_for_script(args, script):
-    moe = models.is_moe(args.arch)
-    if script == "train_ori" and moe:
-        raise UsageError(f"{args.arch} is an MoE arch: train it with train_moe.py")
-    if script == "train_moe" and not moe:
-        raise UsageError(f"{args.arch} is a dense arch: train it with train_ori.py")
-
-
-def build_model_from_args(args, num_classes, stats):
-    """The model of `--arch` at `--ratio` (MoE: `--n-expert`, `--routing`, `--sparse`, `--moe-stages`, `--top-k`),
-    normalising inputs with the dataset's (mean, std) `stats` when `--normalize`."""
+def model_spec(args, info: DatasetInfo | None = None) -> ModelSpec:
+    """The model the flags describe (`--arch`, `--ratio`, `--n-expert`, `--routing`, `--sparse`, `--moe-stages`,
+    `--top-k`, `--normalize` with the dataset's mean and std), validated; UsageError naming the wrong flag.
+    info: the dataset's facts (default: those of `--dataset`)."""
+    info = info or dataset_info(args.dataset)
+    spec = ModelSpec(args.arch, ratio=args.ratio, num_classes=info.num_classes, n_expert=args.n_expert,
+                     routing=args.routing, sparse=args.sparse, moe_stages=args.moe_stages, top_k=args.top_k,
+                     normalize=(info.mean, info.std) if args.normalize else None)
     try:
-        return models.build_model(args.arch, num_classes=num_classes, ratio=args.ratio, n_expert=args.n_expert,
-                                  normalize=stats if args.normalize else None, routing=args.routing,
-                                  sparse=args.sparse, moe_stages=args.moe_stages, top_k=args.top_k)
+        return spec.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def build_model_from_args(args, info: DatasetInfo):
+    """The model of `model_spec(args, info)`; UsageError when the arch cannot take these settings."""
+    try:
+        return models.build_model(model_spec(args, info))
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -114,13 +110,12 @@ def training_kind(args, model):
 
 def build_run(args, script, device, env=DistEnv()):
     """Build data, model, optimizers and precision of a fresh run. Raises UsageError before anything is written."""
-    check_arch_for_script(args, script)
     if args.deterministic and device.type == "cuda":  # before any CUDA matmul (cuBLAS reads its setting once)
         deterministic_backends()
     seed_everything(args.seed)
     train_loader, val_loader, test_loader, info = build_loaders(LoaderConfig.from_args(args), device, env.rank,
                                                                 env.world_size)
-    model = build_model_from_args(args, info.num_classes, (info.mean, info.std))
+    model = build_model_from_args(args, info)
     probe = TrainingProbe(train_loader.dataset, test_loader.dataset) if model.is_moe else None
     if args.sync_bn and env.enabled:
         if device.type != "cuda":  # torch's SyncBatchNorm raises in its first training forward on CPU
@@ -143,7 +138,7 @@ def build_run(args, script, device, env=DistEnv()):
 def restore(run: Run, path: str):
     """Continue from a checkpoint: weights, optimizers, schedules, best record, RNG, position."""
     ckpt = load_checkpoint(path)
-    load_model_weights(run.model, ckpt, arch=run.args.arch, ratio=run.args.ratio, source=path)
+    load_model_weights(run.model, ckpt, source=path)
     if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
         raise UsageError(f"{path} is not a resumable checkpoint of this tool (use it with --evaluate)")
     try:

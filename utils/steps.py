@@ -2,14 +2,14 @@
 every training step shares: its settings (`StepConfig`) and its robust loss (`training_loss`).
 
 AdvMoE's alternating steps are in `utils.advmoe`; how a step moves the weights (backward, clipping, optimizer) is
-in `utils.update`; the router upkeep that follows every router update is in `utils.balance`.
+in `utils.update`; load balancing (a loss term, and the router upkeep that follows every router update) is in
+`utils.balance`.
 """
-from contextlib import nullcontext
 from dataclasses import dataclass
 
-from .balance import DEFAULT_STRENGTH, LOSS_MODES, RouterUpkeep, balance_loss
+from .balance import DEFAULT_STRENGTH, RouterUpkeep, add_balance_term, loss_balancing
 from .losses import robust_loss
-from .update import StepContext, apply_update, check_finite, running_stats_frozen
+from .update import StepContext, apply_update, check_finite
 
 
 @dataclass(frozen=True)
@@ -41,45 +41,9 @@ class StepConfig:
 
 
 def training_loss(model, x, y, cfg: StepConfig, generator=None):
-    """The robust loss of a training step (`cfg.at`: TRADES, PGD-AT or fast AT; `utils.losses.robust_loss`).
-
-    Of TRADES' two training-mode passes only the adversarial one moves BatchNorm running statistics (the clean
-    one normalises with its own batch statistics all the same, so losses and gradients are those of two plain
-    train-mode passes): each BatchNorm moves once per update, as with PGD-AT's single pass. For an MoE the dict
-    also holds `router_logits`, the router's logits in the first training-mode pass (the clean batch for TRADES,
-    the adversarial one for PGD-AT), for a load-balancing loss.
-    """
-    moe = getattr(model, "is_moe", False)
-    router_logits = []
-
-    def forward(m, inp, which):
-        with running_stats_frozen(list(m.modules())) if which == "clean" else nullcontext():
-            if not moe:
-                return m(inp)
-            logits, info = m(inp, return_routing=True)
-        router_logits.append(info.logits)
-        return logits
-
-    out = robust_loss(model, x, y, at=cfg.at, eps=cfg.eps, step_size=cfg.step_size, num_steps=cfg.num_steps,
-                      beta=cfg.beta, generator=generator, forward=forward)
-    if moe:
-        out["router_logits"] = router_logits[0]
-    return out
-
-
-def loss_balancing(cfg: StepConfig, n_expert):
-    """Not in the paper: the load-balancing loss term of `--balance switch|entropy`, a function of the router
-    logits (`cfg.balance_strength` x `utils.balance.balance_loss`); None for every other mode."""
-    if cfg.balance not in LOSS_MODES or cfg.balance_strength <= 0:
-        return None
-    return lambda router_logits: cfg.balance_strength * balance_loss(cfg.balance, router_logits, n_expert)
-
-
-def add_balance_term(out, balance):
-    """`out["loss"]` plus `balance(out["router_logits"])`, recorded as `out["balance_loss"]` (in place)."""
-    out["balance_loss"] = balance(out["router_logits"])
-    out["loss"] = out["loss"] + out["balance_loss"]
-    return out
+    """The robust loss of a training step (`cfg.at`: TRADES, PGD-AT or fast AT; `utils.losses.robust_loss`); for an
+    MoE the dict also holds `router_logits`, for a load-balancing loss."""
+    return robust_loss(model, x, y, cfg, generator)
 
 
 def joint_step(model, x, y, cfg: StepConfig, ctx: StepContext, upkeep: RouterUpkeep | None = None):

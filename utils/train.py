@@ -1,4 +1,4 @@
-"""Training runs of train_ori.py and train_moe.py: `fit` is the whole run.
+"""Training runs of train_ori.py and train_moe.py (through `train.py`): `train` is the whole run.
 
 `train` validates everything that can fail (data, checkpoint, arch) and only then creates the run folder; then,
 epoch by epoch: `train_one_epoch`, `evaluate_epoch` (test, validation and model selection), `save_epoch` (the
@@ -19,34 +19,21 @@ import torch
 from tqdm import tqdm
 
 from . import advmoe, steps
-from .balance import RouterUpkeep, init_router, routing_report
+from .balance import RouterUpkeep, init_router
 from .checkpoint import restore_rng_state, save_checkpoint
-from .distributed import (all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module, gather_objects,
-                          init_distributed, shutdown)
+from .distributed import all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module, gather_objects
 from .errors import UsageError
-from .evaluate import EvalConfig, Shard, evaluate, moe_row
-from .evaluate_checkpoint import evaluate_checkpoint
+from .evaluate import EvalConfig, Shard, evaluate, moe_row, routing_report
 from .run import Run, build_run, mid_epoch_state, restore, training_kind
 from .runlog import (RunLogger, check_can_create, check_folder_is_free, checkpoint_paths, continues_own_run,
                      format_epoch_line, mark_finished, record_unexpected_stop, run_dir, trim_metrics)
-from .runtime import REQUEUE_EXIT_CODE, Interrupted, StopFlag, epoch_seed, resolve_device, seed_everything
+from .runtime import REQUEUE_EXIT_CODE, Interrupted, StopFlag, epoch_seed, seed_everything
 from .scalars import ScalarLog, summary_writer_class
 from .update import NonFiniteError, StepContext
 
 # Catastrophic overfitting (Wong et al. 2020: under FGSM training, PGD robust accuracy falls to near zero within an
 # epoch): validation RA below this fraction of the best earlier validation RA is reported.
 OVERFIT_FRACTION = 0.5
-
-
-def fit(args, script):
-    """Train (or with --evaluate, evaluate) as the flags say. Returns the last metrics row."""
-    env, device = init_distributed(resolve_device(args.device))
-    try:
-        if args.evaluate:
-            return evaluate_checkpoint(args, script, device, env)
-        return train(args, script, device, env)
-    finally:
-        shutdown()
 
 
 def train(args, script, device, env):
@@ -65,6 +52,7 @@ def train(args, script, device, env):
     elif run.model.is_moe:
         init_router(run.model, run.probe.plain.to(device))  # not in the paper: data-dependent router init
         broadcast_module(run.model, env)
+    step = make_step(run)
     writer_class = summary_writer_class() if args.tensorboard else None  # before anything is written
     stop = StopFlag().install()
     row = None
@@ -79,7 +67,7 @@ def train(args, script, device, env):
         try:
             for epoch in range(run.start_epoch, args.epochs):
                 t0, lr = time.time(), run.optimizer.param_groups[0]["lr"]
-                stats, stopped_at = train_one_epoch(run, epoch, stop)
+                stats, stopped_at = train_one_epoch(run, step, epoch, stop)
                 if stopped_at is not None:
                     checkpoint_mid_epoch(run, epoch, stopped_at, stats, latest, log, stop)  # raises Interrupted
                 row, is_best, warnings = evaluate_epoch(run, epoch, stats, lr)
@@ -128,7 +116,8 @@ def recorded_outcome(log, stop):
 
 
 def make_step(run: Run):
-    """The per-batch update of this run, `step(x, y) -> loss dict`: AdvMoE or dense/joint adversarial training."""
+    """The per-batch update of this run, `step(x, y) -> loss dict`: AdvMoE or dense/joint adversarial training.
+    Built once per run: its settings, optimizers and router upkeep hold no per-epoch state."""
     cfg = steps.StepConfig.from_args(run.args)
     env = run.env
     ctx = StepContext(run.optimizer, run.router_optimizer, run.precision.scaler,
@@ -143,14 +132,13 @@ def make_step(run: Run):
     return lambda x, y: steps.joint_step(run.model, x, y, cfg, ctx, upkeep=upkeep)
 
 
-def train_one_epoch(run: Run, epoch: int, stop: StopFlag):
-    """One epoch of updates (from its first batch, or from where a resumed run stopped); returns (stats, the
-    batch at which a stop signal ended it early, or None)."""
+def train_one_epoch(run: Run, step, epoch: int, stop: StopFlag):
+    """One epoch of `step(x, y)` updates (from its first batch, or from where a resumed run stopped); returns
+    (stats, the batch at which a stop signal ended it early, or None)."""
     a, model, loader = run.args, run.model, run.train_loader
     resuming = epoch == run.start_epoch and run.start_batch > 0
     if not resuming:
         seed_everything(epoch_seed(a.seed, epoch, run.env.rank))
-    step = make_step(run)
     loader.sampler.set_epoch(epoch)
     start = run.start_batch if resuming else 0
     partial = dict(run.partial or {}) if resuming else {}

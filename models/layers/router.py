@@ -40,7 +40,8 @@ def selection_scores(logits: torch.Tensor, select_bias: torch.Tensor | None) -> 
 
 
 class BalanceState(nn.Module):
-    """A router's load-balancing state (`--balance bias`): the selection-only bias and a running load estimate.
+    """A router's load-balancing state (`--balance bias|bias-sign`): the selection-only bias and a running load
+    estimate.
 
     Both are non-persistent buffers, so the router's state dict keeps the released code's layout (its
     checkpoints load strictly); checkpoints of this tool carry them under their own key
@@ -92,8 +93,8 @@ class Router(nn.Module):
     them in eval mode): an image's expert then never depends on the rest of its batch (with batch statistics,
     perturbing one image moves the others' routing, and the routing seen in training is not the one at test
     time), and AdvMoE's router step trains exactly the decisions that evaluation makes. The statistics are
-    estimated from training images when a run starts (`utils.advmoe.balance_router_init`) and follow the router
-    after each of its updates (`utils.advmoe.track_router_statistics`, outside any forward that decides);
+    estimated from training images when a run starts (`utils.balance.init_router`) and follow the router
+    after each of its updates (`utils.balance.track_router_statistics`, outside any forward that decides);
     checkpoints of the released code bring their own.
     """
 
