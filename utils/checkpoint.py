@@ -30,9 +30,19 @@ def save_checkpoint(state: dict, path):
     no temp file behind (except after a hard kill, as a hidden `.tmp-*` file).
     """
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_file(path, "wb") as f:
-        torch.save(state, f)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_file(path, "wb") as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError("... unexpected pos ...")
+        raise UsageError(f"could not write the checkpoint {path} ({_first_line(e)}): is the disk full, or a "
+                         f"file-size limit reached? {_what_is_intact(path)}") from None
+
+
+def _what_is_intact(path) -> str:
+    if os.path.exists(path):
+        return f"The previous {os.path.basename(path)} is intact (nothing was replaced)."
+    return f"There was no earlier {os.path.basename(path)}; nothing was replaced."
 
 
 def _numpy_safe_globals() -> list:
@@ -138,6 +148,20 @@ def _recorded_mismatch(where, ckpt, key, flag, wanted):
         raise UsageError(f"{where} was trained with {flag} {recorded}; {flag} says {wanted}")
 
 
+def _stages_mismatch(where, ckpt, model):
+    """UsageError when the checkpoint's MoE stages differ from the model's (a recorded None: every stage)."""
+    if not getattr(model, "is_moe", False) or "moe_stages" not in ckpt:
+        return
+    stages = None if model.moe_stages is None else list(model.moe_stages)
+    recorded = ckpt["moe_stages"]
+    if recorded is not None and stages is not None:
+        return _recorded_mismatch(where, ckpt, "moe_stages", "--moe-stages", stages)
+    if (recorded is None) != (stages is None):
+        def text(v):
+            return "every stage (no --moe-stages)" if v is None else "--moe-stages " + " ".join(map(str, v))
+        raise UsageError(f"{where} was trained with {text(recorded)}; this run asks for {text(stages)}")
+
+
 def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
     """Load the checkpoint's weights into `model` strictly.
 
@@ -152,8 +176,7 @@ def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
         _recorded_mismatch(where, ckpt, "ratio", "--ratio", None if ratio is None else float(ratio))
         _recorded_mismatch(where, ckpt, "n_expert", "--n-expert", getattr(model, "n_expert", None))
         _recorded_mismatch(where, ckpt, "routing", "--routing", getattr(model, "routing_mode", None))
-        stages = getattr(model, "moe_stages", None)
-        _recorded_mismatch(where, ckpt, "moe_stages", "--moe-stages", None if stages is None else list(stages))
+        _stages_mismatch(where, ckpt, model)
         if getattr(model, "is_moe", False):
             _recorded_mismatch(where, ckpt, "top_k", "--top-k", model.top_k)
     sd = extract_state_dict(ckpt, source)
@@ -166,7 +189,7 @@ def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}")
         raise UsageError(f"{where} does not fit {arch or 'the model'} ({'; '.join(parts)}): wrong --arch, "
-                         f"--n-expert or --routing?")
+                         f"--n-expert, --routing or --moe-stages?")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise UsageError(f"{where}: shapes differ for {k}: checkpoint {tuple(v.shape)} vs model "
