@@ -100,3 +100,54 @@ def test_a_rerun_with_other_epochs_or_ratio_computes_anew(tmp_path):
         assert f"--epochs {extra[1]}" in (tmp_path / "main" / "table.md").read_text()
     assert [r["last_epoch"]["epoch"] for r in results] == [1, 2, 1]
     assert len({r["command"] for r in results}) == 3 and "--ratio 0.125" in results[2]["command"]
+
+
+def test_the_training_child_dies_with_a_killed_study(tmp_path):
+    """kill -9 of the study: its training process gets SIGTERM (checkpoints, stops), so a rerun finds no writer."""
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import time
+    from utils.lock import hold
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "utils.study", "--only", "dense_r", "--seeds", "1", "--epochs", "50",
+                          "--ratio", "0.0625", "--save-dir", str(tmp_path)], cwd=study.ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = None
+    for _ in range(600):
+        child = _training_child(p.pid)
+        if child is not None:
+            break
+        time.sleep(0.1)
+    assert child is not None, "the study never started its training process"
+    time.sleep(3)  # past its start-up: it is training
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    for _ in range(600):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the training child outlived the study by a minute")
+    for lock in glob.glob(str(tmp_path / "main" / "**" / "training" / "*" / "*" / ".lock"), recursive=True):
+        with hold(os.path.dirname(lock)):  # free again: a rerun can write there
+            pass
+
+
+def _training_child(parent):
+    """The pid of a `train_*.py` process whose parent is `parent`, or None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"train_ori.py" in cmd:
+            return int(pid)
+    return None
