@@ -5,8 +5,8 @@
 
 A second process asking for the same folder gets a UsageError (one line, exit 2) naming the holder's pid and
 command. The lock is the kernel's (`fcntl.flock`): it dies with its process, so a folder left by `kill -9` or a
-crash is never blocked. The lock file stays (empty) after a clean release; the holder's pid and command are
-written into it only while it is held. When the block fails, a lock file that `hold` made is removed, and so are the
+crash is never blocked. The lock file stays (empty, its times restored) after a release; the holder's pid
+and command are written into it only while it is held. When the block fails, a lock file that `hold` made is removed, and so are the
 folders it created that are empty again: refused input leaves nothing behind.
 """
 import contextlib
@@ -92,8 +92,10 @@ def hold(folder, what="run folder"):
         raise UsageError(f"{what} {folder} is in use by {holder}; wait for it to end (or stop it), then rerun")
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": [sys.executable, *sys.argv],
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    stat = os.fstat(fd)
     try:
         with contextlib.suppress(OSError):  # best effort: on a full disk the lock holds without the record
+            os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode("utf-8", "backslashreplace"), 0)
         ok = False
         try:
@@ -102,7 +104,8 @@ def hold(folder, what="run folder"):
         finally:
             if not ok:
                 _remove_own(created, path, made_lock)
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # a released lock names nobody (and a finished folder's bytes stay the same)
+            with contextlib.suppress(OSError):  # a released lock names nobody, and looks as it did before
+                os.ftruncate(fd, 0)
+                os.utime(fd, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     finally:
         os.close(fd)
