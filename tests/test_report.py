@@ -296,4 +296,5 @@ def test_lost_rows_and_a_non_utf8_log_are_named_not_reported_as_results(tmp_path
     assert rows[str(lost)].pgd_ra is None
     assert rows[str(binary)].status == "damaged" and "metrics.jsonl" in rows[str(binary)].message
     assert report.main([str(save), "--out", str(tmp_path / "out")]) == 0
-    assert "damaged" in (tmp_path / "out" / "table.md").read_text()
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "damaged" in table and f"Made by: `python -m utils.report {save} --out {tmp_path / 'out'}`" in table

@@ -82,6 +82,7 @@ def test_report_only_never_shows_results_of_other_settings(tmp_path, capsys):
     assert "90.00" not in table and "--epochs 2" in table
 
 
+@pytest.mark.slow  # three whole jobs: about 2 minutes on a loaded 2-core machine
 def test_a_rerun_with_other_epochs_or_ratio_computes_anew(tmp_path):
     """A whole job (train, --evaluate, AutoAttack) at the tiniest settings, then again with other --epochs and
     --ratio: the old numbers must never come back."""

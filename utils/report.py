@@ -661,15 +661,16 @@ def check_out(out: str) -> None:
         raise UsageError(f"--out {out}: cannot write in {nearest}")
 
 
-def write_report(rows: list[RunRow], out: str, title: str = "") -> dict:
-    """Write table.md, table.csv, curves.png and expert_load.png into `out`; returns their paths."""
+def write_report(rows: list[RunRow], out: str, title: str = "", command: str = "") -> dict:
+    """Write table.md, table.csv, curves.png and expert_load.png into `out`; returns their paths. `command`, the
+    command that made the report, ends table.md."""
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, k) for k in REPORT_FILES}
     with open(os.path.join(out, MADE_HERE), "w") as f:  # first: a crash below leaves files we may replace
         json.dump({"files": list(REPORT_FILES)}, f)
     md = markdown_table(rows)
     with open(paths["table.md"], "w") as f:
-        f.write((f"# {title}\n\n" if title else "") + md)
+        f.write((f"# {title}\n\n" if title else "") + md + (f"\nMade by: `{command}`\n" if command else ""))
     write_csv(rows, paths["table.csv"])
     suffix = f" ({title})" if title else ""
     plot_curves(rows, paths["curves.png"], "SA and PGD RA per epoch" + suffix)
@@ -714,13 +715,14 @@ def main(argv=None) -> int:
     if args.compute_flops:
         add_computed_flops(rows)
     from .lock import hold
+    command = "python -m utils.report " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         with hold(args.out, "report folder"):
-            paths = write_report(rows, args.out, args.title)
+            paths = write_report(rows, args.out, args.title, command)
     except UsageError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(markdown_table(rows), end="")
+    print(markdown_table(rows) + f"\nMade by: `{command}`\n", end="")
     counts = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1
