@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,8 +21,8 @@ import train_ori  # noqa: E402
 from utils import train as train_mod  # noqa: E402
 from utils.lock import LOCK_NAME, hold  # noqa: E402
 from test_autoattack import torch_threads  # noqa: E402,F401  (autouse: one thread in this module too)
-from test_hostile_inputs import (FLAGS, TWO_EPOCHS, assert_one_line, cli, finished, no_signal_handlers,  # noqa: E402,F401
-                                 snapshot)
+from test_hostile_inputs import (FLAGS, TWO_EPOCHS, assert_one_line, cli, finished,  # noqa: E402,F401
+                                 no_signal_handlers, snapshot)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

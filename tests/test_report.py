@@ -44,7 +44,8 @@ def make_eval(save, script, name, run_folder, sa, ra):
 
 
 def epochs(sa_ra, seconds=100.0, moe=False):
-    """Metrics rows (epochs from 1, as the runs write them) of a run whose validation RA equals its test RA (so selection picks the best test RA)."""
+    """Metrics rows (epochs from 1, as the runs write them) of a run whose validation RA equals its test RA (so
+    selection picks the best test RA)."""
     rows, best, best_epoch = [], -1.0, None
     for e, (sa, ra) in enumerate(sa_ra):
         if ra > best:

@@ -5,9 +5,9 @@
 
 A second process asking for the same folder gets a UsageError (one line, exit 2) naming the holder's pid and
 command. The lock is the kernel's (`fcntl.flock`): it dies with its process, so a folder left by `kill -9` or a
-crash is never blocked. The lock file stays (empty, its times restored) after a release; the holder's pid
-and command are written into it only while it is held. When the block fails, a lock file that `hold` made is removed, and so are the
-folders it created that are empty again: refused input leaves nothing behind.
+crash is never blocked. The lock file stays (empty, its times restored) after a release; the holder's pid and
+command are written into it only while it is held. When the block fails, a lock file that `hold` made is
+removed, and so are the folders it created that are empty again: refused input leaves nothing behind.
 """
 import contextlib
 import fcntl
