@@ -339,17 +339,38 @@ def validate_args(args):
         check_checkpoint_file(args.resume, "--resume")
     _check_run_folder_name(args)
     if getattr(args, "balance", None) is not None:
-        from utils.balance import DEFAULT_STRENGTH
-        if args.balance_strength is None:
-            args.balance_strength = DEFAULT_STRENGTH[args.balance]
-        if args.balance == "median" and not 0 < args.balance_strength <= 1:
-            raise UsageError(f"--balance-strength for --balance median is the fraction of the shift applied, in "
-                             f"(0, 1]; got {args.balance_strength}")
+        _check_balance_strength(args, spec)
     if args.compile and spec.is_moe:
         raise UsageError(f"--compile supports dense models only, not the MoE {args.arch}: its data-dependent "
                          f"expert groups break the graph and recompile until torch.compile gives up")
     if args.routing == "layer" and args.router_objective == "reference":
         raise UsageError("--router-objective reference needs --routing global (it trains the one global router)")
+
+
+# What --balance-strength means per mode, and its range: (low, high, whether low itself is allowed, meaning).
+STRENGTH_RANGES = {"median": (0, 1, False, "the fraction of the re-centring shift applied"),
+                   "bias": (0, 1, False, "the fraction of the balancing shift applied per update"),
+                   "bias-sign": (0, 1, False, "the step of the selection bias per update"),
+                   "switch": (0, 100, True, "the weight of the balancing loss"),
+                   "entropy": (0, 100, True, "the weight of the balancing loss")}
+
+
+def _check_balance_strength(args, spec):
+    """Fill --balance-strength with the mode's default; refuse it out of range, or where it does nothing
+    (`--balance none`, a dense arch: like the other MoE-only flags, a value other than the default)."""
+    from utils.balance import DEFAULT_STRENGTH
+    given, default = args.balance_strength, DEFAULT_STRENGTH[args.balance]
+    args.balance_strength = default if given is None else given
+    if given is None or given == default:
+        return
+    if not spec.is_moe:
+        raise UsageError(f"--balance-strength applies to MoE archs (*_moe) only; {args.arch} is dense")
+    if args.balance == "none":
+        raise UsageError("--balance-strength has no effect with --balance none (no balancing)")
+    low, high, low_ok, meaning = STRENGTH_RANGES[args.balance]
+    if not (low <= given <= high and (low_ok or given > low)):
+        interval = f"{'[' if low_ok else '('}{low:g}, {high:g}]"
+        raise UsageError(f"--balance-strength for --balance {args.balance} is {meaning}, in {interval}; got {given}")
 
 
 def _check_run_folder_name(args):

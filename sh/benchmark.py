@@ -63,6 +63,20 @@ def get_args_parser():
     return p
 
 
+def check_args(args):
+    """UsageError (one line, exit 2) for sizes that would time nothing or fail deep in a model."""
+    from utils.errors import UsageError
+    if not 0 < args.ratio <= 1:
+        raise UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
+    if not args.experts or min(args.experts) < 1:
+        raise UsageError(f"--experts must be whole numbers >= 1, got {' '.join(map(str, args.experts))}")
+    for name, low in (("batch", 1), ("train_batch", 1), ("num_steps", 0), ("repeats", 1), ("warmup", 0),
+                      ("train_repeats", 1), ("threads", 1)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -180,6 +194,7 @@ def train_throughput(args, configs, prepared, precision, device, warmup, train_b
 
 def main(args):
     from utils.runtime import resolve_device
+    check_args(args)
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -279,4 +294,5 @@ def gflops_table(args, configs, device):
 
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    from utils.cli import run_main  # bad sizes and devices: one line, exit 2
+    run_main(lambda argv: sys.exit(main(get_args_parser().parse_args(argv))))

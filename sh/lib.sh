@@ -123,12 +123,49 @@ for n, line in enumerate(sys.stdin, 1):
 '
 sw_resolve_dirs() { (cd "$SW_ROOT" && "$SW_PYTHON" -c "$SW_RESOLVE_PY"); }
 
+# The AutoAttack flags of the sweep (SW_AA_CMD_ARGS), checked as auto_attack_eval.py's parser and its range
+# checks would, before anything runs: a dry run then catches what the real run would refuse only at the end.
+SW_AA_CHECK_PY='
+import os, sys
+sys.path.insert(0, os.getcwd())
+try:
+    from args import get_autoattack_parser
+except ImportError as e:
+    sys.exit(f"error: cannot check the AutoAttack flags ({e}); run the sweep from a complete checkout")
+parser = get_autoattack_parser()
+parser.error = lambda message: sys.exit(f"error: AutoAttack flags rejected by auto_attack_eval.py: {message}")
+a = parser.parse_args(["--source-net", "CHECKPOINT", *sys.argv[1:]])
+problems = []
+if a.n_ex is not None and a.n_ex < 1:
+    problems.append(f"--aa-n-ex must be >= 1, got {a.n_ex}")
+if not a.epsilon > 0 or (a.norm == "Linf" and a.epsilon > 255):
+    problems.append(f"--aa-epsilon must be in (0, 255] (1/255 units), got {a.epsilon:g}")
+if a.version == "custom" and not a.attacks:
+    problems.append("--aa-version custom needs --aa-attacks")
+if not 0 <= a.seed <= 2**32 - 1:
+    problems.append(f"--seed must be in [0, 2**32 - 1], got {a.seed}")
+if problems:
+    sys.exit("error: " + "; ".join(problems))
+'
+sw_check_aa_args() { (cd "$SW_ROOT" && "$SW_PYTHON" -c "$SW_AA_CHECK_PY" "$@") || exit 2; }
+
+# sw_check_manifest_path FILE: exit 2 unless FILE is new or a manifest this script wrote (its first line is the
+# header): a sweep never replaces a file it did not make, not even in a dry run.
+sw_check_manifest_path() {
+    local file="$1" first=""
+    [ -e "$file" ] || return 0
+    [ -f "$file" ] || sw_die "--manifest $file exists and is not a regular file"
+    IFS= read -r first <"$file" || true
+    [ "$first" = "$SW_MANIFEST_HEADER" ] || sw_die "--manifest $file exists and is not a sweep manifest (its first line is not the header this script writes): choose another --manifest"
+}
+
 # sw_write_manifest FILE: from the arrays SW_TRAIN_CMDS (shell-quoted training commands), SW_EVAL_BASES (the
 # same without training-only flags; --evaluate --resume BEST is appended) and SW_RUN_DATASETS (each run's
 # dataset), and the settings SW_EVAL (1/0), SW_AA (1/0), SW_AA_CMD_ARGS (array: AutoAttack flags other than
 # --source-net, --out and --dataset).
 sw_write_manifest() {
     local file="$1" dirs tmp i run_dir eval_dir best eval_cmd aa_cmd
+    sw_check_manifest_path "$file"
     dirs="$(printf '%s\n' "${SW_TRAIN_CMDS[@]}" | sw_resolve_dirs)" || exit 2
     mkdir -p "$(dirname "$file")"
     tmp="$file.tmp.$$"

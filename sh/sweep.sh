@@ -24,7 +24,8 @@
 #                           results; digits: results/digits_minisweep)                     [env SWEEP_SAVE_DIR]
 #   --data-dir DIR          passed to every command
 #   --tag ID                prefix of the runs' --exp-identifier (ID_dense, ID_joint, ...; default: the method)
-#   --manifest FILE         where to write the manifest (default SAVE/manifest.tsv)
+#   --manifest FILE         where to write the manifest (default SAVE/manifest.tsv); an existing FILE is
+#                           replaced only when it is a manifest this script wrote
 #   --aa-n-ex N  --aa-version V  --aa-attacks "a b"  --aa-epsilon E (1/255 units)   AutoAttack settings
 #   --no-eval  --no-autoattack  --no-report
 #   --report-dir DIR        (default SAVE/report)
@@ -123,6 +124,13 @@ digits)
 esac
 case "$backend" in local | slurm) ;; *) sw_die "unknown --backend $backend (local or slurm)" ;; esac
 [ -z "$gpus" ] || [ "$backend" = local ] || sw_die "--gpus is for the local backend (SLURM gives each task its GPU)"
+if [ -n "$gpus" ]; then
+    for g in $(sw_split_list "$gpus"); do
+        [[ "$g" =~ ^[0-9]+$ ]] || sw_die "--gpus $gpus: each GPU is a device index (0,1,...), got $g"
+    done
+    [ -z "$(sw_split_list "$gpus" | sort | uniq -d)" ] || sw_die "--gpus $gpus names a GPU twice (two runs would share it)"
+fi
+[ -z "$aa_n_ex" ] || [[ "$aa_n_ex" =~ ^[1-9][0-9]*$ ]] || sw_die "--aa-n-ex must be a positive integer, got $aa_n_ex"
 [[ "$epochs" =~ ^[1-9][0-9]*$ ]] || sw_die "--epochs must be a positive integer, got $epochs"
 [ "$aa_version" = custom ] || [ -z "$aa_attacks" ] || sw_die "--aa-attacks needs --aa-version custom"
 for flag in --exp-identifier --save-dir --resume --evaluate --arch --dataset --ratio --n-expert --moe-training \
@@ -195,6 +203,7 @@ fi
 [ -z "$data_dir" ] || SW_AA_CMD_ARGS+=(--data-dir "$data_dir")
 [ -z "$seed" ] || SW_AA_CMD_ARGS+=(--seed "$seed")
 SW_AA_CMD_ARGS+=(${aa_extra[@]+"${aa_extra[@]}"})
+[ "$SW_AA" = 0 ] || sw_check_aa_args ${SW_AA_CMD_ARGS[@]+"${SW_AA_CMD_ARGS[@]}"}
 
 sw_write_manifest "$manifest"
 total="$(sw_manifest_count "$manifest")"

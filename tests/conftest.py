@@ -6,6 +6,7 @@ two pytest-xdist workers with two OpenMP threads each on a 2-core machine spin a
 test that takes 2 s alone took 122 s that way. A process started with `multiprocessing` spawn does not run this
 file: its target sets its own thread count.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -90,3 +91,66 @@ def ours(model, opt, arch, n_expert=None):
             "sa_record": 0.0, "optimizer": opt.state_dict(), "ratio": TINY_RATIO, "n_expert": n_expert,
             "num_classes": 10, "dataset": "Digits", "normalize": False,
             "routing": "global" if n_expert else None, "args": {}}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Entry scripts run in this process (tests/test_hostile_inputs.py, test_one_writer.py, test_study.py)
+# ------------------------------------------------------------------------------------------------------------
+
+FLAGS = ["--arch", "resnet18_cifar_ori", "--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32",
+         "--test-batch-size", "32", "--num-workers", "0", "--max-batches", "1", "--max-test-batches", "1",
+         "--num-steps", "1", "--num-steps-test", "1", "--no-progress", "--device", "cpu"]
+TWO_EPOCHS = FLAGS + ["--epochs", "2"]
+
+
+def cli(main, argv, capsys):
+    """(exit code, stderr) of an entry script's `main` run as `python script.py argv` would run it."""
+    capsys.readouterr()
+    try:
+        from utils.cli import run_main
+        run_main(main, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(code, err, *named):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[:2000]
+    assert len(lines[0]) <= 1100, f"{len(lines[0])} characters"
+    for word in named:
+        assert word in lines[0], lines[0]
+
+
+def snapshot(root):
+    """Every folder and every file's bytes under `root`: equal snapshots mean nothing was written."""
+    out = {}
+    for d, subs, files in os.walk(root):
+        for s in subs:
+            out[os.path.relpath(os.path.join(d, s), root) + "/"] = None
+        for f in files:
+            with open(os.path.join(d, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(d, f), root)] = fh.read()
+    return out
+
+
+@contextlib.contextmanager
+def no_signal_handlers():
+    """Runs in this process must not leave their SIGTERM/SIGUSR1 handlers in the test process."""
+    with pytest.MonkeyPatch.context() as mp:
+        from utils.train import StopFlag
+        mp.setattr(StopFlag, "install", lambda self: self)
+        yield
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 2-epoch run: (save dir, run folder, its checkpoint.pth.tar)."""
+    save = tmp_path_factory.mktemp("finished")
+    import train_ori
+    with no_signal_handlers():
+        train_ori.main(TWO_EPOCHS + ["--save-dir", str(save)])
+    folder = os.path.join(save, "training", "train_ori", os.listdir(save / "training" / "train_ori")[0])
+    return save, folder, os.path.join(folder, "checkpoint", "checkpoint.pth.tar")

@@ -5,7 +5,6 @@ Most cases call the entry scripts' `main` in this process through `run_main` (wh
 so torch is imported once; the one case that hung the old code runs in a subprocess with a timeout. One tiny
 dense run (2 epochs of 1 batch on Digits) made once per module provides the real run folder and checkpoints.
 """
-import contextlib
 import json
 import os
 import shutil
@@ -22,64 +21,11 @@ import train_ori  # noqa: E402
 from utils import autoattack_eval as aa  # noqa: E402
 from utils import train as train_mod  # noqa: E402
 from utils.cli import run_main  # noqa: E402
+from conftest import FLAGS, TWO_EPOCHS, assert_one_line, cli, no_signal_handlers, snapshot  # noqa: E402,F401
 
-FLAGS = ["--arch", "resnet18_cifar_ori", "--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32",
-         "--test-batch-size", "32", "--num-workers", "0", "--max-batches", "1", "--max-test-batches", "1",
-         "--num-steps", "1", "--num-steps-test", "1", "--no-progress", "--device", "cpu"]
-TWO_EPOCHS = FLAGS + ["--epochs", "2"]
 CHEAP_AA = {"apgd": {"n_restarts": 1, "n_iter": 2}}
 AA_FLAGS = ["--dataset", "Digits", "--data-dir", "unused", "--device", "cpu", "--num-workers", "0", "--n-ex", "4",
             "--version", "custom", "--attacks", "apgd-ce", "--no-progress"]
-
-
-def cli(main, argv, capsys):
-    """(exit code, stderr) of an entry script's `main` run as `python script.py argv` would run it."""
-    capsys.readouterr()
-    try:
-        run_main(main, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
-def assert_one_line(code, err, *named):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err[:2000]
-    assert len(lines[0]) <= 1100, f"{len(lines[0])} characters"
-    for word in named:
-        assert word in lines[0], lines[0]
-
-
-def snapshot(root):
-    """Every folder and every file's bytes under `root`: equal snapshots mean nothing was written."""
-    out = {}
-    for d, subs, files in os.walk(root):
-        for s in subs:
-            out[os.path.relpath(os.path.join(d, s), root) + "/"] = None
-        for f in files:
-            with open(os.path.join(d, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(d, f), root)] = fh.read()
-    return out
-
-
-@contextlib.contextmanager
-def no_signal_handlers():
-    """Runs in this process must not leave their SIGTERM/SIGUSR1 handlers in the test process."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod.StopFlag, "install", lambda self: self)
-        yield
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 2-epoch run: (save dir, run folder, its checkpoint.pth.tar)."""
-    save = tmp_path_factory.mktemp("finished")
-    with no_signal_handlers():
-        train_ori.main(TWO_EPOCHS + ["--save-dir", str(save)])
-    folder = os.path.join(save, "training", "train_ori", os.listdir(save / "training" / "train_ori")[0])
-    return save, folder, os.path.join(folder, "checkpoint", "checkpoint.pth.tar")
 
 
 def edited_checkpoint(finished, path, **changes):

@@ -44,12 +44,13 @@ def make_eval(save, script, name, run_folder, sa, ra):
 
 
 def epochs(sa_ra, seconds=100.0, moe=False):
-    """Metrics rows of a run whose validation RA equals its test RA (so selection picks the best test RA)."""
+    """Metrics rows (epochs from 1, as the runs write them) of a run whose validation RA equals its test RA (so
+    selection picks the best test RA)."""
     rows, best, best_epoch = [], -1.0, None
     for e, (sa, ra) in enumerate(sa_ra):
         if ra > best:
-            best, best_epoch = ra, e
-        row = {"epoch": e, "lr": 0.1, "train_loss": 1.0, "val_ra": ra, "sa": sa, "ra": ra, "best_ra": best,
+            best, best_epoch = ra, e + 1
+        row = {"epoch": e + 1, "lr": 0.1, "train_loss": 1.0, "val_ra": ra, "sa": sa, "ra": ra, "best_ra": best,
                "best_epoch": best_epoch, "seconds": seconds}
         if moe:
             row.update(load_clean=[70.0, 30.0], load_adv=[60.0, 40.0], collapse=False,
@@ -119,7 +120,7 @@ def test_report_table_rows_and_values(sweep, tmp_path):
     assert float(dense["gflops"]) == 1.11
     assert float(dense["gpu_hours"]) == pytest.approx(3 * 1800.0 * 2 / 3600)  # seconds x world size
     assert dense["cpu_hours"] == ""
-    assert dense["best_epoch"] == "1"
+    assert dense["best_epoch"] == "2"
 
     moe = rows[str(sweep["moe"])]
     assert (moe["method"], moe["ratio"], moe["n_expert"]) == ("advmoe", "0.5", "2")
@@ -242,16 +243,59 @@ def test_selection_on_the_test_set_is_said_in_the_table(tmp_path):
     selected its epoch on the test set: the table marks it (†) and the CSV says `test`."""
     save = tmp_path / "results"
     val = epochs([(80.0, 40.0), (85.0, 45.0), (86.0, 44.0)])
-    val[-1].update(val_ra=50.0, best_epoch=2)  # validation picks the last epoch, not the best test RA
+    val[-1].update(val_ra=50.0, best_epoch=3)  # validation picks the last epoch, not the best test RA
     logs = {"val": val,
             "no-best-epoch": [{k: v for k, v in r.items() if k not in ("best_epoch", "val_ra")} for r in val],
-            "no-val-split": [{k: v for k, v in r.items() if k != "val_ra"} for r in epochs([(70.0, 30.0)])]}
+            "no-val-split": [{k: v for k, v in r.items() if k != "val_ra"}
+                             for r in epochs([(70.0, 30.0), (60.0, 20.0), (65.0, 25.0)])]}
     for seed, rows in enumerate(logs.values()):
         make_run(save, "train_ori", f"CIFAR10-resnet18_cifar_ori-ratio0.5-epochs3-lr0.1-eps8-steps2-beta6.0-"
                  f"seed{seed}", args_of("resnet18_cifar_ori", 0.5, seed=seed), rows)
     rows = sorted(report.collect([str(save)]), key=lambda r: r.run_dir)
-    assert [(r.selection, r.best_epoch, r.pgd_ra) for r in rows] == [("val", 2, 44.0), ("test", 1, 45.0),
-                                                                      ("test", 0, 30.0)]
+    assert [(r.selection, r.best_epoch, r.pgd_ra) for r in rows] == [("val", 3, 44.0), ("test", 2, 45.0),
+                                                                      ("test", 1, 30.0)]
     md = report.markdown_table(rows)
     assert "| 86.00* | 44.00* |" in md and "| 85.00*† | 45.00*† |" in md and "| 70.00*† | 30.00*† |" in md
     assert "†: the best epoch was chosen by test RA" in md
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 19: the report replaces only its own files, and says when a run's log is damaged
+# ------------------------------------------------------------------------------------------------------------
+
+def _one_line_2(argv):
+    r = subprocess.run([sys.executable, "-m", "utils.report", *map(str, argv)], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    return r.stderr
+
+
+def test_out_never_replaces_a_file_the_report_did_not_write(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    runs.mkdir()
+    out.mkdir()
+    (out / "table.md").write_text("my notes\n")
+    assert "table.md" in _one_line_2([runs, "--out", out])
+    assert (out / "table.md").read_text() == "my notes\n" and sorted(os.listdir(out)) == ["table.md"]
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in _one_line_2([runs, "--out", tmp_path / "file"])
+    assert report.main([str(runs), "--out", str(tmp_path / "mine")]) == 0  # its own files: replaced on a rerun
+    assert report.main([str(runs), "--out", str(tmp_path / "mine")]) == 0
+
+
+def test_lost_rows_and_a_non_utf8_log_are_named_not_reported_as_results(tmp_path):
+    save = tmp_path / "s"
+    lost = make_run(save, "train_ori", "CIFAR10-vgg16_bn_ori-ratio0.5-epochs3-lr0.1-eps8-steps2-beta6.0-seed1",
+                    args_of("vgg16_bn_ori", 0.5), epochs([(50.0, 20.0)]), state="finished")
+    binary = make_run(save, "train_ori", "CIFAR10-vgg16_bn_ori-ratio1.0-epochs3-lr0.1-eps8-steps2-beta6.0-seed1",
+                      args_of("vgg16_bn_ori", 1.0), epochs([(50.0, 20.0)]), state="running")
+    with open(binary / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\xfe\n")
+    rows = {r.run_dir: r for r in report.collect([str(save)])}
+    assert rows[str(lost)].status == "damaged" and "epochs 2, 3" in rows[str(lost)].message
+    assert rows[str(lost)].pgd_ra is None
+    assert rows[str(binary)].status == "damaged" and "metrics.jsonl" in rows[str(binary)].message
+    assert report.main([str(save), "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "damaged" in table and f"Made by: `python -m utils.report {save} --out {tmp_path / 'out'}`" in table

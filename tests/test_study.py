@@ -1,11 +1,17 @@
 """The routing study's table: mean ± std over seeds with their number, from the jobs' result files."""
 import json
+import os
 
 from utils import study
 
 
+REPORT = ["--report-only", "--seeds", "1,2"]
+
+
 def _result(tmp_path, row, seed, **values):
-    folder = tmp_path / "main" / "jobs" / f"{study.slug(row)}-seed{seed}"
+    a = study.get_args_parser().parse_args(REPORT + ["--save-dir", str(tmp_path)])
+    j = next(j for j in study.plan(a, [1, 2]) if j.name == row and j.seed == seed)
+    folder = tmp_path / "main" / os.path.relpath(j.folder(str(tmp_path / "main")), str(tmp_path / "main"))
     folder.mkdir(parents=True)
     base = {"row": row, "seed": seed, "n": 360, "aa_n": 100}
     (folder / "result.json").write_text(json.dumps({**base, **values}))
@@ -15,7 +21,7 @@ def test_report_only_aggregates_seeds_with_mean_std_and_n(tmp_path, capsys):
     _result(tmp_path, "AdvMoE", 1, sa=90.0, ra=20.0, aa=8.0, gflops=0.028)
     _result(tmp_path, "AdvMoE", 2, sa=92.0, ra=26.0, aa=10.0, gflops=0.028)
     _result(tmp_path, "dense r", 1, sa=95.0, ra=35.0, aa=19.0, gflops=0.004)
-    assert study.main(["--report-only", "--save-dir", str(tmp_path)]) == 0
+    assert study.main(REPORT + ["--save-dir", str(tmp_path)]) == 0
     table = (tmp_path / "main" / "table.md").read_text()
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     # dense r first (the study's row order), then AdvMoE; std is the sample standard deviation
@@ -32,3 +38,117 @@ def test_rows_pass_their_flags_and_the_common_setting():
     assert flags["--ratio"] == "{r2}" and study.ROWS["main"][1][1] == "train_ori"
     assert [f for _, _, f in study.ROWS["balance"]][0][-2:] == ["--balance", "bias"]
     assert "Digits16" in study.COMMON and str(study.EPS) in study.COMMON
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 19: bad settings are one line and exit 2; results are keyed by every flag that made them
+# ------------------------------------------------------------------------------------------------------------
+
+import pytest  # noqa: E402
+
+from conftest import assert_one_line, cli  # noqa: E402
+
+
+def study_main(argv):
+    import sys
+    sys.exit(study.main(argv))
+
+
+@pytest.mark.parametrize("argv,named", [(["--seeds", "a"], "--seeds"), (["--seeds", ""], "--seeds"),
+                                        (["--jobs", "0"], "--jobs"), (["--epochs", "0"], "--epochs"),
+                                        (["--only", "bogus_row"], "bogus_row"), (["--ratio", "0.75"], "--ratio"),
+                                        (["--train-extra", "--max-batches 0"], "--max-batches")])
+def test_bad_study_settings_are_one_line(tmp_path, capsys, argv, named):
+    code, err = cli(study_main, argv + ["--save-dir", tmp_path / "s"], capsys)
+    assert_one_line(code, err, named)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_truncated_result_is_named(tmp_path, capsys):
+    _result(tmp_path, "AdvMoE", 1, sa=90.0, ra=20.0)
+    path = next((tmp_path / "main" / "jobs").glob("advmoe-seed1-*")) / "result.json"
+    path.write_text('{"row": "AdvMoE", "se')
+    before = (tmp_path / "main" / "jobs").stat().st_mtime
+    code, err = cli(study_main, REPORT + ["--save-dir", tmp_path], capsys)
+    assert_one_line(code, err, str(path), "damaged")
+    assert not (tmp_path / "main" / "table.md").exists()
+    assert (tmp_path / "main" / "jobs").stat().st_mtime == before
+
+
+def test_report_only_never_shows_results_of_other_settings(tmp_path, capsys):
+    _result(tmp_path, "AdvMoE", 1, sa=90.0, ra=20.0, aa=8.0)
+    assert study.main(REPORT + ["--epochs", "2", "--save-dir", str(tmp_path)]) == 0
+    table = (tmp_path / "main" / "table.md").read_text()
+    assert "90.00" not in table and "--epochs 2" in table
+
+
+@pytest.mark.slow  # three whole jobs: about 2 minutes on a loaded 2-core machine
+def test_a_rerun_with_other_epochs_or_ratio_computes_anew(tmp_path):
+    """A whole job (train, --evaluate, AutoAttack) at the tiniest settings, then again with other --epochs and
+    --ratio: the old numbers must never come back."""
+    import subprocess
+    import sys
+    base = [sys.executable, "-m", "utils.study", "--only", "dense_r", "--seeds", "1", "--aa-n-ex", "4",
+            "--save-dir", str(tmp_path), "--train-extra", "--max-batches 1 --max-test-batches 1 --num-steps 1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results = []
+    for extra in (["--epochs", "1", "--ratio", "0.0625"], ["--epochs", "2", "--ratio", "0.0625"],
+                  ["--epochs", "1", "--ratio", "0.125"]):
+        p = subprocess.run(base + extra, cwd=study.ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        found = sorted((tmp_path / "main" / "jobs").glob("*/result.json"), key=os.path.getmtime)
+        results.append(json.loads(found[-1].read_text()))
+        assert f"--epochs {extra[1]}" in (tmp_path / "main" / "table.md").read_text()
+    assert [r["last_epoch"]["epoch"] for r in results] == [1, 2, 1]
+    assert len({r["command"] for r in results}) == 3 and "--ratio 0.125" in results[2]["command"]
+
+
+def test_the_training_child_dies_with_a_killed_study(tmp_path):
+    """kill -9 of the study: its training process gets SIGTERM (checkpoints, stops), so a rerun finds no writer."""
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import time
+    from utils.lock import hold
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "utils.study", "--only", "dense_r", "--seeds", "1", "--epochs", "50",
+                          "--ratio", "0.0625", "--save-dir", str(tmp_path)], cwd=study.ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = None
+    for _ in range(600):
+        child = _training_child(p.pid)
+        if child is not None:
+            break
+        time.sleep(0.1)
+    assert child is not None, "the study never started its training process"
+    time.sleep(3)  # past its start-up: it is training
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    for _ in range(600):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the training child outlived the study by a minute")
+    for lock in glob.glob(str(tmp_path / "main" / "**" / "training" / "*" / "*" / ".lock"), recursive=True):
+        with hold(os.path.dirname(lock)):  # free again: a rerun can write there
+            pass
+
+
+def _training_child(parent):
+    """The pid of a `train_*.py` process whose parent is `parent`, or None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"train_ori.py" in cmd:
+            return int(pid)
+    return None

@@ -174,6 +174,11 @@ def test_paper_preset_full_size(tmp_path):
     (["--", "--ratio=0.3"], "--ratio after --"),
     (["--", "--no-such-flag"], "rejected by"),
     (["--bogus"], "unknown option --bogus"),
+    (["--aa-n-ex", "-3"], "--aa-n-ex must be a positive integer"),
+    (["--aa-epsilon", "300"], "--aa-epsilon must be in (0, 255]"),
+    (["--aa-version", "nope"], "AutoAttack flags rejected"),
+    (["--gpus", "a,b"], "each GPU is a device index"),
+    (["--gpus", "0,0"], "names a GPU twice"),
 ])
 def test_bad_usage_exit_2(tmp_path, args, message):
     r = sweep(*DIGITS, "--save-dir", tmp_path, "--dry-run", *args)
@@ -236,6 +241,19 @@ def test_slurm_submits_with_sbatch(tmp_path):
     assert "submitted job array 4242: 1 of 1 lines" in r.stdout
     script = first.split()[-1]
     assert "#SBATCH --gres=gpu:1" in open(script).read()
+
+
+@pytest.mark.parametrize("dry", [["--dry-run"], []])
+def test_manifest_never_replaces_a_file_the_sweep_did_not_write(tmp_path, dry):
+    mine = tmp_path / "notes.tsv"
+    mine.write_text("my own notes\n")
+    r = sweep(*DIGITS, "--save-dir", tmp_path / "s", "--manifest", mine, *dry)
+    assert r.returncode == 2 and "not a sweep manifest" in r.stderr, r.stderr
+    assert mine.read_text() == "my own notes\n"
+    ours = tmp_path / "ours.tsv"
+    for _ in range(2):  # its own manifest: replaced on a rerun
+        r = sweep(*DIGITS, "--save-dir", tmp_path / "s", "--manifest", ours, "--dry-run")
+        assert r.returncode == 0, r.stderr
 
 
 def test_gpus_flag_is_local_only(tmp_path):

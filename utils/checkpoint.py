@@ -32,9 +32,19 @@ def save_checkpoint(state: dict, path):
     no temp file behind (except after a hard kill, as a hidden `.tmp-*` file).
     """
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_file(path, "wb") as f:
-        torch.save(state, f)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with atomic_file(path, "wb") as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError("... unexpected pos ...")
+        raise UsageError(f"could not write the checkpoint {path} ({_first_line(e)}): is the disk full, or a "
+                         f"file-size limit reached? {_what_is_intact(path)}") from None
+
+
+def _what_is_intact(path) -> str:
+    if os.path.exists(path):
+        return f"The previous {os.path.basename(path)} is intact (nothing was replaced)."
+    return f"There was no earlier {os.path.basename(path)}; nothing was replaced."
 
 
 def _numpy_safe_globals() -> list:
@@ -181,7 +191,7 @@ def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected, e.g. {', '.join(unexpected[:3])}")
         raise UsageError(f"{where} does not fit {arch or 'the model'} ({'; '.join(parts)}): wrong --arch, "
-                         f"--n-expert or --routing?")
+                         f"--n-expert, --routing or --moe-stages?")
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise UsageError(f"{where}: shapes differ for {k}: checkpoint {tuple(v.shape)} vs model "

@@ -1,11 +1,15 @@
 """`--evaluate --resume CKPT`: SA, PGD RA and the MoE dissection of a checkpoint, recorded in a run folder."""
 import os
 import time
+from contextlib import nullcontext
 
 from .checkpoint import load_checkpoint, load_model_weights
 from .data import LoaderConfig, build_loaders
 from .distributed import DistEnv
+from .errors import UsageError
 from .evaluate import EvalConfig, Shard, evaluate, evaluate_per_expert, moe_row
+from .lock import hold
+from .report import read_args, read_json, read_metrics
 from .run import build_model_from_args
 from .runlog import RunLogger, check_can_create, record_unexpected_stop, run_dir
 from .runtime import seed_everything
@@ -24,6 +28,27 @@ def evaluate_checkpoint(args, script, device, env=DistEnv()):
     folder = run_dir(args, script, evaluate=True)
     check_can_create(folder, f"--save-dir {args.save_dir}")
     writer_class = summary_writer_class() if args.tensorboard else None  # before anything is written
+    with hold(folder) if env.is_main else nullcontext():
+        check_same_checkpoint(folder, args.resume)
+        return _evaluate_in(folder, args, (model, test_loader, ckpt), writer_class, device, env)
+
+
+def check_same_checkpoint(folder, resume):
+    """UsageError when the evaluation folder `folder` holds the evaluation of another checkpoint: its
+    args.yaml and provenance.json are that evaluation's record, not ours to replace."""
+    done = {row.get("checkpoint") for row in read_metrics(os.path.join(folder, "metrics.jsonl"))}
+    recorded = read_args(folder).get("resume") if os.path.exists(os.path.join(folder, "args.yaml")) else None
+    cwd = (read_json(os.path.join(folder, "provenance.json")) or {}).get("cwd") or os.getcwd()
+    if recorded:
+        done.add(os.path.abspath(os.path.join(str(cwd), str(recorded))))
+    others = sorted(str(c) for c in done - {None, os.path.abspath(resume)})
+    if others:
+        raise UsageError(f"{folder} holds the evaluation of another checkpoint ({others[0]}); use another "
+                         f"--exp-identifier or --save-dir for {resume}")
+
+
+def _evaluate_in(folder, args, loaded, writer_class, device, env):
+    model, test_loader, ckpt = loaded
     with RunLogger(folder, args, is_main=env.is_main) as log:
         try:
             row = _evaluate_into(log, args, model, test_loader, ckpt, device, env)

@@ -131,31 +131,40 @@ def read_json(path: str):
         return None
 
 
-def read_metrics(path: str) -> list[dict]:
-    """Rows of a metrics.jsonl; a line cut short by a killed writer is skipped."""
+def read_metrics(path: str, problems: list | None = None) -> list[dict]:
+    """Rows of a metrics.jsonl. A last line cut short by a killed writer is skipped; any other line that is not
+    a JSON object, or a file that is not UTF-8, is skipped too and described in `problems` (when given)."""
     rows = []
     try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        lines = []
+        if problems is not None:
+            problems.append(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})")
     except OSError:
-        pass
+        lines = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = "cut" if n == len(lines) and not line.endswith("\n") else "bad"
+        if isinstance(row, dict):
+            rows.append(row)
+        elif row == "bad" or (row is not None and row != "cut"):
+            if problems is not None:
+                problems.append(f"{path} line {n} is not a metrics row")
     return rows
 
 
 def read_args(folder: str) -> dict:
     """The run's resolved flags (args.yaml), or what its folder name tells when that file is absent."""
     try:
-        with open(os.path.join(folder, "args.yaml")) as f:
+        with open(os.path.join(folder, "args.yaml"), encoding="utf-8") as f:
             args = yaml.safe_load(f)
         if isinstance(args, dict):
             return args
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         pass
     m = _NAME.match(os.path.basename(folder))
     if not m:
@@ -280,7 +289,8 @@ def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
     """The table row of one training run folder."""
     args = read_args(folder)
     script = script_of(folder, args)
-    rows = [r for r in read_metrics(os.path.join(folder, "metrics.jsonl")) if "epoch" in r]
+    problems = []
+    rows = [r for r in read_metrics(os.path.join(folder, "metrics.jsonl"), problems) if _is_epoch(r.get("epoch"))]
     status = read_json(os.path.join(folder, "status.json")) or {}
     arch = str(args.get("arch", "?"))
     row = RunRow(arch=base_arch(arch), registry_arch=arch, dataset=str(args.get("dataset", "?")),
@@ -298,12 +308,15 @@ def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
         row.message = row.message or ("no epoch recorded" if state == "finished" else "no status and no epochs")
     else:
         row.status = state or "unknown"
+    problems += lost_rows(rows, row.epochs if state == "finished" else None)
+    if problems:  # the log does not hold the run: its best epoch and curves would misstate it
+        row.status, row.message = "damaged", "; ".join(problems)[:500]
     row.curves = [(r["epoch"], _float(r.get("sa")), _float(r.get("ra"))) for r in rows]
     if rows:
         row.sa_final, row.ra_final = _float(rows[-1].get("sa")), _float(rows[-1].get("ra"))
         if rows[-1].get("load_clean"):
             row.load = {"clean": list(rows[-1]["load_clean"]), "adv": list(rows[-1].get("load_adv") or [])}
-    best = best_row(rows)
+    best = best_row(rows) if not problems else None
     if best is not None:
         row.best_epoch = best.get("epoch")
         row.selection = selection_of(rows, best)
@@ -323,6 +336,24 @@ def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
     row.gpu_hours, row.cpu_hours, row.device, row.world_size = compute_hours(
         rows, read_json(os.path.join(folder, "provenance.json")))
     return row
+
+
+def _is_epoch(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def lost_rows(rows: list[dict], epochs) -> list[str]:
+    """['metrics.jsonl lacks the rows of epochs ...'] when epochs before the last recorded one (or, for a
+    finished run of `epochs` epochs, after it) have no row; [] otherwise."""
+    seen = {r["epoch"] for r in rows}
+    last = max(seen, default=0)
+    if _is_epoch(epochs) and seen:
+        last = max(last, epochs)
+    missing = [e for e in range(1, last + 1) if e not in seen]
+    if not missing:
+        return []
+    shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+    return [f"metrics.jsonl lacks the rows of epochs {shown} (lost or removed)"]
 
 
 def summarize_evaluation_only(folder: str) -> RunRow:
@@ -358,18 +389,23 @@ def read_manifest(path: str) -> list[tuple[str, str]]:
     line (sh/sweep.sh writes run_dir, eval_dir, command, eval_command, autoattack_command), else the last.
     """
     out, column = [], -1
-    with open(path) as f:
-        for line in f:
-            if line.startswith("#"):
-                names = line[1:].rstrip("\n").split("\t")
-                if names[0].strip() == "run_dir" and "command" in names:
-                    column = names.index("command")
-                continue
-            if not line.strip():
-                continue
-            fields = line.rstrip("\n").split("\t")
-            command = fields[column] if len(fields) > 1 and -len(fields) <= column < len(fields) else ""
-            out.append((os.path.abspath(fields[0]), command))
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"manifest {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start})") from None
+    for line in lines:
+        if line.startswith("#"):
+            names = line[1:].rstrip("\n").split("\t")
+            if names[0].strip() == "run_dir" and "command" in names:
+                column = names.index("command")
+            continue
+        if not line.strip():
+            continue
+        fields = line.rstrip("\n").split("\t")
+        command = fields[column] if len(fields) > 1 and -len(fields) <= column < len(fields) else ""
+        out.append((os.path.abspath(fields[0]), command))
     return out
 
 
@@ -603,13 +639,38 @@ def add_computed_flops(rows: list[RunRow]) -> None:
         r.gflops = cache[key]
 
 
-def write_report(rows: list[RunRow], out: str, title: str = "") -> dict:
-    """Write table.md, table.csv, curves.png and expert_load.png into `out`; returns their paths."""
+REPORT_FILES = ("table.md", "table.csv", "curves.png", "expert_load.png")
+MADE_HERE = ".utils_report.json"  # in an --out folder: the files this tool wrote there (it may replace those only)
+
+
+def check_out(out: str) -> None:
+    """UsageError unless `out` is (or can become) a folder where this tool replaces only files it wrote."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a folder (the report writes {', '.join(REPORT_FILES)} "
+                         f"into a folder)")
+    ours = read_json(os.path.join(out, MADE_HERE))
+    ours = ours.get("files", []) if isinstance(ours, dict) else []
+    theirs = [n for n in REPORT_FILES if os.path.lexists(os.path.join(out, n)) and n not in ours]
+    if theirs:
+        raise UsageError(f"--out {out} holds {', '.join(theirs)}, not written by this tool: choose another --out "
+                         f"(or move them away)")
+    nearest = os.path.abspath(out)
+    while not os.path.lexists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest) or not os.access(nearest, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write in {nearest}")
+
+
+def write_report(rows: list[RunRow], out: str, title: str = "", command: str = "") -> dict:
+    """Write table.md, table.csv, curves.png and expert_load.png into `out`; returns their paths. `command`, the
+    command that made the report, ends table.md."""
     os.makedirs(out, exist_ok=True)
-    paths = {k: os.path.join(out, k) for k in ("table.md", "table.csv", "curves.png", "expert_load.png")}
+    paths = {k: os.path.join(out, k) for k in REPORT_FILES}
+    with open(os.path.join(out, MADE_HERE), "w") as f:  # first: a crash below leaves files we may replace
+        json.dump({"files": list(REPORT_FILES)}, f)
     md = markdown_table(rows)
     with open(paths["table.md"], "w") as f:
-        f.write((f"# {title}\n\n" if title else "") + md)
+        f.write((f"# {title}\n\n" if title else "") + md + (f"\nMade by: `{command}`\n" if command else ""))
     write_csv(rows, paths["table.csv"])
     suffix = f" ({title})" if title else ""
     plot_curves(rows, paths["curves.png"], "SA and PGD RA per epoch" + suffix)
@@ -643,14 +704,25 @@ def main(argv=None) -> int:
         for m in manifests:
             print(f"using manifest {m}")
     try:
+        check_out(args.out)
         rows = collect(args.paths, manifests)
+    except UsageError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     except (OSError, UnicodeDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.compute_flops:
         add_computed_flops(rows)
-    paths = write_report(rows, args.out, args.title)
-    print(markdown_table(rows), end="")
+    from .lock import hold
+    command = "python -m utils.report " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        with hold(args.out, "report folder"):
+            paths = write_report(rows, args.out, args.title, command)
+    except UsageError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(markdown_table(rows) + f"\nMade by: `{command}`\n", end="")
     counts = {}
     for r in rows:
         counts[r.status] = counts.get(r.status, 0) + 1

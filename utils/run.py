@@ -18,6 +18,12 @@ from .runtime import seed_everything
 
 CHECKPOINT_FORMAT = "advmoe-tool/1"
 
+# The flags a resume may change (README: Checkpoints and resuming). `--epochs` extends a run (the schedules
+# stretch to the new length from where it stopped); the others say where files are, how the run is watched, or
+# which kernels compute it, not what is computed. Every other flag must equal what the checkpoint recorded.
+RESUME_MAY_CHANGE = ("epochs", "resume", "configs", "evaluate", "per_expert", "save_dir", "exp_identifier",
+                     "data_dir", "device", "no_progress", "tensorboard", "deterministic", "compile")
+
 
 @dataclass
 class Run:
@@ -141,6 +147,7 @@ def restore(run: Run, path: str):
     load_model_weights(run.model, ckpt, source=path)
     if ckpt.get("format") != CHECKPOINT_FORMAT or "optimizer" not in ckpt:
         raise UsageError(f"{path} is not a resumable checkpoint of this tool (use it with --evaluate)")
+    check_same_run(ckpt.get("args"), run.args, path)
     try:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
@@ -168,6 +175,27 @@ def restore(run: Run, path: str):
         with torch.no_grad():
             for name, b in run.model.named_buffers():
                 b.copy_(mine["buffers"][name])
+
+
+def resume_differences(recorded: dict, args) -> list:
+    """['--flag RECORDED (now NOW)', ...]: the flags outside RESUME_MAY_CHANGE whose value differs from
+    `recorded` (a checkpoint's `args`); flags one side does not know are not compared."""
+    now = args_to_dict(args)
+    return [f"--{k.replace('_', '-')} {recorded[k]} (now {now[k]})" for k in sorted(set(recorded) & set(now))
+            if k not in RESUME_MAY_CHANGE and recorded[k] != now[k]]
+
+
+def check_same_run(recorded, args, path):
+    """UsageError listing the differences when the flags would not continue the run that wrote `path`."""
+    if not isinstance(recorded, dict):
+        raise UsageError(f"{path} records no flags ('args'), so a resume cannot check that it continues the "
+                         f"same run (use it with --evaluate)")
+    diff = resume_differences(recorded, args)
+    if diff:
+        raise UsageError(f"--resume {path}: a resume continues the same run, and these flags differ from the "
+                         f"checkpoint's: {', '.join(diff)}; resume with the run's own flags (only "
+                         f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE[:1])} and the "
+                         f"progress, logging and device flags may change), or start a new run elsewhere")
 
 
 def _field(ckpt, path, key, kind, default=None):

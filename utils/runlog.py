@@ -8,6 +8,7 @@ A run folder `{save_dir}/{training|evaluate}/{script}/{name}` holds
 - status.json      running / finished / failed / interrupted
 - checkpoint/      checkpoint.pth.tar and model_best.pth.tar (written by the training loop)
 """
+import contextlib
 import itertools
 import json
 import logging
@@ -22,7 +23,7 @@ import time
 import torch
 import yaml
 
-from .checkpoint import args_to_dict
+from .checkpoint import args_to_dict, load_checkpoint
 from .errors import UsageError
 from .runtime import atomic_file, write_json_atomic
 
@@ -105,6 +106,19 @@ def _jsonable(x):
     return str(x)
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """A console that cannot print a character (an ASCII terminal, LANG=C) prints it escaped, not a logging error."""
+
+    def format(self, record):
+        text = super().format(record)
+        encoding = getattr(self.stream, "encoding", None) or "utf-8"
+        try:
+            text.encode(encoding)
+        except (UnicodeEncodeError, LookupError):
+            text = text.encode("ascii", "backslashreplace").decode("ascii")
+        return text
+
+
 class RunLogger:
     """Context manager owning a run folder: creates it on entry only, so nothing is written before the input
     has been validated. Logs go to `setup.log` and the console (one handler each, per instance).
@@ -119,22 +133,42 @@ class RunLogger:
         self.logger.setLevel(logging.INFO)
 
     def __enter__(self):
-        console = logging.StreamHandler(sys.stdout)
+        console = _ConsoleHandler(sys.stdout)
         console.setLevel(logging.INFO if self.is_main else logging.WARNING)
         handlers = [console]
         if self.is_main:
-            check_can_create(self.folder, f"run folder {self.folder}")
-            os.makedirs(self.folder, exist_ok=True)
-            handlers.append(logging.FileHandler(os.path.join(self.folder, "setup.log"), encoding="utf-8"))
-            values = {k: v for k, v in args_to_dict(self.args).items() if k != "configs"}
-            with open(os.path.join(self.folder, "args.yaml"), "w") as f:
-                yaml.safe_dump(values, f, sort_keys=False)
-            self._write_provenance()
+            handlers.append(self._start_files())
         fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
         for h in handlers:
             h.setFormatter(fmt)
             self.logger.addHandler(h)
         return self
+
+    def _start_files(self):
+        """Create the folder, setup.log's handler, args.yaml and provenance.json. When the disk is full (or a
+        file-size limit is hit) the files this call made are removed again and a UsageError says so."""
+        check_can_create(self.folder, f"run folder {self.folder}")
+        names = ("setup.log", "args.yaml", "provenance.json")
+        new = [n for n in names if not os.path.exists(os.path.join(self.folder, n))]
+        handler = None
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            # surrogateescape: a name given under LANG=C (bytes that are not ASCII) goes to the file as those bytes
+            handler = logging.FileHandler(os.path.join(self.folder, "setup.log"), encoding="utf-8",
+                                          errors="surrogateescape")
+            values = {k: v for k, v in args_to_dict(self.args).items() if k != "configs"}
+            with atomic_file(os.path.join(self.folder, "args.yaml")) as f:
+                yaml.safe_dump(values, f, sort_keys=False)
+            self._write_provenance()
+        except OSError as e:
+            if handler is not None:
+                handler.close()
+            for n in new:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.folder, n))
+            raise UsageError(f"cannot write the run folder {self.folder} ({e.strerror or e}): is the disk full? "
+                             f"nothing was left behind") from None
+        return handler
 
     def _write_provenance(self):
         """provenance.json; a resumed run keeps its earlier starts under `previous`."""
@@ -171,8 +205,14 @@ class RunLogger:
     def log_metrics(self, row: dict):
         """Append `row` as one JSON line to metrics.jsonl (flushed and closed at once)."""
         if self.is_main:
-            with open(os.path.join(self.folder, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row, default=_jsonable) + "\n")
+            line = json.dumps(row, default=_jsonable, allow_nan=False)  # NaN/inf are not JSON: never written
+            path = os.path.join(self.folder, "metrics.jsonl")
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(line + "\n")
+            except OSError as e:  # a cut row is the last line: the resume drops and redoes it
+                raise UsageError(f"could not append to {path} ({e.strerror or e}): is the disk full? the rows "
+                                 f"before it and the last checkpoint are intact") from None
 
     def set_status(self, state, message=""):
         """status.json: running, finished, failed or interrupted (written atomically)."""
@@ -245,7 +285,11 @@ def mark_finished(folder, is_main=True):
 def record_unexpected_stop(log, e):
     """status.json for a run stopped by anything but our own stops: never left at 'running'."""
     if isinstance(e, KeyboardInterrupt):
-        log.set_status("interrupted", "Ctrl-C; resume from the last checkpoint with --resume auto")
+        if os.path.exists(checkpoint_paths(log.folder)[0]):
+            log.set_status("interrupted", "Ctrl-C; resume from the last checkpoint with --resume auto")
+        else:
+            log.set_status("interrupted", "Ctrl-C before the first checkpoint was written: nothing to resume "
+                                          "from, the same command starts again from the beginning")
         return
     reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:1000]
     log.error(reason)
@@ -272,21 +316,69 @@ def check_folder_is_free(folder, resume, continuing):
                      f"that run with --resume auto, or use another --exp-identifier/--save-dir")
 
 
-def _row_epoch(line):
-    """Epoch of a metrics row; a line cut short by a kill counts as after every epoch (it is dropped)."""
+def _is_row(row) -> bool:
+    epoch = row.get("epoch") if isinstance(row, dict) else None
+    return isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1
+
+
+def metrics_rows(path) -> list:
+    """[(line, row)] of a training run's metrics.jsonl ([] when there is none). Only a last line cut short by a
+    kill is dropped; anything else that is not a row (a JSON object with a whole `epoch` >= 1), and a file that
+    is not UTF-8 text, is a UsageError naming the file and the line: a resume must not build on it."""
+    if not os.path.exists(path):
+        return []
     try:
-        return json.loads(line).get("epoch", 0)
-    except json.JSONDecodeError:
-        return float("inf")
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: damaged, not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         f"repair or remove it before resuming") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror or e})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n == len(lines) and not line.endswith("\n"):
+                continue  # the last row, cut short by a kill: redone by the resume
+            row = None
+        if not _is_row(row):
+            raise UsageError(f"{path} line {n} is not a metrics row ({line.strip()[:60]!r}): the file is damaged; "
+                             f"repair or remove that line before resuming")
+        out.append((line if line.endswith("\n") else line + "\n", row))
+    return out
 
 
 def trim_metrics(path, last_epoch):
     """Drop metrics rows of epochs after `last_epoch` (logged before a kill, redone after the resume)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip()]
-    keep = [line for line in rows if _row_epoch(line) <= last_epoch]
-    if len(keep) != len(rows):
+    with open(path, encoding="utf-8") as f:
+        before = f.read()
+    keep = "".join(line for line, row in metrics_rows(path) if row["epoch"] <= last_epoch)
+    if keep != before:
         with atomic_file(path) as f:
-            f.writelines(keep)
+            f.write(keep)
+
+
+def check_not_orphaned(folder, latest, best):
+    """UsageError when `folder` holds a run beyond its first epoch (model_best, or metrics rows of later epochs)
+    but no latest checkpoint: `--resume auto` would silently start afresh and replace them. (A kill during the
+    first epoch's save leaves epoch-1 rows and model_best without the checkpoint: that restarts.)"""
+    if os.path.exists(latest):
+        return
+    rows = metrics_rows(os.path.join(folder, "metrics.jsonl"))
+    last_row = max((row["epoch"] for _, row in rows), default=0)
+    best_epoch = 0
+    if os.path.exists(best):
+        best_epoch = load_checkpoint(best).get("epoch")
+        best_epoch = best_epoch if isinstance(best_epoch, int) else float("inf")
+    if max(last_row, best_epoch) > 1:
+        held = [f"metrics rows up to epoch {last_row}"] if last_row else []
+        held += [f"{os.path.basename(best)} of epoch {best_epoch}"] if best_epoch else []
+        raise UsageError(f"{folder} holds a run ({', '.join(held)}) but no {os.path.basename(latest)} to resume "
+                         f"from: --resume auto would start afresh and replace them; put the checkpoint back, or "
+                         f"start elsewhere (another --exp-identifier/--save-dir)")

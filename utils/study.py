@@ -12,17 +12,26 @@ the same command continues where it stopped. `--jobs` jobs run at once, each on 
 """
 import argparse
 import csv
+import ctypes
 import glob
+import hashlib
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-from .runtime import write_json_atomic
+from .cli import run_main
+from .errors import UsageError
+from .lock import hold
+from .report import read_metrics
+from .runlog import metrics_rows, run_dir
+from .runtime import atomic_file, write_json_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,6 +41,7 @@ EPS = 0.15
 COMMON = ["--dataset", "Digits16", "--batch-size", "32", "--test-batch-size", "128", "--num-workers", "0",
           "--epsilon", str(EPS), "--step-size", str(EPS * 5 / 8), "--epsilon-test", str(EPS),
           "--step-size-test", str(EPS / 4), "--no-progress", "--device", "cpu"]
+AA_ATTACKS = ("apgd-ce", "apgd-t")
 MOE = ["--arch", "resnet18_cifar_moe", "--n-expert", "2"]
 DENSE = ["--arch", "resnet18_cifar_ori"]
 
@@ -58,93 +68,175 @@ def slug(name):
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
+def _die_with_parent():
+    """In a child (preexec): SIGTERM it when the study dies, even by kill -9 (Linux prctl PR_SET_PDEATHSIG); the
+    training script then checkpoints and exits, so a rerun never finds a second writer in its folder."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != _PARENT:  # the study died before the prctl took hold
+        os._exit(1)
+
+
+try:  # looked up once here: the preexec function must not import or allocate much
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _PRCTL = None
+_PARENT = os.getpid()
+
+
 def _run(cmd, log):
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+        return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
-
-
-def _status(folder):
-    try:
-        with open(os.path.join(folder, "status.json")) as f:
-            return json.load(f).get("state")
-    except (OSError, ValueError):
-        return None
 
 
 def _metrics(folder):
     path = os.path.join(folder, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in metrics_rows(path)]
 
 
 def _eval_rows(folder):
     found = glob.glob(os.path.join(folder, "**", "metrics.jsonl"), recursive=True)
-    return _metrics(os.path.dirname(found[0])) if found else []
+    return read_metrics(found[0]) if found else []
 
 
-def job(save, name, script, flags, seed, epochs, aa_n_ex, extra=()):
-    """Train, evaluate, attack one (row, seed); returns its result dict (or None if a stage failed)."""
-    ident = slug(name)
-    out = os.path.join(save, "jobs", f"{ident}-seed{seed}")
-    os.makedirs(out, exist_ok=True)
+@dataclass(frozen=True)
+class Job:
+    """One (row, seed) of the study with everything that decides its numbers; `key` hashes all of it."""
+    name: str
+    script: str
+    argv: tuple  # the training flags, fully resolved (row flags, COMMON, epochs, seed, --train-extra)
+    seed: int
+    aa_n_ex: int
+
+    @property
+    def settings(self) -> dict:
+        return {"row": self.name, "script": self.script, "argv": list(self.argv), "seed": self.seed,
+                "aa_n_ex": self.aa_n_ex, "aa_eps": EPS, "aa_attacks": list(AA_ATTACKS)}
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:12]
+
+    def folder(self, save) -> str:
+        return os.path.join(save, "jobs", f"{slug(self.name)}-seed{self.seed}-{self.key}")
+
+    def run_folder(self, out) -> str:
+        """The training run folder, computed by the entry scripts' own parser (no glob that could match another
+        setting's run)."""
+        from args import parse_args
+        return run_dir(parse_args([*self.argv, "--save-dir", os.path.join(out, "runs")], script=self.script),
+                       self.script)
+
+
+def make_job(name, script, flags, seed, a) -> Job:
+    argv = [*flags, *COMMON, "--epochs", str(a.epochs), "--eval-every", str(a.epochs), "--seed", str(seed),
+            "--exp-identifier", slug(name), *shlex.split(a.train_extra)]
+    return Job(name, script, tuple(argv), seed, a.aa_n_ex)
+
+
+def read_result(path):
+    """A job's result.json (None when there is none); UsageError naming a damaged one."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is damaged ({e}); remove it to recompute that job") from None
+    if not isinstance(result, dict) or not {"row", "seed", "sa", "ra"} <= set(result):
+        raise UsageError(f"{path} is damaged (not a job result); remove it to recompute that job")
+    return result
+
+
+def check_job_folder(job, out):
+    """UsageError when `out` records other settings than `job` (a hash collision or a hand-edited job.json)."""
+    path = os.path.join(out, "job.json")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != job.settings:
+            raise UsageError(f"{path} records other settings than this job's: its results are not this job's")
+    else:
+        write_json_atomic(path, job.settings)
+
+
+def job(save, j: Job):
+    """Train, evaluate, attack one (row, seed) in its own keyed folder; returns (result or None, message)."""
+    out = j.folder(save)
+    try:
+        with hold(out, "study job"):
+            check_job_folder(j, out)
+            return _job_in(out, j)
+    except UsageError as e:
+        return None, str(e)
+
+
+def _job_in(out, j: Job):
     log = os.path.join(out, "job.log")
-    train_dir = os.path.join(save, "runs")
-    argv = flags + COMMON + ["--epochs", str(epochs), "--eval-every", str(epochs), "--seed", str(seed),
-                             "--exp-identifier", ident, *extra]
-    train = [sys.executable, f"{script}.py", *argv, "--save-dir", train_dir, "--resume", "auto"]
-    folders = glob.glob(os.path.join(train_dir, "training", script, f"{ident}_*seed{seed}"))
-    if not (folders and _status(folders[0]) == "finished"):
-        if _run(train, log) != 0:
-            return None
-        folders = glob.glob(os.path.join(train_dir, "training", script, f"{ident}_*seed{seed}"))
-    run = folders[0]
-    best = os.path.join(run, "checkpoint", "model_best.pth.tar")
     result_path = os.path.join(out, "result.json")
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f)
+    result = read_result(result_path)
+    if result is not None:
+        return result, "done earlier"
+    run = j.run_folder(out)
+    argv = list(j.argv)
+    train = [sys.executable, f"{j.script}.py", *argv, "--save-dir", os.path.join(out, "runs"), "--resume", "auto"]
+    if not _finished(run) and _run(train, log) != 0:
+        return None, f"training failed (see {log})"
+    best = os.path.join(run, "checkpoint", "model_best.pth.tar")
     eval_dir = os.path.join(out, "evaluate")
     if not _eval_rows(eval_dir):
-        if _run([sys.executable, f"{script}.py", *argv, "--save-dir", eval_dir, "--evaluate", "--resume", best],
-                log) != 0:
-            return None
+        evaluate = [sys.executable, f"{j.script}.py", *argv, "--save-dir", eval_dir, "--evaluate", "--resume", best]
+        if _run(evaluate, log) != 0:
+            return None, f"evaluation failed (see {log})"
     ev = _eval_rows(eval_dir)[-1]
     aa_path = os.path.join(out, "autoattack.json")
     if not os.path.exists(aa_path):
         aa = [sys.executable, "auto_attack_eval.py", "--source-net", best, "--version", "custom", "--attacks",
-              "apgd-ce", "apgd-t", "--epsilon", f"{EPS * 255:g}", "--num-workers", "0", "--no-progress",
-              "--seed", str(seed), "--out", aa_path]
-        if aa_n_ex:
-            aa += ["--n-ex", str(aa_n_ex)]
+              *AA_ATTACKS, "--epsilon", f"{EPS * 255:g}", "--num-workers", "0", "--no-progress",
+              "--seed", str(j.seed), "--out", aa_path]
+        if j.aa_n_ex:
+            aa += ["--n-ex", str(j.aa_n_ex)]
         if _run(aa, log) != 0:
-            return None
+            return None, f"AutoAttack failed (see {log})"
     with open(aa_path) as f:
         aa_report = json.load(f)
     rows = _metrics(run)
-    result = {"row": name, "seed": seed, "sa": ev["sa"], "ra": ev["ra"], "n": ev["n"],
+    result = {"row": j.name, "seed": j.seed, "key": j.key, "sa": ev["sa"], "ra": ev["ra"], "n": ev["n"],
               "aa": aa_report.get("robust_accuracy"), "aa_n": aa_report.get("n_ex"),
               "router_robustness": ev.get("router_robustness"), "expert_robustness": ev.get("expert_robustness"),
               "load_clean": ev.get("load_clean"), "load_adv": ev.get("load_adv"),
               "load_clean_min": min(ev["load_clean"]) if ev.get("load_clean") else None,
               "load_adv_min": min(ev["load_adv"]) if ev.get("load_adv") else None,
-              "gflops": _gflops(flags), "minutes": sum(r.get("seconds", 0) for r in rows) / 60,
+              "gflops": _gflops(argv), "minutes": sum(r.get("seconds", 0) for r in rows) / 60,
               "last_epoch": rows[-1] if rows else None, "command": shlex.join(train)}
     write_json_atomic(result_path, result)
-    return result
+    return result, "done"
 
 
-def _gflops(flags):
+def _finished(folder):
+    try:
+        with open(os.path.join(folder, "status.json")) as f:
+            return json.load(f).get("state") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _gflops(argv):
     """Inference GFLOPs per 16x16 image of the row's model (global router or per-layer routers included)."""
     import models
+    from args import parse_args
     from utils.flops import inference_gflops
-    get = dict(zip(flags[::2], flags[1::2]))
-    model = models.build_model(get["--arch"], ratio=float(get["--ratio"]), n_expert=int(get["--n-expert"])
-                               if "--n-expert" in get else None, routing=get.get("--routing", "global"))
+    a = parse_args(list(argv), script="train_moe" if "--n-expert" in argv else "train_ori")
+    model = models.build_model(a.arch, ratio=a.ratio, n_expert=a.n_expert, routing=a.routing,
+                               moe_stages=a.moe_stages, top_k=a.top_k)
     return inference_gflops(model, image_size=16)["total"]
 
 
@@ -157,7 +249,8 @@ def _fmt(values, digits=2):
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def report(save, results, command):
+def report(save, results, command, settings=""):
+    """table.md and table.csv of `results` (mean ± std over seeds); `settings` says what made them."""
     by_row = {}
     for r in results:
         by_row.setdefault(r["row"], []).append(r)
@@ -173,20 +266,24 @@ def report(save, results, command):
     text = "\n".join(lines) + (
         f"\n\nMean ± std over seeds (n in 'seeds'). PGD-10 on {results[0]['n'] if results else '-'} test images "
         f"(eps {EPS}); AutoAttack APGD-CE then APGD-T on {aa_n or '-'} test images. Loads: % of test images on "
-        f"the least-used expert. Command: `{command}`\n")
-    with open(os.path.join(save, "table.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(save, "table.csv"), "w", newline="") as f:
+        f"the least-used expert. Command: `{command}`\n" + (f"\n{settings}\n" if settings else ""))
+    write_text_atomic(os.path.join(save, "table.md"), text)
+    with atomic_file(os.path.join(save, "table.csv")) as f:
         w = csv.DictWriter(f, fieldnames=header)
         w.writeheader()
         w.writerows(csv_rows)
     return text
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_text_atomic(path, text):
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(prog="python -m utils.study", description=__doc__.splitlines()[0])
     p.add_argument("--rows", choices=sorted(ROWS), default="main")
-    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated whole numbers")
     p.add_argument("--ratio", type=float, default=0.25, help="the MoE's width ratio r (dense rows: r and 2r)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--aa-n-ex", type=int, default=0, help="AutoAttack on the first N test images (0: all)")
@@ -194,37 +291,104 @@ def main(argv=None):
     p.add_argument("--save-dir", default="results/routing_study")
     p.add_argument("--only", default="", help="comma-separated row names in slug form (e.g. dense_r,advmoe)")
     p.add_argument("--train-extra", default="", help="extra flags for the training scripts (e.g. '--max-batches 2')")
-    p.add_argument("--report-only", action="store_true")
-    a = p.parse_args(argv)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    save = os.path.abspath(os.path.join(a.save_dir, a.rows))
-    os.makedirs(save, exist_ok=True)
-    command = "python -m utils.study " + shlex.join(sys.argv[1:] if argv is None else argv)
+    p.add_argument("--report-only", action="store_true",
+                   help="the table from the finished jobs of exactly these settings (nothing is run)")
+    return p
+
+
+def parse_seeds(text):
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: expected comma-separated whole numbers such as 1,2,3") from None
+    if any(s < 0 or s > 2**32 - 1 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r}: seeds are distinct whole numbers in [0, 2**32 - 1]")
+    return seeds
+
+
+def check_study_args(a):
+    """UsageError for settings that cannot make a table; returns the seeds."""
+    seeds = parse_seeds(a.seeds)
+    for name, value, low in (("--epochs", a.epochs, 1), ("--jobs", a.jobs, 1), ("--aa-n-ex", a.aa_n_ex, 0)):
+        if value < low:
+            raise UsageError(f"{name} must be >= {low}, got {value}")
+    top = 0.5 if a.rows == "main" else 1.0  # the main rows train a dense model at 2r
+    if not 0 < a.ratio <= top:
+        raise UsageError(f"--ratio must be in (0, {top:g}] for --rows {a.rows}, got {a.ratio}")
+    names = [slug(name) for name, _, _ in ROWS[a.rows]]
+    unknown = [n for n in a.only.split(",") if n and n not in names] if a.only else []
+    if unknown:
+        raise UsageError(f"--only {','.join(unknown)}: no such row in --rows {a.rows} ({', '.join(names)})")
+    try:
+        shlex.split(a.train_extra)
+    except ValueError as e:
+        raise UsageError(f"--train-extra {a.train_extra!r}: {e}") from None
+    return seeds
+
+
+def plan(a, seeds) -> list:
+    """The jobs of these settings, each checked by the training script's parser before anything runs."""
+    from args import parse_args
     fill = {"r": f"{a.ratio:g}", "r2": f"{2 * a.ratio:g}"}
-    todo = [(name, script, [f.format(**fill) for f in flags], seed)
+    todo = [make_job(name, script, [f.format(**fill) for f in flags], seed, a)
             for seed in seeds for name, script, flags in ROWS[a.rows]
             if not a.only or slug(name) in a.only.split(",")]
+    for j in todo:
+        try:
+            parse_args(list(j.argv), script=j.script)
+        except UsageError as e:
+            raise UsageError(f"{j.name}: {e}") from None
+        except SystemExit:
+            raise UsageError(f"{j.name}: the training script refuses its flags (see above)") from None
+    return todo
+
+
+def settings_line(a, todo) -> str:
+    keys = ", ".join(f"{j.name} seed {j.seed}: {j.key}" for j in todo)
+    return (f"Settings: --rows {a.rows} --ratio {a.ratio:g} --epochs {a.epochs} --seeds {a.seeds} --aa-n-ex "
+            f"{a.aa_n_ex} --train-extra {a.train_extra!r}. Jobs (SAVE/jobs/ROW-seedS-KEY, the key a hash of every "
+            f"flag): {keys}.")
+
+
+def main(argv=None):
+    a = get_args_parser().parse_args(argv)
+    seeds = check_study_args(a)
+    todo = plan(a, seeds)
+    save = os.path.abspath(os.path.join(a.save_dir, a.rows))
+    for j in todo:  # a damaged result is named before anything runs
+        read_result(os.path.join(j.folder(save), "result.json"))
+    os.makedirs(save, exist_ok=True)
+    command = "python -m utils.study " + shlex.join(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
-    results = []
-    if a.report_only:
-        for path in sorted(glob.glob(os.path.join(save, "jobs", "*", "result.json"))):
-            with open(path) as f:
-                results.append(json.load(f))
-    else:
-        with ThreadPoolExecutor(a.jobs) as pool:
-            futures = [pool.submit(job, save, *t, a.epochs, a.aa_n_ex, shlex.split(a.train_extra)) for t in todo]
-            for (name, _, _, seed), fut in zip(todo, futures):
-                r = fut.result()
-                print(f"{name} seed {seed}: " + ("failed (see its job.log)" if r is None else
-                      f"SA {r['sa']:.1f} RA {r['ra']:.1f} AA {r['aa']}"), flush=True)
-                if r is not None:
-                    results.append(r)
+    results = run_jobs(save, todo, a)
     order = {name: i for i, (name, _, _) in enumerate(ROWS[a.rows])}
     results.sort(key=lambda r: (order.get(r["row"], 99), r["seed"]))
-    print(report(save, results, command))
+    with hold(save, "study folder"):  # one table writer at a time (the jobs hold their own folders)
+        print(report(save, results, command, settings_line(a, todo)))
     print(f"wall time {(time.time() - t0) / 60:.1f} min")
+    if len(results) != len(todo):
+        print(f"{len(todo) - len(results)} of {len(todo)} jobs have no result", file=sys.stderr)
     return 0 if len(results) == len(todo) or a.report_only else 1
 
 
+def run_jobs(save, todo, a) -> list:
+    """The results of `todo` (`--report-only`: those already finished), one line printed per job."""
+    results = []
+    if a.report_only:
+        found = [(j, read_result(os.path.join(j.folder(save), "result.json"))) for j in todo]
+        for j, r in found:
+            print(f"{j.name} seed {j.seed}: " + ("no result yet" if r is None else "done"), flush=True)
+        return [r for _, r in found if r is not None]
+    with ThreadPoolExecutor(a.jobs) as pool:
+        futures = [pool.submit(job, save, j) for j in todo]
+        for j, fut in zip(todo, futures):
+            r, message = fut.result()
+            print(f"{j.name} seed {j.seed}: " + (message if r is None else
+                  f"SA {r['sa']:.1f} RA {r['ra']:.1f} AA {r['aa']} ({message})"), flush=True)
+            if r is not None:
+                results.append(r)
+    return results
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(lambda argv: sys.exit(main(argv)))

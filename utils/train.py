@@ -10,10 +10,11 @@ Where the rest lives: the run's state and checkpoints `utils.run`; the updates `
 `utils.advmoe`; evaluation `utils.evaluate`; run folders and logs `utils.runlog`; device, seeds, signals
 `utils.runtime`.
 """
+import math
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from tqdm import tqdm
@@ -24,11 +25,13 @@ from .checkpoint import restore_rng_state, save_checkpoint
 from .distributed import all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module, gather_objects
 from .errors import UsageError
 from .evaluate import EvalConfig, Shard, evaluate, moe_row, routing_report
+from .lock import hold
 from .run import Run, build_run, mid_epoch_state, restore, training_kind
-from .runlog import (RunLogger, check_can_create, check_folder_is_free, checkpoint_paths, continues_own_run,
-                     format_epoch_line, mark_finished, record_unexpected_stop, run_dir, trim_metrics)
+from .runlog import (RunLogger, check_can_create, check_folder_is_free, check_not_orphaned, checkpoint_paths,
+                     continues_own_run, format_epoch_line, mark_finished, metrics_rows, record_unexpected_stop,
+                     run_dir, trim_metrics)
 from .runtime import REQUEUE_EXIT_CODE, Interrupted, StopFlag, epoch_seed, seed_everything
-from .scalars import ScalarLog, summary_writer_class
+from .scalars import ScalarLog, scalars, summary_writer_class
 from .update import NonFiniteError, StepContext
 
 # Catastrophic overfitting (Wong et al. 2020: under FGSM training, PGD robust accuracy falls to near zero within an
@@ -37,13 +40,24 @@ OVERFIT_FRACTION = 0.5
 
 
 def train(args, script, device, env):
-    """Train from scratch, or go on from `--resume`; returns the last metrics row (None: nothing left to do)."""
+    """Train from scratch, or go on from `--resume`; returns the last metrics row (None: nothing left to do).
+
+    The main process holds the run folder's lock (`utils.lock.hold`) from before it looks at the folder until
+    the run ends: a second run into the same folder is refused, never interleaved."""
     folder = run_dir(args, script)
+    check_can_create(folder, f"--save-dir {args.save_dir}")
+    with hold(folder) if env.is_main else nullcontext():
+        return _train_in(folder, args, script, device, env)
+
+
+def _train_in(folder, args, script, device, env):
     latest, best = checkpoint_paths(folder)
     resume = resolve_resume(args, latest)
-    check_can_create(folder, f"--save-dir {args.save_dir}")
     own = continues_own_run(resume, latest)
     check_folder_is_free(folder, resume, continuing=own or (not resume and args.resume == "auto"))
+    if not resume:
+        check_not_orphaned(folder, latest, best)
+    metrics_rows(os.path.join(folder, "metrics.jsonl"))  # a damaged file stops the run before anything is written
     run = build_run(args, script, device, env)
     if resume:
         restore(run, resume)
@@ -233,12 +247,22 @@ def evaluate_epoch(run: Run, epoch: int, stats, lr):
     return row, is_best, warnings
 
 
+def check_row_finite(row):
+    """NonFiniteError (the run stops, its last good checkpoint kept) when a number of the epoch's row is NaN or
+    inf: such a row is not JSON, and a diverged epoch is no result."""
+    bad = [tag for tag, value in scalars(row).items() if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteError(f"epoch {row['epoch']}: {', '.join(bad[:6])} not finite (NaN/inf); stopping, last "
+                             f"good checkpoint kept, nothing written for this epoch")
+
+
 def save_epoch(run: Run, row, is_best, warnings, log, scalar_log, latest, best):
     """Log the epoch's row, then write model_best (a new best) and the latest checkpoint, then the warnings.
 
     The row goes out before the checkpoint: a kill in between leaves a row that the resume trims and redoes,
     never a checkpointed epoch without its row. model_best before checkpoint, so a resumed epoch rewrites both.
     """
+    check_row_finite(row)
     log.log_metrics(row)
     if scalar_log is not None:
         scalar_log.write(row, row["epoch"])
