@@ -21,6 +21,7 @@ from utils import autoattack_eval as aa
 from utils.data import build_datasets
 from utils.cli import run_main
 from utils.errors import UsageError
+from utils.lock import hold
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -300,6 +301,19 @@ def test_other_settings_get_their_own_chunks(ckpts, tmp_path):
     assert first["chunks_dir"] != second["chunks_dir"] and second["resumed_chunks"] == 0
     again = evaluate(ckpts["dense"], tmp_path / "aa.json", *argv, "--epsilon", 1)
     assert again["resumed_chunks"] == 2 and again["robust_accuracy"] == first["robust_accuracy"]
+
+
+def test_a_second_writer_of_the_same_chunks_is_refused(ckpts, tmp_path):
+    """One writer per chunks folder: while another process holds it, the same evaluation is refused with the
+    holder named and its chunks untouched; once released, the same command resumes them."""
+    argv = ("--n-ex", 4, "--chunk-size", 4, "--version", "custom", "--attacks", "apgd-ce", "--epsilon", 1)
+    first = evaluate(ckpts["dense"], tmp_path / "aa.json", *argv)
+    before = sorted(os.listdir(first["chunks_dir"]))
+    with hold(first["chunks_dir"]):
+        with pytest.raises(UsageError, match="in use by pid"):
+            evaluate(ckpts["dense"], tmp_path / "aa.json", *argv)
+    assert sorted(os.listdir(first["chunks_dir"])) == before
+    assert evaluate(ckpts["dense"], tmp_path / "aa.json", *argv)["resumed_chunks"] == 1
 
 
 @pytest.mark.parametrize("name,flags", [

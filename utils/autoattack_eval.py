@@ -36,6 +36,7 @@ from .checkpoint import load_checkpoint, load_model_weights
 from .data import build_datasets, dataset_info
 from .distributed import gather_objects, init_distributed, shutdown
 from .errors import UsageError
+from .lock import hold
 from .runlog import check_can_create
 from .runtime import chunk_seed, resolve_device, seed_everything, write_json_atomic
 
@@ -514,34 +515,37 @@ def _evaluate_checkpoint(args, device, env, attack_params, progress):
     key = fingerprint(settings)
     folder = os.path.join(f"{out}.chunks", key)
     check_out_path(out, source, folder, overwrite=args.overwrite, default=args.out is None)
-    os.makedirs(folder, exist_ok=True)
-    if env.is_main:
-        write_json_atomic(os.path.join(folder, "settings.json"), settings)
-    if device.type == "cuda":
-        # Same kernels on a rerun: a resumed evaluation must reproduce the chunks it did not keep.
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
-    attack = AttackSettings(eps, args.norm, args.version, attacks, args.batch_size, device, attack_params)
-    plan = ChunkPlan(n_ex, args.chunk_size, folder, key, args.seed, args.num_workers)
-    records, resumed = run_evaluation(model, test_ds, attack, plan, rank=env.rank, world_size=env.world_size,
-                                      progress=not args.no_progress if progress is None else progress)
-    resumed = sum(gather_objects(resumed, env))  # also the barrier: every rank's chunks are on disk after it
-    if not env.is_main:
-        return None
-    if env.enabled:
-        records = [load_chunk(folder, c, start, stop, key)
-                   for c, (start, stop) in enumerate(chunk_ranges(n_ex, args.chunk_size))]
-        if any(r is None for r in records):
-            raise RuntimeError(f"chunks missing in {folder} after every process finished")
-    report = summarize(records)
-    report.update({
-        "eps": eps, "epsilon_255": args.epsilon, "norm": args.norm, "version": args.version,
-        "checkpoint": os.path.abspath(source), "epoch": ckpt.get("epoch"), "arch": spec["arch"],
-        "ratio": spec["ratio"], "n_expert": spec["n_expert"], "normalize": spec["normalize"],
-        "routing": spec["routing"] if spec["n_expert"] else None, "dataset": spec["dataset"], "seed": args.seed,
-        "batch_size": args.batch_size, "chunk_size": args.chunk_size, "n_chunks": n_chunks,
-        "resumed_chunks": resumed, "chunks_dir": folder, "package": dict(zip(("name", "version"), PACKAGE)),
-        "attack_params": attack_params, "device": str(device), "wall_seconds": time.time() - t_start, "out": out})
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_json_atomic(out, report)
-    print(format_summary(report), flush=True)
-    return report
+    # One writer per chunks folder (utils.lock): a second evaluation of the same settings waits for nothing and
+    # is refused with the holder named, instead of writing the same chunks twice.
+    with hold(folder) if env.is_main else contextlib.nullcontext():
+        os.makedirs(folder, exist_ok=True)
+        if env.is_main:
+            write_json_atomic(os.path.join(folder, "settings.json"), settings)
+        if device.type == "cuda":
+            # Same kernels on a rerun: a resumed evaluation must reproduce the chunks it did not keep.
+            torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+        attack = AttackSettings(eps, args.norm, args.version, attacks, args.batch_size, device, attack_params)
+        plan = ChunkPlan(n_ex, args.chunk_size, folder, key, args.seed, args.num_workers)
+        records, resumed = run_evaluation(model, test_ds, attack, plan, rank=env.rank, world_size=env.world_size,
+                                          progress=not args.no_progress if progress is None else progress)
+        resumed = sum(gather_objects(resumed, env))  # also the barrier: every rank's chunks are on disk after it
+        if not env.is_main:
+            return None
+        if env.enabled:
+            records = [load_chunk(folder, c, start, stop, key)
+                       for c, (start, stop) in enumerate(chunk_ranges(n_ex, args.chunk_size))]
+            if any(r is None for r in records):
+                raise RuntimeError(f"chunks missing in {folder} after every process finished")
+        report = summarize(records)
+        report.update({
+            "eps": eps, "epsilon_255": args.epsilon, "norm": args.norm, "version": args.version,
+            "checkpoint": os.path.abspath(source), "epoch": ckpt.get("epoch"), "arch": spec["arch"],
+            "ratio": spec["ratio"], "n_expert": spec["n_expert"], "normalize": spec["normalize"],
+            "routing": spec["routing"] if spec["n_expert"] else None, "dataset": spec["dataset"], "seed": args.seed,
+            "batch_size": args.batch_size, "chunk_size": args.chunk_size, "n_chunks": n_chunks,
+            "resumed_chunks": resumed, "chunks_dir": folder, "package": dict(zip(("name", "version"), PACKAGE)),
+            "attack_params": attack_params, "device": str(device), "wall_seconds": time.time() - t_start, "out": out})
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        write_json_atomic(out, report)
+        print(format_summary(report), flush=True)
+        return report
