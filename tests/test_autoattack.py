@@ -229,17 +229,24 @@ def test_moe_and_reference_checkpoints(ckpts, tmp_path, name, flags):
 
 
 def moderate_router_logits(model, x):
-    """Rescale the router's output layer so that on `x` each expert's logit is centred with a top-1/top-2 gap of
-    standard deviation 1: the routing is then neither saturated nor tied, whatever the few training steps of the
-    fixture produced (on one machine they left logits of +-12, a gate gradient of 1e-10 and a red test)."""
+    """Set the 2-expert router's output layer so that on `x` the logits are (g/2, -g/2), the gap g centred with
+    standard deviation 1: the routing is then neither saturated nor tied and both experts are chosen, whatever the
+    few training steps of the fixture produced (on one machine they left logits of +-12, a gate gradient of 1e-10
+    and a red test). Only the gap between the two rows of the layer is kept, so no common part remains."""
     fc = model.router.fc
     with torch.no_grad():
-        raw = model.route(x) - fc.bias  # (B, N): W f, the part the weight makes
+        raw = model.route(x) - fc.bias  # (B, 2): W f, the part the weight makes
         scale = 1.0 / (raw[:, 0] - raw[:, 1]).std()
-        fc.weight.mul_(scale)
-        fc.bias.copy_(-scale * raw.mean(0))
-        gap = model.route(x)
-    assert gap.abs().max() < 5 and (gap[:, 0] - gap[:, 1]).std() == pytest.approx(1.0, rel=1e-3)
+        half = scale * (fc.weight[0] - fc.weight[1]) / 2
+        fc.weight.copy_(torch.stack([half, -half]))
+        shift = scale * (raw[:, 0] - raw[:, 1]).mean() / 2
+        fc.bias.copy_(torch.stack([-shift, shift]))
+        logits = model.route(x)
+    gap = logits[:, 0] - logits[:, 1]
+    assert torch.allclose(logits[:, 0], -logits[:, 1], atol=1e-6)
+    assert abs(gap.mean()) < 1e-5 and gap.std() == pytest.approx(1.0, rel=1e-3)
+    # B points of mean 0 and standard deviation 1 lie within (B - 1) / sqrt(B) of 0: |logit| <= 0.75 for B = 4
+    assert logits.abs().max() <= (len(x) - 1) / len(x) ** 0.5 / 2 + 1e-5 and (gap > 0).any() and (gap < 0).any()
 
 
 def test_moe_gradients_reach_the_input_through_the_routing(ckpts):
