@@ -110,7 +110,8 @@ def ckpts(tmp_path_factory):
 
 
 def pgd_accuracy(model, x, y, eps, steps=10):
-    """% of points that survive L-inf PGD (random start, step eps/4), a baseline AutoAttack must match."""
+    """% of points that survive L-inf PGD (random start, step eps/4), a baseline AutoAttack must match. As in
+    AutoAttack's count, a point survives only if it is also classified correctly clean (so never above clean)."""
     torch.manual_seed(0)
     delta = (torch.rand_like(x) * 2 - 1) * eps
     for _ in range(steps):
@@ -119,7 +120,8 @@ def pgd_accuracy(model, x, y, eps, steps=10):
         grad, = torch.autograd.grad(loss, delta)
         delta = (delta.detach() + eps / 4 * grad.sign()).clamp(-eps, eps)
     with torch.no_grad():
-        return 100.0 * (model((x + delta).clamp(0, 1)).argmax(1) == y).float().mean().item()
+        survived = (model((x + delta).clamp(0, 1)).argmax(1) == y) & (model(x).argmax(1) == y)
+    return 100.0 * survived.float().mean().item()
 
 
 # ------------------------------------------------------------------------------------------------------------
