@@ -119,16 +119,18 @@ def make_train_step(model, kind="auto", *, num_steps=2, at="trades", lr=0.0, sca
     raise ValueError(f"unknown training step kind {kind!r} (advmoe, joint, auto)")
 
 
-def train_step_gflops(model, kind="auto", *, image_size=32, batch=8, num_classes=10, num_steps=2, at="trades",
-                      device="cpu", **cfg) -> float:
+def train_step_gflops(model, kind="auto", *, image_size=32, batch=8, num_classes=10, device="cpu", **cfg) -> float:
     """GFLOPs per image of one training update of a copy of `model` (the model itself is left untouched).
 
-    Batch `batch` of random images and labels; `num_steps`-step attacks; see `make_train_step` for `kind`.
+    Batch `batch` of random images and labels; see `make_train_step` for `kind`; `cfg` goes to it too
+    (`num_steps`: the attacks' steps, default 2; `at`: default "trades").
     """
     model = copy.deepcopy(model).train()
     x = _images(batch, image_size, device, seed=1)
     y = torch.randint(0, num_classes, (batch,), generator=torch.Generator().manual_seed(2)).to(device)
-    step = make_train_step(model, kind, num_steps=num_steps, at=at, **cfg)
+    cfg.setdefault("num_steps", 2)
+    cfg.setdefault("at", "trades")
+    step = make_train_step(model, kind, **cfg)
     return training_step_gflops(step, x, y)
 
 
