@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_moe  # noqa: E402
 import train_ori  # noqa: E402
+from args import parse_args  # noqa: E402
 from utils import train as train_mod  # noqa: E402
 from utils.lock import LOCK_NAME, hold  # noqa: E402
 from conftest import FLAGS, TWO_EPOCHS, assert_one_line, cli, no_signal_handlers, snapshot  # noqa: E402
@@ -56,7 +57,7 @@ def script(name, argv, **kw):
 
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
     argv = TWO_EPOCHS + ["--save-dir", tmp_path]
-    folder = train_mod.run_dir(train_ori.parse_args([str(a) for a in argv], script="train_ori"), "train_ori")
+    folder = train_mod.run_dir(parse_args([str(a) for a in argv], script="train_ori"), "train_ori")
     with hold(folder):
         before = snapshot(tmp_path)
         for extra in ([], ["--resume", "auto"]):
@@ -286,7 +287,6 @@ def test_a_second_evaluation_of_another_checkpoint_does_not_replace_the_first(fi
 
 
 def test_moe_stages_mismatch_names_moe_stages(tmp_path, capsys):
-    model = train_moe.parse_args  # noqa: F841  (the parser builds the registry)
     import models
     full = models.build_model("resnet18_cifar_moe", num_classes=10, ratio=0.125, n_expert=2)
     path = tmp_path / "all_stages.pth.tar"

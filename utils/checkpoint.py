@@ -180,6 +180,10 @@ def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
         flag, recorded, value = found
         if flag == "--arch":
             raise UsageError(f"{where} was trained for {recorded}; --arch says {value}")
+        if flag == "--moe-stages":
+            def stages(v):
+                return "every stage (no --moe-stages)" if v is None else "--moe-stages " + " ".join(map(str, v))
+            raise UsageError(f"{where} was trained with {stages(recorded)}; this run asks for {stages(value)}")
         raise UsageError(f"{where} was trained with {flag} {recorded}; {flag} says {value}")
     sd = extract_state_dict(ckpt, source)
     own = model.state_dict()
