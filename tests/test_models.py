@@ -267,7 +267,11 @@ def test_a_checkpoint_record_is_compared_field_by_field_and_unknowns_are_skipped
     assert contradiction({"ratio": 0.5 + 1e-12, "n_expert": 2, "top_k": 1}, wanted) is None
     assert contradiction({"ratio": 0.25, "n_expert": 3}, wanted) == ("--ratio", 0.25, 0.5)
     assert contradiction({"n_expert": 3, "routing": "layer"}, wanted) == ("--n-expert", 3, 2)
-    assert contradiction({"moe_stages": [4]}, wanted) is None  # the model has every stage: not compared
+    # a recorded list against a model with every stage, and a recorded None (every stage) against a list: both differ
+    assert contradiction({"moe_stages": [4]}, wanted) == ("--moe-stages", [4], None)
+    staged = ModelSpec("resnet18_cifar_moe", ratio=0.5, n_expert=2, moe_stages=(4,)).validate().compared()
+    assert contradiction({"moe_stages": None}, staged) == ("--moe-stages", None, [4])
+    assert contradiction({}, staged) is None  # not recorded (the released code): not compared
 
 
 def test_moe_and_dense_names():
