@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import yaml
 
-from .errors import UsageError
+from .errors import UsageError, read_text_lines
 
 RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
 DATASET_ORDER = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits", "Digits16", "FashionMNIST")
@@ -389,12 +389,7 @@ def read_manifest(path: str) -> list[tuple[str, str]]:
     line (sh/sweep.sh writes run_dir, eval_dir, command, eval_command, autoattack_command), else the last.
     """
     out, column = [], -1
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except UnicodeDecodeError as e:
-        raise UsageError(f"manifest {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
-                         f"{e.start})") from None
+    lines = read_text_lines(path, f"manifest {path} is {{why}}")
     for line in lines:
         if line.startswith("#"):
             names = line[1:].rstrip("\n").split("\t")

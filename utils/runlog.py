@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from .checkpoint import args_to_dict, load_checkpoint
-from .errors import UsageError
+from .errors import UsageError, read_text_lines
 from .runtime import atomic_file, write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -328,11 +328,7 @@ def metrics_rows(path) -> list:
     if not os.path.exists(path):
         return []
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: damaged, not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                         f"repair or remove it before resuming") from None
+        lines = read_text_lines(path, f"{path}: damaged, {{why}}; repair or remove it before resuming")
     except OSError as e:
         raise UsageError(f"{path}: cannot read it ({e.strerror or e})") from None
     out = []
