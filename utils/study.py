@@ -1,7 +1,7 @@
 """The routing study: dense and MoE rows x seeds on Digits, trained, evaluated and attacked, one table.
 
     python -m utils.study --rows main --seeds 1,2,3 --save-dir results/routing_study [--jobs 2]
-    python -m utils.study --rows balance ...      (AdvMoE under each load-balancing mode)
+    python -m utils.study --rows balance ...      (AdvMoE under each load-balancing mode, and the reference objective)
     python -m utils.study --report-only ...       (the table from what has finished)
 
 Each (row, seed) is one job: train with `--resume auto` (a finished run is skipped, a killed one resumes), then
@@ -56,12 +56,14 @@ ROWS = {
     ],
     "balance": [
         (f"AdvMoE, --balance {mode}", "train_moe", MOE + ["--ratio", "{r}", "--balance", mode])
-        for mode in ("bias", "bias-sign", "switch", "entropy", "none")
-    ],
+        for mode in ("median", "bias", "bias-sign", "switch", "entropy", "none")
+    ] + [("AdvMoE, reference router objective", "train_moe",
+          MOE + ["--ratio", "{r}", "--router-objective", "reference"])],
 }
 COLUMNS = [("sa", "SA"), ("ra", "PGD-10 RA"), ("aa", "AutoAttack RA"), ("router_robustness", "router robustness"),
            ("expert_robustness", "expert RA"), ("load_clean_min", "min clean load"), ("load_adv_min", "min adv load"),
-           ("gflops", "GFLOPs/image"), ("minutes", "training minutes")]
+           ("margin_p50", "router margin p50"), ("margin_p95", "router margin p95"), ("gflops", "GFLOPs/image"),
+           ("minutes", "training minutes")]
 
 
 def slug(name):
@@ -209,12 +211,15 @@ def _job_in(out, j: Job):
     with open(aa_path) as f:
         aa_report = json.load(f)
     rows = _metrics(run)
+    best_epoch = rows[-1].get("best_epoch") if rows else None
+    at_best = next((r for r in rows if r.get("epoch") == best_epoch), {})  # the evaluated checkpoint's epoch
     result = {"row": j.name, "seed": j.seed, "key": j.key, "sa": ev["sa"], "ra": ev["ra"], "n": ev["n"],
               "aa": aa_report.get("robust_accuracy"), "aa_n": aa_report.get("n_ex"),
               "router_robustness": ev.get("router_robustness"), "expert_robustness": ev.get("expert_robustness"),
               "load_clean": ev.get("load_clean"), "load_adv": ev.get("load_adv"),
               "load_clean_min": min(ev["load_clean"]) if ev.get("load_clean") else None,
               "load_adv_min": min(ev["load_adv"]) if ev.get("load_adv") else None,
+              "margin_p50": at_best.get("router_margin_p50"), "margin_p95": at_best.get("router_margin_p95"),
               "gflops": _gflops(argv), "minutes": sum(r.get("seconds", 0) for r in rows) / 60,
               "last_epoch": rows[-1] if rows else None, "command": shlex.join(train)}
     write_json_atomic(result_path, result)
@@ -263,10 +268,14 @@ def report(save, results, command, settings=""):
         lines.append("| " + " | ".join(cells) + " |")
         csv_rows.append(dict(zip(header, cells)))
     aa_n = sorted({r.get("aa_n") for r in results if r.get("aa_n")})
+    per_seed = [f"- {name}: " + "; ".join(f"seed {r['seed']} SA {r['sa']:.2f} RA {r['ra']:.2f} AA {r.get('aa')}"
+                                          for r in rs) for name, rs in by_row.items()]
     text = "\n".join(lines) + (
         f"\n\nMean ± std over seeds (n in 'seeds'). PGD-10 on {results[0]['n'] if results else '-'} test images "
         f"(eps {EPS}); AutoAttack APGD-CE then APGD-T on {aa_n or '-'} test images. Loads: % of test images on "
-        f"the least-used expert. Command: `{command}`\n" + (f"\n{settings}\n" if settings else ""))
+        f"the least-used expert. Router margin: top-1 minus top-2 selection score on training images at the "
+        f"evaluated (best) epoch, median and 95th percentile. Command: `{command}`\n\nPer seed:\n"
+        + "\n".join(per_seed) + "\n" + (f"\n{settings}\n" if settings else ""))
     write_text_atomic(os.path.join(save, "table.md"), text)
     with atomic_file(os.path.join(save, "table.csv")) as f:
         w = csv.DictWriter(f, fieldnames=header)
