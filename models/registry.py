@@ -16,8 +16,14 @@ def register_model(fn: Callable) -> Callable:
     return fn
 
 
+def _families():
+    """Import every model family once: each registers its builders when imported."""
+    from . import densenet, resnet, vgg, wrn  # noqa: F401
+
+
 def list_models() -> list[str]:
     """Sorted registered names."""
+    _families()
     return sorted(_BUILDERS)
 
 
@@ -29,4 +35,5 @@ def build_model(spec: ModelSpec | str, **fields):
     """
     spec = ModelSpec(spec, **fields) if isinstance(spec, str) else replace(spec, **fields)
     spec = spec.validate()
+    _families()
     return _BUILDERS[spec.arch](spec)

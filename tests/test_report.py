@@ -190,7 +190,7 @@ def test_missing_status_empty_metrics_and_cut_line(tmp_path):
                    args_of("vgg16_bn_ori", 1.0), epochs([(50.0, 20.0)]), state="interrupted")
     with open(cut / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 1, "sa": 5')  # the writer was killed mid-line
-    # no args.yaml and no status: described from the folder name
+    # no args.yaml (a run writes it first): damaged, the file named; its name is not parsed
     bare = save / "training" / "train_moe" / ("t1_CIFAR100-wrn_28_10_cifar_moe-ratio0.5-epochs7-lr0.01-eps8-steps2-"
                                               "beta6.0-expert4-seed3")
     bare.mkdir(parents=True)
@@ -199,8 +199,8 @@ def test_missing_status_empty_metrics_and_cut_line(tmp_path):
     assert rows[str(empty)].status == "failed" and rows[str(empty)].message == "no epoch recorded"
     assert rows[str(cut)].status == "interrupted" and rows[str(cut)].epochs_done == 1
     b = rows[str(bare)]
-    assert (b.status, b.arch, b.dataset, b.ratio, b.n_expert, b.epochs, b.method) == \
-        ("failed", "wrn_28_10_cifar", "CIFAR100", 0.5, 4, 7, "advmoe")
+    assert (b.status, b.arch, b.dataset, b.ratio, b.method) == ("damaged", "?", "?", None, "advmoe")
+    assert b.message == f"{bare / 'args.yaml'} is missing or unreadable"
 
 
 def test_single_run_folder_finds_its_evaluation(sweep, tmp_path):

@@ -30,26 +30,21 @@ import csv
 import json
 import math
 import os
-import re
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 
 import yaml
 
+from models.spec import base_arch, is_moe
+
 from .errors import UsageError, read_text_lines
 
 RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
-DATASET_ORDER = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits", "Digits16", "FashionMNIST")
 METHOD_ORDER = ("dense", "joint", "advmoe")
 CSV_FIELDS = ("arch", "dataset", "method", "ratio", "n_expert", "status", "epochs_done", "epochs", "best_epoch",
               "selection", "sa", "pgd_ra", "pgd_source", "aa_ra", "aa_sa", "aa_n_ex", "aa_version", "aa_stale",
               "sa_final", "ra_final", "gflops", "gpu_hours", "cpu_hours", "device", "world_size", "message", "run_dir")
-# A folder name as the runs write it: [ID_]{dataset}-{arch}-ratio{r}-epochs{E}-lr{lr}-eps{e}-steps{k}-beta{b}
-# [-expert{N}]-seed{s}; used only when args.yaml is absent (a run that failed before writing it).
-_NAME = re.compile(r"^(?:(?P<id>.+)_)?(?P<dataset>[A-Za-z0-9]+)-(?P<arch>[A-Za-z0-9_]+)-ratio(?P<ratio>[0-9.]+)"
-                   r"-epochs(?P<epochs>\d+)-lr.+?-eps\d+-steps\d+-beta[^-]+(?:-expert(?P<n_expert>\d+))?-*"
-                   r"seed\d+$")
 
 
 @dataclass
@@ -158,7 +153,7 @@ def read_metrics(path: str, problems: list | None = None) -> list[dict]:
 
 
 def read_args(folder: str) -> dict:
-    """The run's resolved flags (args.yaml), or what its folder name tells when that file is absent."""
+    """The run's resolved flags (args.yaml, written when the run folder is made); {} when it is unreadable."""
     try:
         with open(os.path.join(folder, "args.yaml"), encoding="utf-8") as f:
             args = yaml.safe_load(f)
@@ -166,20 +161,14 @@ def read_args(folder: str) -> dict:
             return args
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         pass
-    m = _NAME.match(os.path.basename(folder))
-    if not m:
-        return {}
-    out = {"dataset": m["dataset"], "arch": m["arch"], "ratio": float(m["ratio"]), "epochs": int(m["epochs"])}
-    if m["n_expert"]:
-        out["n_expert"] = int(m["n_expert"])
-    return out
+    return {}
 
 
 def script_of(folder: str, args: dict) -> str:
     parent = os.path.basename(os.path.dirname(folder))
     if parent in ("train_ori", "train_moe"):
         return parent
-    return "train_moe" if str(args.get("arch", "")).endswith("_moe") else "train_ori"
+    return "train_moe" if is_moe(str(args.get("arch", ""))) else "train_ori"
 
 
 def is_evaluation(folder: str, args: dict) -> bool:
@@ -189,7 +178,8 @@ def is_evaluation(folder: str, args: dict) -> bool:
 def method_of(args: dict, script: str) -> str:
     """dense, joint or advmoe (advmoe-reference when the router is trained on the reference's objective), then
     what differs from the released code's setting: `fast-AT`, `stages S` (`--moe-stages`), `top-K`."""
-    if script == "train_ori" or str(args.get("arch", "")).endswith("_ori"):
+    arch = str(args.get("arch", ""))
+    if script == "train_ori" or (arch and not is_moe(arch)):
         method = "dense"
     else:
         method = args.get("moe_training") or "advmoe"
@@ -201,13 +191,6 @@ def method_of(args: dict, script: str) -> str:
         if str(args.get("top_k") or 1) != "1":
             method += f" top-{args['top_k']}"
     return method + (" fast-AT" if args.get("at") == "fast" else "")
-
-
-def base_arch(arch: str) -> str:
-    for suffix in ("_ori", "_moe"):
-        if arch.endswith(suffix):
-            return arch[:-len(suffix)]
-    return arch
 
 
 def _float(x):
@@ -309,6 +292,8 @@ def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
     else:
         row.status = state or "unknown"
     problems += lost_rows(rows, row.epochs if state == "finished" else None)
+    if not args:
+        problems.insert(0, f"{os.path.join(folder, 'args.yaml')} is missing or unreadable")
     if problems:  # the log does not hold the run: its best epoch and curves would misstate it
         row.status, row.message = "damaged", "; ".join(problems)[:500]
     row.curves = [(r["epoch"], _float(r.get("sa")), _float(r.get("ra"))) for r in rows]
@@ -364,7 +349,7 @@ def summarize_evaluation_only(folder: str) -> RunRow:
     arch = str(args.get("arch", "?"))
     row = RunRow(arch=base_arch(arch), registry_arch=arch, dataset=str(args.get("dataset", "?")),
                  method=method_of(args, script_of(folder, args)), ratio=_float(args.get("ratio")),
-                 n_expert=args.get("n_expert") if arch.endswith("_moe") else None, run_dir=folder,
+                 n_expert=args.get("n_expert") if is_moe(arch) else None, run_dir=folder,
                  status="evaluated" if evals else "failed", message=str(status.get("message") or ""))
     if evals:
         row.sa, row.pgd_ra, row.pgd_source = _float(evals[-1].get("sa")), _float(evals[-1]["ra"]), "evaluate"
@@ -447,7 +432,7 @@ def row_from_command(run_dir: str, command: str) -> RunRow:
 def _sort_key(row: RunRow):
     def index(seq, x):
         return seq.index(x) if x in seq else len(seq)
-    return (index(DATASET_ORDER, row.dataset), row.dataset, row.arch, index(METHOD_ORDER, row.method.split("-")[0]),
+    return (row.dataset, row.arch, index(METHOD_ORDER, row.method.split("-")[0]),
             row.method, -(row.ratio or 0), row.n_expert or 0, row.run_dir)
 
 
