@@ -9,7 +9,7 @@
 #   1. pytest tests/test_cuda.py: training steps under bf16 and fp16 + scaler, attacks under autocast, sparse vs
 #      dense-masked experts, the resident loader, --compile, NCCL and torchrun, resume after a kill (CUDA tests
 #      skip on a CPU, their CPU twins run);
-#   2. sh/benchmark.py: inference ms and training images/s of dense r=1, dense r=0.5, MoE r=0.5 N=2 and N=4
+#   2. utils/tools/benchmark.py: inference ms and training images/s of dense r=1, dense r=0.5, MoE r=0.5 N=2 and N=4
 #      sparse and dense-masked, AMP on CUDA, peak memory per row, ratios against dense r=0.5 from one run;
 #   3. a 2-epoch AdvMoE run of train_moe.py on Digits.
 # Then one summary block: PASS/FAIL per step, the GPU, the benchmark tables. Exit 0 when every step passed.
@@ -70,7 +70,7 @@ step() {
 }
 
 step pytest "${LIMITS[0]}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py "${PYTEST_ARGS[@]}"
-step benchmark "${LIMITS[1]}" "$PYTHON" sh/benchmark.py --device "$DEVICE" "${BENCH_ARGS[@]}"
+step benchmark "${LIMITS[1]}" "$PYTHON" -m utils.tools.benchmark --device "$DEVICE" "${BENCH_ARGS[@]}"
 step digits_advmoe "${LIMITS[2]}" "$PYTHON" train_moe.py --dataset Digits --arch resnet18_cifar_moe --n-expert 2 \
     --epochs 2 --device "$DEVICE" --num-workers 0 --no-progress --save-dir "$OUT/runs" "${RUN_ARGS[@]}"
 

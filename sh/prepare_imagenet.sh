@@ -11,8 +11,8 @@
 # KAGGLE is the unpacked imagenet-object-localization-challenge download: ILSVRC/Data/CLS-LOC/{train,val}
 # and LOC_val_solution.csv. Idempotent (a second run says there is nothing to do); moves are journaled in
 # X/.prepare_imagenet.journal.tsv before they happen; nothing is deleted. Exit 2 names what is missing.
-# The logic lives in utils/prepare_data.py (`python -m utils.prepare_data imagenet --help`).
+# The logic lives in utils/tools/prepare_data.py (`python -m utils.tools.prepare_data imagenet --help`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python3}" -m utils.prepare_data imagenet "$@"
+exec "${PYTHON:-python3}" -m utils.tools.prepare_data imagenet "$@"

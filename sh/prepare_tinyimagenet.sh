@@ -9,7 +9,7 @@
 # already (offline: a message says where to put the zip), unpacks it into a temporary folder renamed into
 # place when complete, and verifies the structure. A complete DIR/tiny-imagenet-200 is left alone. The
 # validation images stay in val/images: our loader reads val/val_annotations.txt, no reshuffling needed.
-# The logic lives in utils/prepare_data.py (`python -m utils.prepare_data tinyimagenet --help`).
+# The logic lives in utils/tools/prepare_data.py (`python -m utils.tools.prepare_data tinyimagenet --help`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -18,4 +18,4 @@ if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
     data_dir="$1"
     shift
 fi
-exec "${PYTHON:-python3}" -m utils.prepare_data tinyimagenet --data-dir "$data_dir" "$@"
+exec "${PYTHON:-python3}" -m utils.tools.prepare_data tinyimagenet --data-dir "$data_dir" "$@"

@@ -209,7 +209,7 @@ sw_write_manifest "$manifest"
 total="$(sw_manifest_count "$manifest")"
 sw_say "manifest: $manifest ($total runs, preset $preset, backend $backend${gpus:+ on GPUs $gpus})"
 
-report_cmd="$(sw_quote "$SW_PYTHON" -m utils.report "$save_dir" --manifest "$manifest" --out "$report_dir" \
+report_cmd="$(sw_quote "$SW_PYTHON" -m utils.tools.report "$save_dir" --manifest "$manifest" --out "$report_dir" \
     ${report_flags[@]+"${report_flags[@]}"})"
 
 # ---- run ------------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""The README stays short and every relative link in it and in docs/ resolves, anchors included."""
+"""The README stays short and every relative link in it and in docs/ resolves, anchors included; the library never
+imports a tool (utils/tools/)."""
+import ast
 import os
 import re
 
@@ -38,3 +40,48 @@ def test_the_readme_is_short_and_links_every_doc():
         text = f.read()
     assert len(text.splitlines()) <= 200
     assert {p for p in PAGES if p.startswith("docs")} <= {os.path.normpath(link) for link in links("README.md")}
+
+
+def library_files():
+    """Every Python file a run may import: the entry scripts, args.py, models/ and utils/ outside utils/tools/."""
+    top = [f for f in os.listdir(ROOT) if f.endswith(".py")]
+    nested = [os.path.relpath(os.path.join(d, f), ROOT) for package in ("models", "utils")
+              for d, _, files in os.walk(os.path.join(ROOT, package)) for f in files if f.endswith(".py")]
+    return sorted(top + [f for f in nested if not f.startswith(os.path.join("utils", "tools"))])
+
+
+def imports(path) -> list:
+    """(module, names) of every import in `path`, relative imports resolved against its package."""
+    package = os.path.dirname(path).replace(os.sep, ".")
+    found = []
+    for node in ast.walk(ast.parse(open(os.path.join(ROOT, path), encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package if node.level else ""
+            found.append((".".join(p for p in (base, node.module) if p), [a.name for a in node.names]))
+    return found
+
+
+def is_ours(module) -> bool:
+    return module.split(".")[0] in ("utils", "models")
+
+
+def exists(module) -> bool:
+    path = os.path.join(ROOT, *module.split("."))
+    return os.path.exists(path + ".py") or os.path.exists(os.path.join(path, "__init__.py"))
+
+
+def test_the_library_never_imports_a_tool():
+    importers = [f for f in library_files() for module, names in imports(f)
+                 if any(m == "utils.tools" or m.startswith("utils.tools.") for m in [module] +
+                        [f"{module}.{n}" for n in names])]
+    assert len(library_files()) > 40 and importers == []
+
+
+def test_every_import_of_our_modules_names_one_that_exists():
+    tools = os.path.join("utils", "tools")
+    every = library_files() + [os.path.join(tools, f) for f in os.listdir(os.path.join(ROOT, tools))
+                               if f.endswith(".py")]
+    missing = [(f, m) for f in every for m, _ in imports(f) if is_ours(m) and not exists(m)]
+    assert missing == []

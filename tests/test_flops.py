@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import models
-from utils.flops import (count_flops, flops_rows, format_flops_table, get_args_parser, inference_gflops, main,
-                         train_step_gflops)
+from utils.flops import count_flops, inference_gflops, train_step_gflops
+from utils.tools.flops import flops_rows, format_flops_table, get_args_parser, main
 
 
 def conv(size, c_in, c_out, k):

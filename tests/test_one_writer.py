@@ -301,6 +301,6 @@ def test_moe_stages_mismatch_names_moe_stages(tmp_path, capsys):
 @pytest.mark.parametrize("argv,named", [(["--device", "meta"], "--device meta"), (["--ratio", "0"], "--ratio"),
                                         (["--experts", "0"], "--experts"), (["--batch", "0"], "--batch")])
 def test_benchmark_bad_sizes_are_one_line(argv, named):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "sh", "benchmark.py"), "--quick", *argv], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "utils.tools.benchmark", "--quick", *argv], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert_one_line(p.returncode, p.stderr, named)

@@ -1,11 +1,11 @@
-"""sh/prepare_imagenet.sh and sh/prepare_tinyimagenet.sh (utils/prepare_data.py) on small fake trees."""
+"""sh/prepare_imagenet.sh and sh/prepare_tinyimagenet.sh (utils/tools/prepare_data.py) on small fake trees."""
 import os
 import subprocess
 import zipfile
 
 import pytest
 
-from utils.prepare_data import check_tiny_imagenet, prepare_imagenet, prepare_tiny_imagenet, undo_imagenet
+from utils.tools.prepare_data import check_tiny_imagenet, prepare_imagenet, prepare_tiny_imagenet, undo_imagenet
 from utils.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""utils/report.py on fixture run folders: table rows and values, missing/failed/running runs, PNG plots."""
+"""utils/tools/report.py on fixture run folders: table rows and values, missing/failed/running runs, PNG plots."""
 import csv
 import json
 import os
@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from utils import report
+from utils.tools import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -100,7 +100,7 @@ def read_csv(path):
 
 def test_report_table_rows_and_values(sweep, tmp_path):
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "utils.report", str(sweep["save"]), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "utils.tools.report", str(sweep["save"]), "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "using manifest" in r.stdout  # found at the top of the sweep folder
@@ -221,7 +221,7 @@ def test_empty_folder_and_bad_path(tmp_path):
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "expert_load.png").read_bytes()[:8] == PNG_MAGIC
     assert len(read_csv(out / "table.csv")) == 0
-    r = subprocess.run([sys.executable, "-m", "utils.report", str(tmp_path / "nope"), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "utils.tools.report", str(tmp_path / "nope"), "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.startswith("error: no such file") and "Traceback" not in r.stderr
 
@@ -264,7 +264,7 @@ def test_selection_on_the_test_set_is_said_in_the_table(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 
 def _one_line_2(argv):
-    r = subprocess.run([sys.executable, "-m", "utils.report", *map(str, argv)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "utils.tools.report", *map(str, argv)], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
@@ -298,4 +298,4 @@ def test_lost_rows_and_a_non_utf8_log_are_named_not_reported_as_results(tmp_path
     assert rows[str(binary)].status == "damaged" and "metrics.jsonl" in rows[str(binary)].message
     assert report.main([str(save), "--out", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "damaged" in table and f"Made by: `python -m utils.report {save} --out {tmp_path / 'out'}`" in table
+    assert "damaged" in table and f"Made by: `python -m utils.tools.report {save} --out {tmp_path / 'out'}`" in table

@@ -2,7 +2,7 @@
 import json
 import os
 
-from utils import study
+from utils.tools import study
 
 
 REPORT = ["--report-only", "--seeds", "1,2"]
@@ -91,7 +91,7 @@ def test_a_rerun_with_other_epochs_or_ratio_computes_anew(tmp_path):
     --ratio: the old numbers must never come back."""
     import subprocess
     import sys
-    base = [sys.executable, "-m", "utils.study", "--only", "dense_r", "--seeds", "1", "--aa-n-ex", "4",
+    base = [sys.executable, "-m", "utils.tools.study", "--only", "dense_r", "--seeds", "1", "--aa-n-ex", "4",
             "--save-dir", str(tmp_path), "--train-extra", "--max-batches 1 --max-test-batches 1 --num-steps 1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = []
@@ -115,7 +115,7 @@ def test_the_training_child_dies_with_a_killed_study(tmp_path):
     import time
     from utils.lock import hold
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "utils.study", "--only", "dense_r", "--seeds", "1", "--epochs", "50",
+    p = subprocess.Popen([sys.executable, "-m", "utils.tools.study", "--only", "dense_r", "--seeds", "1", "--epochs", "50",
                           "--ratio", "0.0625", "--save-dir", str(tmp_path)], cwd=study.ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     child = None

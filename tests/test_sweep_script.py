@@ -218,7 +218,7 @@ def test_slurm_dry_run_writes_array_script(planned, tmp_path):
         assert f"#SBATCH --output={scripts[0].parent}/logs/%A_%a.out" in text
         submit = [x for x in r.stdout.splitlines() if x.startswith("dry run: sbatch")]
         assert submit[0] == f"dry run: sbatch --parsable --array=2-4%2 --partition=gpu --time=2:00:00 {scripts[0]}"
-        assert "--dependency=afterany:JOBID" in submit[1] and "utils.report" in submit[1]
+        assert "--dependency=afterany:JOBID" in submit[1] and "utils.tools.report" in submit[1]
         subprocess.run(["bash", "-n", str(scripts[0])], check=True)  # valid bash
     finally:
         import shutil
@@ -384,7 +384,7 @@ def test_array_spec():
 
 def test_report_reads_the_sweep_manifest(planned):
     """Before anything ran, the report lists every planned run as missing, described by its command."""
-    from utils import report
+    from utils.tools import report
     save, rows, _ = planned
     got = report.collect([str(save)], [str(save / "manifest.tsv")])
     assert [(r.status, r.arch, r.dataset, r.method, r.ratio, r.n_expert, r.epochs) for r in got] == [

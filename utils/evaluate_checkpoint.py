@@ -9,7 +9,7 @@ from .distributed import DistEnv
 from .errors import UsageError
 from .evaluate import EvalConfig, Shard, evaluate, evaluate_per_expert, moe_row
 from .lock import hold
-from .report import read_args, read_json, read_metrics
+from .runfiles import read_args, read_json, read_metrics
 from .run import build_model_from_args
 from .runlog import RunLogger, check_can_create, record_unexpected_stop, run_dir
 from .runtime import seed_everything

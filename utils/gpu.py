@@ -207,7 +207,7 @@ def backend_flags(config: BackendConfig):
     """cudnn autotuning as `config` (from `configure_backends`) says, for the duration; restored after.
 
     `configure_backends` sets the process-wide flag for the model it configures; code that runs several models in
-    turn (sh/benchmark.py) runs each under its own flag with this."""
+    turn (utils/tools/benchmark.py) runs each under its own flag with this."""
     saved = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = config.cudnn_benchmark
     try:

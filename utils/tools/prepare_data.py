@@ -1,6 +1,6 @@
 """Dataset preparation: ImageNet validation images into class folders, TinyImageNet fetched and unpacked.
 
-Called by `sh/prepare_imagenet.sh` and `sh/prepare_tinyimagenet.sh` (or `python -m utils.prepare_data ...`).
+Called by `sh/prepare_imagenet.sh` and `sh/prepare_tinyimagenet.sh` (or `python -m utils.tools.prepare_data ...`).
 
 ImageNet (Kaggle's `imagenet-object-localization-challenge` download, unpacked):
 
@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 import zipfile
 
-from .errors import UsageError
+from ..errors import UsageError
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
@@ -434,7 +434,7 @@ def prepare_tiny_imagenet(data_dir: str, *, zip_path: str | None = None, url: st
 # ----------------------------------------------------------------------------------------------------------
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.prepare_data", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m utils.tools.prepare_data", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     im = sub.add_parser("imagenet", help="sort the Kaggle ImageNet validation images into class folders")
     im.add_argument("--src", required=True, help="unpacked Kaggle imagenet-object-localization-challenge folder")

@@ -6,7 +6,7 @@ checkpoints. Prints one line per run: the sha256 of the final weights (every sta
 order) and of its metrics rows (wall times removed). Compare the output before and after a change, with the same
 OMP_NUM_THREADS:
 
-    OMP_NUM_THREADS=1 python sh/weights_digest.py --work /tmp/digest > before.txt
+    OMP_NUM_THREADS=1 python -m utils.tools.weights_digest --work /tmp/digest > before.txt
 """
 import argparse
 import hashlib
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = ["--dataset", "Digits", "--ratio", "0.125", "--epochs", "2", "--max-batches", "4", "--batch-size", "32",
           "--test-batch-size", "50", "--max-test-batches", "1", "--epsilon", "0.1", "--epsilon-test", "0.1", "--num-steps", "2",
           "--num-steps-test", "3", "--seed", "7", "--no-progress"]
@@ -62,7 +62,7 @@ def run(cmd):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m utils.tools.weights_digest", description=__doc__.splitlines()[0])
     p.add_argument("--work", required=True, help="scratch folder (emptied first)")
     p.add_argument("--show", action="store_true", help="also print the metrics rows")
     a = p.parse_args()

@@ -1,8 +1,8 @@
 """The routing study: dense and MoE rows x seeds on Digits, trained, evaluated and attacked, one table.
 
-    python -m utils.study --rows main --seeds 1,2,3 --save-dir results/routing_study [--jobs 2]
-    python -m utils.study --rows balance ...      (AdvMoE under each load-balancing mode, and the reference objective)
-    python -m utils.study --report-only ...       (the table from what has finished)
+    python -m utils.tools.study --rows main --seeds 1,2,3 --save-dir results/routing_study [--jobs 2]
+    python -m utils.tools.study --rows balance ...  (AdvMoE under each balancing mode, and the reference objective)
+    python -m utils.tools.study --report-only ...   (the table from what has finished)
 
 Each (row, seed) is one job: train with `--resume auto` (a finished run is skipped, a killed one resumes), then
 `--evaluate` of its best checkpoint on the whole test set (PGD-10, MoE dissection), then AutoAttack (APGD-CE then
@@ -26,14 +26,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .cli import run_main
-from .errors import UsageError
-from .lock import hold
-from .report import read_metrics
-from .runlog import metrics_rows, run_dir
-from .runtime import atomic_file, write_json_atomic
+from ..cli import run_main
+from ..errors import UsageError
+from ..lock import hold
+from ..runfiles import read_metrics
+from ..runlog import metrics_rows, run_dir
+from ..runtime import atomic_file, write_json_atomic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The cheap setting (README: Routing study): 16x16 digits, ResNet-18 at ratio 0.25 (MoE, N=2) against dense at
 # 0.25 (same per-image cost) and 0.5 (the paper's "original dense CNN"); eps 0.15 for training and test.
@@ -238,7 +238,7 @@ def _gflops(argv):
     """Inference GFLOPs per 16x16 image of the row's model (global router or per-layer routers included)."""
     import models
     from args import parse_args
-    from utils.flops import inference_gflops
+    from ..flops import inference_gflops
     a = parse_args(list(argv), script="train_moe" if "--n-expert" in argv else "train_ori")
     model = models.build_model(a.arch, ratio=a.ratio, n_expert=a.n_expert, routing=a.routing,
                                moe_stages=a.moe_stages, top_k=a.top_k)
@@ -290,7 +290,7 @@ def write_text_atomic(path, text):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(prog="python -m utils.study", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m utils.tools.study", description=__doc__.splitlines()[0])
     p.add_argument("--rows", choices=sorted(ROWS), default="main")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated whole numbers")
     p.add_argument("--ratio", type=float, default=0.25, help="the MoE's width ratio r (dense rows: r and 2r)")
@@ -367,7 +367,7 @@ def main(argv=None):
     for j in todo:  # a damaged result is named before anything runs
         read_result(os.path.join(j.folder(save), "result.json"))
     os.makedirs(save, exist_ok=True)
-    command = "python -m utils.study " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m utils.tools.study " + shlex.join(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     results = run_jobs(save, todo, a)
     order = {name: i for i, (name, _, _) in enumerate(ROWS[a.rows])}

@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Cost of the MoE against dense models, from one run on whatever machine this is (issue 5, item 5).
 
-    python sh/benchmark.py                 # CPU: batch-16 training steps, 3 repeats, a few minutes
-    python sh/benchmark.py --device cuda   # GPU: AMP, channels_last, cudnn flags of utils.gpu; add --compile
-    python sh/benchmark.py --quick         # tiny sizes, seconds: checks that the benchmark runs (sh/gpu_check.sh)
+    python -m utils.tools.benchmark                # CPU: batch-16 training steps, 3 repeats, a few minutes
+    python -m utils.tools.benchmark --device cuda  # GPU: AMP, channels_last, cudnn flags of utils.gpu; add --compile
+    python -m utils.tools.benchmark --quick        # tiny sizes, seconds: checks that it runs (sh/gpu_check.sh)
 
 ResNet-18 CIFAR (32x32, 10 classes), MoE at --ratio with N in --experts, against dense at --ratio and 1.0:
  (a) eval forward time at --batch, sparse and dense-masked MoE (the reference's computation);
@@ -27,12 +26,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import models  # noqa: E402
-from utils.flops import inference_gflops, make_train_step, train_step_gflops  # noqa: E402
-from utils.gpu import backend_flags, configure_backends, maybe_compile  # noqa: E402
-from utils.gpu import Precision  # noqa: E402
+import models
+from ..flops import inference_gflops, make_train_step, train_step_gflops
+from ..gpu import Precision, backend_flags, configure_backends, maybe_compile
 
 ARCH = "resnet18_cifar"
 # The reference's own figures (shared/reference/README.md), GFLOPs per image, for comparison in (b).
@@ -41,7 +37,7 @@ REFERENCE_STEP_GFLOPS = {("moe", 2): 13.3, ("moe", 4): 23.8, ("dense", 1.0): 14.
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m utils.tools.benchmark", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--experts", type=int, nargs="+", default=[2, 4])

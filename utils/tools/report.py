@@ -1,4 +1,4 @@
-"""Paper-style tables and plots from run folders: `python -m utils.report RUN_OR_SWEEP_DIR... --out DIR`.
+"""Paper-style tables and plots from run folders: `python -m utils.tools.report RUN_OR_SWEEP_DIR... --out DIR`.
 
 Collects every run folder under the given folders (a folder holding `args.yaml`, `metrics.jsonl` or
 `status.json`; training runs and `--evaluate` runs alike) and writes to `--out`:
@@ -34,11 +34,11 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 
-import yaml
 
 from models.spec import base_arch, is_moe
 
-from .errors import UsageError, read_text_lines
+from ..errors import UsageError, read_text_lines
+from ..runfiles import read_args, read_json, read_metrics
 
 RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
 METHOD_ORDER = ("dense", "joint", "advmoe")
@@ -116,52 +116,6 @@ def find_run_folders(paths) -> list[str]:
                     keep.append(s)
             subdirs[:] = keep
     return list(dict.fromkeys(found))
-
-
-def read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def read_metrics(path: str, problems: list | None = None) -> list[dict]:
-    """Rows of a metrics.jsonl. A last line cut short by a killed writer is skipped; any other line that is not
-    a JSON object, or a file that is not UTF-8, is skipped too and described in `problems` (when given)."""
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except UnicodeDecodeError as e:
-        lines = []
-        if problems is not None:
-            problems.append(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})")
-    except OSError:
-        lines = []
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line) if line.strip() else None
-        except ValueError:
-            row = "cut" if n == len(lines) and not line.endswith("\n") else "bad"
-        if isinstance(row, dict):
-            rows.append(row)
-        elif row == "bad" or (row is not None and row != "cut"):
-            if problems is not None:
-                problems.append(f"{path} line {n} is not a metrics row")
-    return rows
-
-
-def read_args(folder: str) -> dict:
-    """The run's resolved flags (args.yaml, written when the run folder is made); {} when it is unreadable."""
-    try:
-        with open(os.path.join(folder, "args.yaml"), encoding="utf-8") as f:
-            args = yaml.safe_load(f)
-        if isinstance(args, dict):
-            return args
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        pass
-    return {}
 
 
 def script_of(folder: str, args: dict) -> str:
@@ -601,8 +555,8 @@ def plot_expert_load(rows: list[RunRow], path: str, title: str = "Expert load, l
 def add_computed_flops(rows: list[RunRow]) -> None:
     """Fill missing GFLOPs by counting one inference of each (arch, ratio, N, dataset) model once."""
     import models
-    from .data import dataset_info
-    from .flops import inference_gflops
+    from ..data import dataset_info
+    from ..flops import inference_gflops
     cache = {}
     for r in rows:
         if r.gflops is not None or r.registry_arch not in models.list_models() or r.ratio is None:
@@ -659,7 +613,7 @@ def write_report(rows: list[RunRow], out: str, title: str = "", command: str = "
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.report",
+    p = argparse.ArgumentParser(prog="python -m utils.tools.report",
                                 description="Collect run folders into table.md, table.csv and PNG plots")
     p.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run folders or folders holding them")
     p.add_argument("--manifest", action="append", default=None,
@@ -694,8 +648,8 @@ def main(argv=None) -> int:
         return 2
     if args.compute_flops:
         add_computed_flops(rows)
-    from .lock import hold
-    command = "python -m utils.report " + shlex.join(sys.argv[1:] if argv is None else argv)
+    from ..lock import hold
+    command = "python -m utils.tools.report " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         with hold(args.out, "report folder"):
             paths = write_report(rows, args.out, args.title, command)

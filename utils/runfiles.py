@@ -1,0 +1,54 @@
+"""Reading a run folder's files as the tools and `--evaluate` need them, leniently and without torch: a missing or
+damaged file gives an empty value (and, for metrics.jsonl, a description of what was skipped), never an error.
+The training loop's own strict reader of metrics.jsonl is `utils.runlog.metrics_rows`.
+"""
+import json
+import os
+
+import yaml
+
+
+def read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path: str, problems: list | None = None) -> list[dict]:
+    """Rows of a metrics.jsonl. A last line cut short by a killed writer is skipped; any other line that is not
+    a JSON object, or a file that is not UTF-8, is skipped too and described in `problems` (when given)."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        lines = []
+        if problems is not None:
+            problems.append(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})")
+    except OSError:
+        lines = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = "cut" if n == len(lines) and not line.endswith("\n") else "bad"
+        if isinstance(row, dict):
+            rows.append(row)
+        elif row == "bad" or (row is not None and row != "cut"):
+            if problems is not None:
+                problems.append(f"{path} line {n} is not a metrics row")
+    return rows
+
+
+def read_args(folder: str) -> dict:
+    """The run's resolved flags (args.yaml, written when the run folder is made); {} when it is unreadable."""
+    try:
+        with open(os.path.join(folder, "args.yaml"), encoding="utf-8") as f:
+            args = yaml.safe_load(f)
+        if isinstance(args, dict):
+            return args
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass
+    return {}
