@@ -12,6 +12,9 @@ ROUTINGS = ("global", "layer")
 # Checkpoint keys compared with the model being loaded, in the order they are checked, with the flag that sets each.
 COMPARED = {"arch": "--arch", "ratio": "--ratio", "n_expert": "--n-expert", "routing": "--routing",
             "moe_stages": "--moe-stages", "top_k": "--top-k"}
+# Also recorded, and compared when `wanted` holds them: auto_attack_eval.py takes them from the checkpoint unless
+# a flag gives them (a training run builds its model from its own flags and `ModelSpec.compared` omits them).
+RECORDED_FLAGS = {**COMPARED, "normalize": "--normalize", "dataset": "--dataset"}
 
 
 def is_moe(arch: str) -> bool:
@@ -105,12 +108,13 @@ class ModelSpec:
 
 
 def contradiction(record: dict, wanted: dict):
-    """The first `(flag, recorded, wanted)` where a checkpoint's `record` and `wanted` (e.g.
-    `ModelSpec.compared()`) both hold a value for a `COMPARED` key and the values differ; None when they agree.
-    Checkpoints of the released code record the arch only: what they do not record is not compared."""
-    for key, flag in COMPARED.items():
+    """The first `(flag, recorded, wanted)` where a checkpoint's `record` and `wanted` (`ModelSpec.compared()`, or
+    the flags of `RECORDED_FLAGS` a user gave, None where not given) both hold a value for a key and the values
+    differ; None when they agree. Checkpoints of the released code record the arch only: what they do not record
+    is not compared."""
+    for key, flag in RECORDED_FLAGS.items():
         recorded, value = record.get(key), wanted.get(key)
-        if key == "moe_stages" and key in record and is_moe(str(wanted.get("arch") or "")) and \
+        if key == "moe_stages" and key in record and key in wanted and is_moe(str(wanted.get("arch") or "")) and \
                 (recorded is None) != (value is None):
             return flag, recorded, value  # a recorded None is every stage, not "not recorded"
         if recorded is None or value is None:

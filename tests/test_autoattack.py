@@ -7,6 +7,7 @@ settings on 8-16 test images, so the file runs in seconds on two CPU cores.
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -433,9 +434,14 @@ def test_model_spec_defaults_and_contradictions(ckpts):
         return aa.model_from_checkpoint(ckpt, "c", parse("--source-net", "c", *flags), "cpu")
     ours_ckpt = {"arch": "resnet18_cifar_moe", "ratio": 0.5, "n_expert": 2, "dataset": "Digits", "normalize": True,
                  "routing": "global", "num_classes": 10}
-    for bad in (["--arch", "vgg16_bn_moe"], ["--ratio", 0.25], ["--n-expert", 3], ["--no-normalize"],
-                ["--dataset", "CIFAR100"], ["--routing", "layer"]):
-        with pytest.raises(UsageError, match=bad[0].replace("no-", "")):
+    for bad, refusal in (  # the wording of every tool (utils.checkpoint.check_recorded)
+            (["--arch", "vgg16_bn_moe"], "trained for resnet18_cifar_moe; --arch says vgg16_bn_moe"),
+            (["--ratio", 0.25], "trained with --ratio 0.5; --ratio says 0.25"),
+            (["--n-expert", 3], "trained with --n-expert 2; --n-expert says 3"),
+            (["--no-normalize"], "trained with --normalize; this run asks for --no-normalize"),
+            (["--dataset", "CIFAR100"], "trained with --dataset Digits; --dataset says CIFAR100"),
+            (["--routing", "layer"], "trained with --routing global; --routing says layer")):
+        with pytest.raises(UsageError, match=f"^checkpoint c was {re.escape(refusal)}$"):
             build(ours_ckpt, *bad)
     ref = {"arch": "resnet18_cifar_moe", "epoch": 3}
     with pytest.raises(UsageError, match="--ratio"):

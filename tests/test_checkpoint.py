@@ -13,8 +13,8 @@ from torch import nn
 
 import models
 from utils import checkpoint as ck
-from utils.checkpoint import (args_to_dict, capture_rng_state, extract_state_dict, load_checkpoint, load_model_weights,
-                              restore_rng_state, save_checkpoint)
+from utils.checkpoint import (args_to_dict, capture_rng_state, check_recorded, extract_state_dict, load_checkpoint,
+                              load_model_weights, restore_rng_state, save_checkpoint)
 from utils.errors import UsageError
 
 
@@ -193,6 +193,9 @@ def test_load_model_weights_explains_mismatches():
         load_model_weights(model, {"ratio": 0.5, "state_dict": sd}, ratio=0.25)
     with pytest.raises(UsageError, match="--n-expert 4; --n-expert says 2"):
         load_model_weights(model, {"n_expert": 4, "state_dict": sd})
+    with pytest.raises(UsageError, match="^checkpoint c.pth was trained with --no-normalize; this run asks for "
+                                         "--normalize$"):
+        check_recorded({"normalize": False}, {"normalize": True}, "c.pth")
     partial = {k: v for k, v in TinyNet(width=4).state_dict().items() if not k.startswith("fc.")}
     with pytest.raises(UsageError, match="2 missing, e.g. fc.bias, fc.weight"):
         load_model_weights(model, {"state_dict": partial})

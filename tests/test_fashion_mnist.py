@@ -141,13 +141,13 @@ def test_device_resident_loaders_hold_the_cpu_loaders_images(tmp_path, no_networ
     """The CUDA fast path (run here on CPU): the whole split as (N, 3, 28, 28) uint8, the same unaugmented batches
     as the DataLoaders, and training images that are 2-pixel shifts of their source, flipped or not."""
     import torch.nn.functional as F
-    from utils.gpu import _raw_tensors, resident_loaders
+    from utils.gpu import Augmentation, _raw_tensors, resident_loaders
     write_fashion_mnist(tmp_path / "FashionMNIST" / "raw")
     cfg = LoaderConfig("FashionMNIST", str(tmp_path), batch_size=8, test_batch_size=5, num_workers=0, seed=1,
                        data_fraction=0.75)
     loaders = build_loaders(cfg, "cpu")[:3]
     train, val, test = resident_loaders("FashionMNIST", loaders, "cpu", seed=0)
-    assert (train.padding, train.flip) == (2, True) and train.images.dtype == torch.uint8
+    assert train.augmentation == Augmentation(2, True) and train.images.dtype == torch.uint8
     for cpu, res in ((loaders[1], val), (loaders[2], test)):  # unaugmented: identical batches
         batches = list(zip(cpu, res))
         assert len(batches) == len(cpu) == len(res)

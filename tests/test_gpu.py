@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader, Subset
 
 import models
 from utils.data import EpochSampler, LoaderConfig, TensorImageDataset, build_loaders
-from utils.gpu import (BackendConfig, ResidentLoader, configure_backends, crop_flip, fits_on_device, maybe_compile,
-                       resident_loader, resident_loaders)
+from utils.gpu import (Augmentation, BackendConfig, ResidentLoader, configure_backends, crop_flip, fits_on_device,
+                       maybe_compile, resident_loader, resident_loaders)
 
 
 def _crop_flip_by_hand(img, top, left, flip, p):
@@ -46,7 +46,8 @@ def _tiny(n=37, seed=0):
 def _loader(padding=2, flip=True, n=37, batch_size=8, seed=3):
     images, labels = _tiny(n)
     sampler = EpochSampler(n, shuffle=True, seed=seed)
-    return ResidentLoader(images, labels, sampler, batch_size, "cpu", padding=padding, flip=flip, seed=seed)
+    return ResidentLoader(images, labels, sampler, batch_size, "cpu", augmentation=Augmentation(padding, flip),
+                          seed=seed)
 
 
 def _epoch(loader, epoch, start=None):
@@ -139,7 +140,7 @@ def test_resident_loaders_for_digits():
     loaders = build_loaders(LoaderConfig("Digits", "unused", batch_size=64, test_batch_size=100,
                                          num_workers=0, seed=0, data_fraction=0.9), "cpu")[:3]
     train, val, test = resident_loaders("Digits", loaders, "cpu", seed=0)
-    assert (train.padding, train.flip) == (2, False) and val.padding == 0 and test.padding == 0
+    assert train.augmentation == Augmentation(2, False) and val.augmentation == test.augmentation == Augmentation()
     assert len(train) == len(loaders[0]) and len(test) == len(loaders[2])
     for cpu, res in ((loaders[1], val), (loaders[2], test)):  # unaugmented: identical batches
         for (x0, y0), (x1, y1) in zip(cpu, res):

@@ -274,6 +274,19 @@ def test_a_checkpoint_record_is_compared_field_by_field_and_unknowns_are_skipped
     assert contradiction({}, staged) is None  # not recorded (the released code): not compared
 
 
+def test_the_flags_a_user_gave_are_compared_with_a_checkpoint_as_a_spec_is():
+    """auto_attack_eval.py compares its flags (None: not given) with the record, --normalize and --dataset too."""
+    record = {"arch": "resnet18_cifar_moe", "ratio": 0.5, "n_expert": 2, "normalize": True, "dataset": "Digits",
+              "moe_stages": [4]}
+    flags = {"arch": "resnet18_cifar_moe", "ratio": None, "n_expert": 2, "normalize": False, "dataset": "CIFAR100"}
+    assert contradiction(record, flags) == ("--normalize", True, False)
+    assert contradiction({**record, "normalize": False}, flags) == ("--dataset", "Digits", "CIFAR100")
+    assert contradiction({**record, "normalize": False, "dataset": "CIFAR100"}, flags) is None  # no --moe-stages
+    # a training run's spec does not hold them: it builds its model from its own flags
+    assert contradiction(record, ModelSpec("resnet18_cifar_moe", ratio=0.5, n_expert=2,
+                                           moe_stages=(4,)).validate().compared()) is None
+
+
 def test_moe_and_dense_names():
     assert models.is_moe("vgg16_bn_moe") and not models.is_moe("vgg16_bn_ori")
     assert base_arch("wrn_28_10_cifar_moe") == base_arch("wrn_28_10_cifar_ori") == "wrn_28_10_cifar"

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import models
-from .checkpoint import load_checkpoint, load_model_weights
+from .checkpoint import check_recorded, load_checkpoint, load_model_weights
 from .data import build_datasets, dataset_info
 from .distributed import gather_objects, init_distributed, shutdown
 from .errors import UsageError
@@ -268,52 +268,41 @@ def on_chunk_done(index: int, record: dict):
     """Called after each chunk is stored (a hook: tests interrupt here, a scheduler could report here)."""
 
 
-def _same(a, b) -> bool:
-    return abs(float(a) - float(b)) < 1e-9 if isinstance(a, float) or isinstance(b, float) else a == b
-
-
 def model_from_checkpoint(ckpt: dict, source: str, args, device):
     """The network `ckpt` holds, on `device` and ready to be attacked, and the spec it was built from.
 
     Each setting (arch, ratio, n_expert, normalize, dataset, routing) is what the checkpoint records; a flag
     of `args` fills in what it does not record (reference checkpoints record only the arch) and may not
-    contradict it (UsageError). `args.sparse`: MoE layers compute each image's expert only, or every expert
-    masked (the same function). Returns (model, spec dict; the spec is part of the fingerprint).
+    contradict it (`check_recorded`, as for training). `args.sparse`: MoE layers compute each image's expert
+    only, or every expert masked (the same function). Returns (model, spec dict; the spec is part of the
+    fingerprint).
     """
-    spec = {}
-    for key in ("arch", "ratio", "n_expert", "normalize", "dataset", "routing"):
-        flag, recorded = getattr(args, key), ckpt.get(key)
-        if flag is not None and recorded is not None and not _same(flag, recorded):
-            raise UsageError(f"--{key.replace('_', '-')} is {flag} but {source} records {key}={recorded}")
-        spec[key] = recorded if flag is None else flag
-    arch = spec["arch"]
+    flags = {key: getattr(args, key) for key in ("arch", "ratio", "n_expert", "normalize", "dataset", "routing")}
+    check_recorded(ckpt, flags, source)
+    spec = {key: ckpt.get(key) if flag is None else flag for key, flag in flags.items()}
+    arch, n_expert = spec["arch"], spec["n_expert"]
     if arch is None:
         raise UsageError(f"--arch is required: {source} does not record its architecture")
-    if arch not in models.list_models():
-        raise UsageError(f"unknown arch {arch!r}; valid: {', '.join(models.list_models())}")
-    moe = models.is_moe(arch)
     if spec["ratio"] is None:
         raise UsageError(f"--ratio is required: {source} (reference layout) does not record its width ratio")
-    if moe and spec["n_expert"] is None:
-        raise UsageError(f"--n-expert is required: {arch} is an MoE and {source} does not record its experts")
-    if not moe and spec["n_expert"] not in (None, 1):
-        raise UsageError(f"--n-expert {spec['n_expert']} given for the dense arch {arch}")
+    moe = models.is_moe(arch)
     dataset = spec["dataset"] = spec["dataset"] or _DEFAULT_DATASET
     info = dataset_info(dataset)
     if ckpt.get("num_classes") not in (None, info.num_classes):
         raise UsageError(f"{source} has {ckpt['num_classes']} classes but {dataset} has {info.num_classes}")
     stages = ckpt.get("moe_stages") if moe else None
-    spec.update(ratio=float(spec["ratio"]), n_expert=int(spec["n_expert"]) if moe else None,
+    if n_expert == 1 and not moe:
+        n_expert = None  # one expert is the dense layer; ModelSpec refuses any other number for a dense arch
+    spec.update(ratio=float(spec["ratio"]), n_expert=None if n_expert is None else int(n_expert),
                 normalize=bool(spec["normalize"]), routing=spec["routing"] or "global", num_classes=info.num_classes,
                 moe_stages=None if stages is None else tuple(stages), top_k=int(ckpt.get("top_k") or 1) if moe else 1)
-    try:
-        model = models.build_model(arch, num_classes=info.num_classes, ratio=spec["ratio"], n_expert=spec["n_expert"],
-                                   normalize=(info.mean, info.std) if spec["normalize"] else None,
-                                   routing=spec["routing"], sparse=args.sparse, moe_stages=spec["moe_stages"],
-                                   top_k=spec["top_k"])
+    fields = {key: spec[key] for key in ("ratio", "num_classes", "n_expert", "routing", "moe_stages", "top_k")}
+    try:  # ModelSpec.validate names what is missing or wrong (an MoE without experts, experts for a dense arch)
+        model = models.build_model(arch, sparse=args.sparse, normalize=(info.mean, info.std) if spec["normalize"]
+                                   else None, **fields)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    load_model_weights(model, ckpt, arch=arch, ratio=spec["ratio"], source=source)
+    load_model_weights(model, ckpt, source=source)
     return prepare_model(model.to(device)), spec
 
 

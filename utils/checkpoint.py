@@ -161,12 +161,35 @@ def extract_state_dict(ckpt, source="") -> dict:
     return out
 
 
+def _as_flags(flag, value) -> str:
+    """A setting as the flags that ask for it (`--moe-stages 3 4`, `--no-normalize`)."""
+    if flag == "--moe-stages":
+        return "every stage (no --moe-stages)" if value is None else "--moe-stages " + " ".join(map(str, value))
+    return (flag if value else flag.replace("--", "--no-", 1)) if isinstance(value, bool) else f"{flag} {value}"
+
+
+def check_recorded(ckpt, wanted: dict, source=""):
+    """UsageError, naming the flag, when what the checkpoint records contradicts `wanted` (a spec's `compared()`
+    or the flags a user gave: `models.spec.contradiction`); the one wording of every tool's refusal."""
+    found = contradiction(ckpt, wanted) if isinstance(ckpt, dict) else None
+    if found is None:
+        return
+    where = f"checkpoint {source}" if source else "checkpoint"
+    flag, recorded, value = found
+    if flag == "--arch":
+        raise UsageError(f"{where} was trained for {recorded}; --arch says {value}")
+    if flag == "--moe-stages" or isinstance(value, bool):
+        raise UsageError(f"{where} was trained with {_as_flags(flag, recorded)}; this run asks for "
+                         f"{_as_flags(flag, value)}")
+    raise UsageError(f"{where} was trained with {flag} {recorded}; {flag} says {value}")
+
+
 def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
     """Load the checkpoint's weights into `model` strictly.
 
-    A checkpoint whose record contradicts the model's `spec` (`models.spec.contradiction`: arch, ratio, number of
-    experts, routing, MoE stages, top-k; `arch` and `ratio`, when given, in place of the spec's), missing or
-    unexpected parameters, or differing shapes are UsageErrors that say which flag is likely wrong.
+    A checkpoint whose record contradicts the model's `spec` (`check_recorded`: arch, ratio, number of experts,
+    routing, MoE stages, top-k; `arch` and `ratio`, when given, in place of the spec's), missing or unexpected
+    parameters, or differing shapes are UsageErrors that say which flag is likely wrong.
     """
     where = f"checkpoint {source}" if source else "checkpoint"
     wanted = model.spec.compared() if hasattr(model, "spec") else {}
@@ -175,16 +198,7 @@ def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
     if ratio is not None:
         wanted["ratio"] = float(ratio)
     arch = wanted.get("arch")
-    found = contradiction(ckpt, wanted) if isinstance(ckpt, dict) else None
-    if found is not None:
-        flag, recorded, value = found
-        if flag == "--arch":
-            raise UsageError(f"{where} was trained for {recorded}; --arch says {value}")
-        if flag == "--moe-stages":
-            def stages(v):
-                return "every stage (no --moe-stages)" if v is None else "--moe-stages " + " ".join(map(str, v))
-            raise UsageError(f"{where} was trained with {stages(recorded)}; this run asks for {stages(value)}")
-        raise UsageError(f"{where} was trained with {flag} {recorded}; {flag} says {value}")
+    check_recorded(ckpt, wanted, source)
     sd = extract_state_dict(ckpt, source)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))

@@ -25,9 +25,19 @@ from .data import TensorImageDataset
 from .errors import UsageError
 from .runtime import augment_seed
 
-# Augmentation of each dataset's training split, as in utils/data.py: (padding in pixels, horizontal flip).
-RESIDENT_AUGMENTATION = {"CIFAR10": (4, True), "CIFAR100": (4, True), "Digits": (2, False),
-                         "Digits16": (1, False), "FashionMNIST": (2, True)}
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation of a resident loader: `padding` pixels of zero padding for the random crop (0: no
+    crop) and a random horizontal flip (`flip`). The default is none."""
+    padding: int = 0
+    flip: bool = False
+
+
+# Augmentation of each dataset's training split, as in utils/data.py.
+RESIDENT_AUGMENTATION = {"CIFAR10": Augmentation(4, True), "CIFAR100": Augmentation(4, True),
+                         "Digits": Augmentation(2, False), "Digits16": Augmentation(1, False),
+                         "FashionMNIST": Augmentation(2, True)}
 
 
 def fits_on_device(name: str) -> bool:
@@ -83,19 +93,19 @@ class ResidentLoader:
         labels: (N,) class indices.
         sampler: an `EpochSampler` (or any sampler of indices into the N images); `loader.sampler` is it.
         batch_size: images per batch; the last batch may be smaller.
-        padding, flip: training augmentation (pixels of zero padding for the random crop; horizontal flip).
+        augmentation: the training augmentation (`Augmentation`: crop padding, flip); default none.
         seed: seeds the augmentation stream with the sampler's epoch.
         memory_format: of the yielded images (torch.channels_last for channels-last models).
     Iterating yields x (B, C, H, W) float32 in [0, 1] and y (B,) long, both on `device`.
     """
 
-    def __init__(self, images, labels, sampler, batch_size, device, *, padding=0, flip=False, seed=0,
+    def __init__(self, images, labels, sampler, batch_size, device, *, augmentation=Augmentation(), seed=0,
                  memory_format=torch.contiguous_format):
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
         self.sampler, self.batch_size = sampler, batch_size
-        self.padding, self.flip, self.seed = padding, flip, seed
+        self.augmentation, self.seed = augmentation, seed
         self.memory_format = memory_format
 
     def __len__(self):
@@ -103,19 +113,20 @@ class ResidentLoader:
 
     def _augmentation(self):
         """Per-image (top, left, flip) of this epoch, indexed by dataset index; None without augmentation."""
-        if not (self.padding or self.flip):
+        padding, flip = self.augmentation.padding, self.augmentation.flip
+        if not (padding or flip):
             return None
         n = len(self.labels)
         g = torch.Generator().manual_seed(augment_seed(self.seed, getattr(self.sampler, "epoch", 0)))
-        shifts = torch.randint(0, 2 * self.padding + 1, (2, n), generator=g)
-        flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        shifts = torch.randint(0, 2 * padding + 1, (2, n), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
         return shifts[0].to(self.device), shifts[1].to(self.device), flips.to(self.device)
 
     def _batch(self, index, aug):
         x = self.images[index]  # (B, C, H, W)
         if aug is not None:
             top, left, flip = (a[index] for a in aug)
-            x = crop_flip(x, top, left, flip, self.padding)
+            x = crop_flip(x, top, left, flip, self.augmentation.padding)
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
         return x.contiguous(memory_format=self.memory_format), self.labels[index]
 
@@ -126,10 +137,10 @@ class ResidentLoader:
             yield self._batch(order[start:start + self.batch_size], aug)
 
 
-def resident_loader(loader, device, *, padding=0, flip=False, seed=0, memory_format=torch.contiguous_format):
+def resident_loader(loader, device, *, augmentation=Augmentation(), seed=0, memory_format=torch.contiguous_format):
     """A `ResidentLoader` over the dataset of DataLoader `loader`, with its sampler and batch size."""
     images, labels = _raw_tensors(loader.dataset)
-    return ResidentLoader(images, labels, loader.sampler, loader.batch_size, device, padding=padding, flip=flip,
+    return ResidentLoader(images, labels, loader.sampler, loader.batch_size, device, augmentation=augmentation,
                           seed=seed, memory_format=memory_format)
 
 
@@ -141,9 +152,9 @@ def resident_loaders(name, loaders, device, seed, memory_format=torch.contiguous
     """
     if not fits_on_device(name):
         raise ValueError(f"{name} has no device-resident loader (only {', '.join(RESIDENT_AUGMENTATION)})")
-    padding, flip = RESIDENT_AUGMENTATION[name]
     train, *rest = loaders
-    out = [resident_loader(train, device, padding=padding, flip=flip, seed=seed, memory_format=memory_format)]
+    out = [resident_loader(train, device, augmentation=RESIDENT_AUGMENTATION[name], seed=seed,
+                           memory_format=memory_format)]
     out += [None if lo is None else resident_loader(lo, device, memory_format=memory_format) for lo in rest]
     return tuple(out)
 
