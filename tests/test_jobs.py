@@ -159,3 +159,10 @@ def _child_of(parent):
         except (OSError, ValueError, IndexError):
             continue
     raise AssertionError("no child")
+
+
+def test_a_stage_that_checkpointed_and_stopped_stops_the_runner(tmp_path):
+    """Exit 75 (a run that got SLURM's signal itself): interrupted, and the next job does not start."""
+    stopped = Stage("train", ["bash", "-c", "exit 75"])
+    outcomes = Runner().run([Job("first", str(tmp_path), [stopped]), Job("second", str(tmp_path), [step(tmp_path, "a")])])
+    assert outcomes[0].rc == 75 and outcomes[0].interrupted and outcomes[1] is None and ran(tmp_path) == []
