@@ -59,15 +59,18 @@ def test_a_finished_job_runs_nothing_and_is_collected(tmp_path):
     assert (o.rc, o.skipped, o.result) == (0, True, 7) and ran(tmp_path) == []
 
 
-def test_dry_run_runs_nothing_and_what_follows_a_stage_to_run_is_not_done(tmp_path):
-    (tmp_path / "b").write_text("")  # b's result is there, but a would run first and make it stale
+def test_dry_run_runs_nothing_and_a_stage_that_needs_one_to_run_is_not_done(tmp_path):
+    (tmp_path / "b").write_text("")  # b's result is there, but b needs a, which would run first: b is stale
+    (tmp_path / "c").write_text("")  # c's result is there and c does not need a
     said = Said()
-    job = Job("j", str(tmp_path), [step(tmp_path, "a"), step(tmp_path, "b")], log=str(tmp_path / "logs" / "j.log"),
-              lock="job", collect=lambda: 1 / 0)
+    b, c = step(tmp_path, "b"), step(tmp_path, "c")
+    b.needs = ("a",)
+    job = Job("j", str(tmp_path), [step(tmp_path, "a"), b, c], log=str(tmp_path / "logs" / "j.log"), lock="job",
+              collect=lambda: 1 / 0)
     o = Runner(dry_run=True, reporter=said).run([job])[0]
     assert o.rc == 0 and o.ran == ["a", "b"] and o.result is None
-    assert said.lines == ["start j a after -", "start j b after a"]
-    assert sorted(os.listdir(tmp_path)) == ["b"]  # no log, no lock, no result
+    assert said.lines == ["start j a after -", "start j b after a", "skip j c"]
+    assert sorted(os.listdir(tmp_path)) == ["b", "c"]  # no log, no lock, no result
 
 
 def test_one_job_per_gpu_with_its_log(tmp_path):

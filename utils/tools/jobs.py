@@ -39,11 +39,13 @@ def _never() -> bool:
 @dataclass
 class Stage:
     """One command of a job. `done()` says its result is already there (the stage is skipped); `after()` runs
-    when the command succeeded (e.g. to record which command made the result)."""
+    when the command succeeded (e.g. to record which command made the result). `needs` names earlier stages whose
+    output this one reads: in a dry run, when one of them would run, this one counts as not done."""
     name: str
     argv: list
     done: Callable[[], bool] = _never
     after: Optional[Callable[[], None]] = None
+    needs: tuple = ()
     text: str = ""  # how the command is shown (default: the shell-quoted argv)
 
     def shown(self) -> str:
@@ -133,7 +135,7 @@ class Runner:
     parallel: jobs at a time (ignored when `gpus` is given: one job per GPU).
     gpus: device indexes; each job runs with CUDA_VISIBLE_DEVICES set to the one it holds.
     env: added to every child's environment (e.g. OMP_NUM_THREADS=1).
-    dry_run: report what would run, run nothing (a stage after one that would run counts as not done).
+    dry_run: report what would run, run nothing (a stage that needs one that would run counts as not done).
     """
 
     def __init__(self, parallel=1, gpus=None, env=None, cwd=ROOT, dry_run=False, reporter=None):
@@ -221,7 +223,7 @@ class Runner:
                     outcome.result = job.collect()
             except UsageError as e:
                 outcome.rc, outcome.message = 2, str(e)
-        outcome.interrupted = outcome.rc == REQUEUE_EXIT or (outcome.rc != 0 and self.signalled)
+        outcome.interrupted = outcome.rc == REQUEUE_EXIT or self.signalled
         self.reporter.job_end(outcome)
         return outcome
 
@@ -230,7 +232,8 @@ class Runner:
             outcome.skipped = True
             return
         for stage in job.stages:
-            if not (self.dry_run and outcome.ran) and stage.done():
+            stale = self.dry_run and any(name in outcome.ran for name in stage.needs)
+            if not stale and stage.done():
                 self.reporter.skip(job, stage, out)
                 continue
             self.reporter.start(job, stage, list(outcome.ran), out)
