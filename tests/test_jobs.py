@@ -169,3 +169,15 @@ def test_a_stage_that_checkpointed_and_stopped_stops_the_runner(tmp_path):
     stopped = Stage("train", ["bash", "-c", "exit 75"])
     outcomes = Runner().run([Job("first", str(tmp_path), [stopped]), Job("second", str(tmp_path), [step(tmp_path, "a")])])
     assert outcomes[0].rc == 75 and outcomes[0].interrupted and outcomes[1] is None and ran(tmp_path) == []
+
+
+def test_a_bug_in_a_job_reaches_the_caller_with_jobs_in_parallel(tmp_path):
+    def broken():
+        raise ValueError("a bug in collect")
+    jobs = [Job(f"j{i}", str(tmp_path), [], collect=broken) for i in range(2)]
+    try:
+        Runner(parallel=2).run(jobs)
+    except ValueError as e:
+        assert "a bug in collect" in str(e)
+    else:
+        raise AssertionError("the bug was swallowed")

@@ -180,6 +180,7 @@ class Runner:
         outcomes = [None] * len(jobs)
         queue = iter(enumerate(jobs))
         take = threading.Lock()
+        bugs = []
 
         def worker(slot):
             while not self._stop.is_set():
@@ -188,7 +189,12 @@ class Runner:
                 if item is None:
                     return
                 i, job = item
-                outcomes[i] = self.run_job(job, slot)
+                try:
+                    outcomes[i] = self.run_job(job, slot)
+                except Exception as e:  # a bug: raised again in the caller's thread, once the others stopped
+                    bugs.append(e)
+                    self._stop.set()
+                    return
                 if outcomes[i].interrupted:
                     self._stop.set()
 
@@ -202,6 +208,8 @@ class Runner:
                 for t in threads:
                     while t.is_alive():
                         t.join(0.2)  # the main thread stays free to take signals
+        if bugs:
+            raise bugs[0]
         return outcomes
 
     def run_job(self, job, slot=None) -> Outcome:
