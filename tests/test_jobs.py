@@ -181,3 +181,15 @@ def test_a_bug_in_a_job_reaches_the_caller_with_jobs_in_parallel(tmp_path):
         assert "a bug in collect" in str(e)
     else:
         raise AssertionError("the bug was swallowed")
+
+
+def test_lines_of_parallel_jobs_never_interleave(tmp_path, capsys):
+    class Slow(Reporter):
+        def job_end(self, outcome):
+            for word in ("one", "two", "three"):
+                print(word, end=" ", flush=True)
+                time.sleep(0.01)
+            print()
+
+    Runner(parallel=4, reporter=Slow()).run([Job(f"j{i}", str(tmp_path), []) for i in range(4)])
+    assert capsys.readouterr().out.splitlines() == ["one two three "] * 4

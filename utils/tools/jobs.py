@@ -148,6 +148,7 @@ class Runner:
         self._stop = threading.Event()
         self._children = set()
         self._lock = threading.RLock()  # the signal handler may run while the main thread holds it
+        self._saying = threading.Lock()  # job_start and job_end lines of parallel jobs never interleave
 
     # ---- signals -----------------------------------------------------------------------------------------
     def _forward(self, signum, frame):
@@ -214,7 +215,8 @@ class Runner:
 
     def run_job(self, job, slot=None) -> Outcome:
         """Run one job's stages in order (skipping the done ones) on `slot` (a GPU index or None)."""
-        self.reporter.job_start(job, slot)
+        with self._saying:
+            self.reporter.job_start(job, slot)
         outcome = Outcome(job, slot=slot)
         with contextlib.ExitStack() as stack:
             try:
@@ -232,7 +234,8 @@ class Runner:
             except UsageError as e:
                 outcome.rc, outcome.message = 2, str(e)
         outcome.interrupted = outcome.rc == REQUEUE_EXIT or self.signalled
-        self.reporter.job_end(outcome)
+        with self._saying:
+            self.reporter.job_end(outcome)
         return outcome
 
     def _stages(self, job, slot, out, outcome):
