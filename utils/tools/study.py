@@ -144,10 +144,13 @@ def check_job_folder(job, out):
 
 
 class StudyLog(Reporter):
-    """Each command goes into the job's log before its output, as `$ COMMAND`."""
+    """Each command goes into the job's log before its output, as `$ COMMAND`; a line on stdout as each job ends."""
 
     def start(self, job, stage, earlier, out):
         out.write(f"$ {stage.shown()}\n")
+
+    def job_end(self, outcome):
+        print(f"{outcome.job.name}: {result_line(outcome)}", flush=True)
 
 
 FAILED = {"train": "training failed", "evaluate": "evaluation failed", "autoattack": "AutoAttack failed"}
@@ -200,12 +203,11 @@ def _collect(j: Job, run, eval_dir, aa_path, train):
     return result
 
 
-def outcome_message(o) -> str:
-    """The study's word for a job's outcome (None: the runner stopped before it)."""
-    if o is None:
-        return "not started (the study was interrupted)"
+def result_line(o) -> str:
+    """The study's words for a job's outcome."""
     if o.rc == 0:
-        return "done earlier" if o.skipped else "done"
+        r = o.result
+        return f"SA {r['sa']:.1f} RA {r['ra']:.1f} AA {r['aa']} (" + ("done earlier" if o.skipped else "done") + ")"
     if o.stage:
         return f"{FAILED[o.stage]} (see {o.job.log})"
     return o.message
@@ -375,12 +377,11 @@ def run_jobs(save, todo, a) -> list:
         return [r for _, r in found if r is not None]
     outcomes = Runner(parallel=a.jobs, env={"OMP_NUM_THREADS": "1"}, reporter=StudyLog()).run(
         [study_job(save, j) for j in todo])
-    for j, o in zip(todo, outcomes):
-        r = None if o is None else o.result
-        print(f"{j.name} seed {j.seed}: " + (outcome_message(o) if r is None else
-              f"SA {r['sa']:.1f} RA {r['ra']:.1f} AA {r['aa']} ({outcome_message(o)})"), flush=True)
-        if r is not None:
-            results.append(r)
+    for j, o in zip(todo, outcomes):  # each finished job said its line as it ended
+        if o is None:
+            print(f"{j.name} seed {j.seed}: not started (the study was interrupted)", flush=True)
+        elif o.result is not None:
+            results.append(o.result)
     return results
 
 if __name__ == "__main__":
