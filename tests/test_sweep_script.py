@@ -1,17 +1,18 @@
-"""sh/sweep.sh (and sh/lib.sh): manifests, skip/resume decisions, backends (dry runs, fake commands, fake sbatch)."""
+"""sh/sweep.sh (utils/tools/sweep.py): manifests, skip/resume decisions, backends (dry runs, fake commands, fake
+sbatch)."""
 import json
 import os
 import re
 import signal
 import stat
 import subprocess
+import sys
 import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(ROOT, "sh", "sweep.sh")
-LIB = os.path.join(ROOT, "sh", "lib.sh")
 # the interface's folder name: [ID_]{dataset}-{arch}-ratio{r}-epochs{E}-lr{lr}-eps{e}-steps{k}-beta{b}[-expert{N}]-seed{s}
 NAME = re.compile(r"^(?P<id>[a-z-]+)_(?P<dataset>\w+?)-(?P<arch>\w+)-ratio(?P<ratio>[\d.]+)-epochs(?P<epochs>\d+)"
                   r"-lr[\d.e-]+-eps(?P<eps>\d+)-steps\d+-beta[\d.]+(?:-expert(?P<n>\d+))?-seed\d+$")
@@ -213,8 +214,8 @@ def test_slurm_dry_run_writes_array_script(planned, tmp_path):
         assert frozen.read_text() == (save / "manifest.tsv").read_text()
         assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@180" in text
         assert "#SBATCH --gres" not in text  # the Digits preset needs no GPU
-        assert f'sw_run_line {frozen} "$SLURM_ARRAY_TASK_ID"' in text
-        assert 'scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' in text
+        # the task runs its line of the frozen manifest (and requeues itself: test_array_task_runs_its_line_and_requeues)
+        assert f'--array-task {frozen} "$SLURM_ARRAY_TASK_ID"' in text
         assert f"#SBATCH --output={scripts[0].parent}/logs/%A_%a.out" in text
         submit = [x for x in r.stdout.splitlines() if x.startswith("dry run: sbatch")]
         assert submit[0] == f"dry run: sbatch --parsable --array=2-4%2 --partition=gpu --time=2:00:00 {scripts[0]}"
@@ -262,7 +263,7 @@ def test_gpus_flag_is_local_only(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Running lines (lib.sh) with fake commands
+# Running lines (utils/tools/sweep.py) with fake commands
 # ----------------------------------------------------------------------------------------------------------
 
 FAKE_STEP = r"""
@@ -299,23 +300,24 @@ def fake_manifest(tmp_path, train_rcs):
     return tmp_path / "m.tsv", tmp_path / "ran.txt"
 
 
-def lib(script, env=None, **kw):
-    return subprocess.run(["bash", "-c", f"set -euo pipefail; source {LIB}; {script}"], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=60, **kw)
+def py(script, env=None, **kw):
+    """Run `script` in a fresh Python with the sweep's functions imported (as the sweep runs them)."""
+    return subprocess.run([sys.executable, "-c", f"from utils.tools.sweep import *\n{script}"], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, cwd=ROOT, timeout=60, **kw)
 
 
 def test_sequential_runs_steps_continues_after_failure_and_skips_done(tmp_path):
     manifest, ran = fake_manifest(tmp_path, [0, 3, 0])
-    r = lib(f"rc=0; sw_run_sequential {manifest} 0 || rc=$?; echo rc=$rc")
+    r = py(f"print('rc=%d' % run_sequential('{manifest}'))")
     assert "rc=1" in r.stdout, r.stdout + r.stderr
     assert "[2] train exited with status 3: run1" in r.stdout
     assert ran.read_text().split("\n")[:-1] == [
         "train run0 gpu=none", "eval run0 gpu=none", "aa run0 gpu=none", "train run1 gpu=none",
         "train run2 gpu=none", "eval run2 gpu=none", "aa run2 gpu=none"]
-    done = lib(f"for n in 1 2 3; do sw_line_done {manifest} $n && echo done$n || echo todo$n; done")
+    done = py(f"for n, x in enumerate(read_manifest('{manifest}'), 1): print(('done' if line_done(x) else 'todo') + str(n))")
     assert done.stdout.split() == ["done1", "todo2", "done3"]
     ran.unlink()
-    again = lib(f"sw_run_line {manifest} 1")
+    again = py(f"import sys; sys.exit(run_sequential('{manifest}', only=1))")
     assert again.returncode == 0 and not ran.exists()
     assert again.stdout.splitlines() == ["[1] skip train (finished): run0", "[1] skip eval (done): run0",
                                          "[1] skip autoattack (done): run0"]
@@ -323,7 +325,7 @@ def test_sequential_runs_steps_continues_after_failure_and_skips_done(tmp_path):
 
 def test_interrupted_run_stops_the_sweep(tmp_path):
     manifest, ran = fake_manifest(tmp_path, [75, 0])
-    r = lib(f"rc=0; sw_run_sequential {manifest} 0 || rc=$?; echo rc=$rc")
+    r = py(f"print('rc=%d' % run_sequential('{manifest}'))")
     assert "rc=75" in r.stdout and "sweep interrupted at line 1" in r.stdout
     assert ran.read_text().split("\n")[:-1] == ["train run0 gpu=none"]  # line 2 never started
 
@@ -333,8 +335,9 @@ def test_sigterm_is_passed_to_the_run(tmp_path, kind):
     """SLURM's SIGTERM/SIGUSR1 reach the batch shell; the run must get it to write its checkpoint. A step
     without a handler (killed, status 143) also ends the sweep as interrupted (75), not as failed."""
     manifest, ran = fake_manifest(tmp_path, [kind, 0])
-    proc = subprocess.Popen(["bash", "-c", f"source {LIB}; set -uo pipefail; sw_run_sequential {manifest} 0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", f"import sys; from utils.tools.sweep import run_sequential; "
+                             f"sys.exit(run_sequential('{manifest}'))"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while not (tmp_path / "ready").exists() and time.time() - t0 < 30:
         time.sleep(0.05)
@@ -348,7 +351,8 @@ def test_sigterm_is_passed_to_the_run(tmp_path, kind):
 
 def test_one_run_per_gpu(tmp_path):
     manifest, ran = fake_manifest(tmp_path, [0, 0, 0, 0])
-    r = lib(f"sw_run_parallel {manifest} 0,1 {tmp_path / 'logs'}", env={"FAKE_SLEEP": "0.5"})
+    r = py(f"import sys; sys.exit(run_parallel('{manifest}', ['0', '1'], '{tmp_path / 'logs'}'))",
+           env={"FAKE_SLEEP": "0.5"})
     assert r.returncode == 0, r.stdout + r.stderr
     trains = [x for x in ran.read_text().splitlines() if x.startswith("train")]
     assert sorted(x.split()[1] for x in trains) == ["run0", "run1", "run2", "run3"]  # each line once
@@ -365,7 +369,7 @@ def test_array_task_runs_its_line_and_requeues(tmp_path):
     bin_dir.mkdir()
     fake_bin(bin_dir, "scontrol", f'echo "scontrol $@" >> {ran}\n')
     script = tmp_path / "array.sbatch"
-    lib(f"sw_write_sbatch {script} {manifest} {tmp_path / 'logs'} gpu:1")
+    py(f"write_sbatch('{script}', '{manifest}', '{tmp_path / 'logs'}', 'gpu:1')")
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_JOB_ID": "77"}
     ok = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": "1"}, capture_output=True,
                         text=True)
@@ -378,8 +382,8 @@ def test_array_task_runs_its_line_and_requeues(tmp_path):
 
 
 def test_array_spec():
-    r = lib("sw_array_spec 1 2 3 5 7 8; echo; sw_array_spec 4; echo; sw_array_spec")
-    assert r.stdout.split("\n") == ["1-3,5,7-8", "4", ""]
+    from utils.tools.sweep import array_spec
+    assert [array_spec([1, 2, 3, 5, 7, 8]), array_spec([4]), array_spec([])] == ["1-3,5,7-8", "4", ""]
 
 
 def test_report_reads_the_sweep_manifest(planned):
@@ -393,3 +397,12 @@ def test_report_reads_the_sweep_manifest(planned):
         ("missing", "resnet18_cifar", "Digits", "joint", 0.125, 2, 2),
         ("missing", "resnet18_cifar", "Digits", "advmoe", 0.125, 2, 2)]
     assert [r.run_dir for r in got] == [r["run_dir"] for r in rows]
+
+
+def test_array_task_of_a_line_the_manifest_lacks_is_one_line(tmp_path):
+    manifest, ran = fake_manifest(tmp_path, [0])
+    for task in ("2", "0", "x"):
+        r = subprocess.run(["bash", SWEEP, "--array-task", str(manifest), task], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 2 and r.stderr.splitlines() == [f"error: {manifest} has no line {task}"], r.stderr
+    assert not ran.exists()

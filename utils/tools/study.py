@@ -12,18 +12,14 @@ the same command continues where it stopped. `--jobs` jobs run at once, each on 
 """
 import argparse
 import csv
-import ctypes
 import glob
 import hashlib
 import json
 import os
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..cli import run_main
@@ -32,6 +28,7 @@ from ..lock import hold
 from ..runfiles import read_metrics
 from ..runlog import metrics_rows, run_dir
 from ..runtime import atomic_file, write_json_atomic
+from .jobs import Job as RunnerJob, Reporter, Runner, Stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,30 +65,6 @@ COLUMNS = [("sa", "SA"), ("ra", "PGD-10 RA"), ("aa", "AutoAttack RA"), ("router_
 
 def slug(name):
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
-
-
-def _die_with_parent():
-    """In a child (preexec): SIGTERM it when the study dies, even by kill -9 (Linux prctl PR_SET_PDEATHSIG); the
-    training script then checkpoints and exits, so a rerun never finds a second writer in its folder."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != _PARENT:  # the study died before the prctl took hold
-        os._exit(1)
-
-
-try:  # looked up once here: the preexec function must not import or allocate much
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-except (OSError, AttributeError):
-    _PRCTL = None
-_PARENT = os.getpid()
-
-
-def _run(cmd, log):
-    with open(log, "a") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        f.flush()
-        return subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
 
 
 def _metrics(folder):
@@ -170,44 +143,48 @@ def check_job_folder(job, out):
         write_json_atomic(path, job.settings)
 
 
-def job(save, j: Job):
-    """Train, evaluate, attack one (row, seed) in its own keyed folder; returns (result or None, message)."""
+class StudyLog(Reporter):
+    """Each command goes into the job's log before its output, as `$ COMMAND`; a line on stdout as each job ends."""
+
+    def start(self, job, stage, earlier, out):
+        out.write(f"$ {stage.shown()}\n")
+
+    def job_end(self, outcome):
+        print(f"{outcome.job.name}: {result_line(outcome)}", flush=True)
+
+
+FAILED = {"train": "training failed", "evaluate": "evaluation failed", "autoattack": "AutoAttack failed"}
+
+
+def study_job(save, j: Job) -> RunnerJob:
+    """Train, evaluate, attack one (row, seed) in its own keyed folder (locked while it runs); the result is
+    result.json there (a job that has one is done)."""
     out = j.folder(save)
-    try:
-        with hold(out, "study job"):
-            check_job_folder(j, out)
-            return _job_in(out, j)
-    except UsageError as e:
-        return None, str(e)
-
-
-def _job_in(out, j: Job):
-    log = os.path.join(out, "job.log")
     result_path = os.path.join(out, "result.json")
-    result = read_result(result_path)
-    if result is not None:
-        return result, "done earlier"
     run = j.run_folder(out)
     argv = list(j.argv)
     train = [sys.executable, f"{j.script}.py", *argv, "--save-dir", os.path.join(out, "runs"), "--resume", "auto"]
-    if not _finished(run) and _run(train, log) != 0:
-        return None, f"training failed (see {log})"
     best = os.path.join(run, "checkpoint", "model_best.pth.tar")
     eval_dir = os.path.join(out, "evaluate")
-    if not _eval_rows(eval_dir):
-        evaluate = [sys.executable, f"{j.script}.py", *argv, "--save-dir", eval_dir, "--evaluate", "--resume", best]
-        if _run(evaluate, log) != 0:
-            return None, f"evaluation failed (see {log})"
-    ev = _eval_rows(eval_dir)[-1]
+    evaluate = [sys.executable, f"{j.script}.py", *argv, "--save-dir", eval_dir, "--evaluate", "--resume", best]
     aa_path = os.path.join(out, "autoattack.json")
-    if not os.path.exists(aa_path):
-        aa = [sys.executable, "auto_attack_eval.py", "--source-net", best, "--version", "custom", "--attacks",
-              *AA_ATTACKS, "--epsilon", f"{EPS * 255:g}", "--num-workers", "0", "--no-progress",
-              "--seed", str(j.seed), "--out", aa_path]
-        if j.aa_n_ex:
-            aa += ["--n-ex", str(j.aa_n_ex)]
-        if _run(aa, log) != 0:
-            return None, f"AutoAttack failed (see {log})"
+    aa = [sys.executable, "auto_attack_eval.py", "--source-net", best, "--version", "custom", "--attacks",
+          *AA_ATTACKS, "--epsilon", f"{EPS * 255:g}", "--num-workers", "0", "--no-progress",
+          "--seed", str(j.seed), "--out", aa_path]
+    if j.aa_n_ex:
+        aa += ["--n-ex", str(j.aa_n_ex)]
+    stages = [Stage("train", train, done=lambda: _finished(run)),
+              Stage("evaluate", evaluate, done=lambda: bool(_eval_rows(eval_dir))),
+              Stage("autoattack", aa, done=lambda: os.path.exists(aa_path))]
+    return RunnerJob(f"{j.name} seed {j.seed}", out, stages, lock="study job", log=os.path.join(out, "job.log"),
+                     prepare=lambda: check_job_folder(j, out),
+                     done=lambda: read_result(result_path) is not None,
+                     collect=lambda: read_result(result_path) or _collect(j, run, eval_dir, aa_path, train))
+
+
+def _collect(j: Job, run, eval_dir, aa_path, train):
+    """result.json of a job whose stages are done."""
+    ev = _eval_rows(eval_dir)[-1]
     with open(aa_path) as f:
         aa_report = json.load(f)
     rows = _metrics(run)
@@ -220,10 +197,20 @@ def _job_in(out, j: Job):
               "load_clean_min": min(ev["load_clean"]) if ev.get("load_clean") else None,
               "load_adv_min": min(ev["load_adv"]) if ev.get("load_adv") else None,
               "margin_p50": at_best.get("router_margin_p50"), "margin_p95": at_best.get("router_margin_p95"),
-              "gflops": _gflops(argv), "minutes": sum(r.get("seconds", 0) for r in rows) / 60,
+              "gflops": _gflops(j.argv), "minutes": sum(r.get("seconds", 0) for r in rows) / 60,
               "last_epoch": rows[-1] if rows else None, "command": shlex.join(train)}
-    write_json_atomic(result_path, result)
-    return result, "done"
+    write_json_atomic(os.path.join(os.path.dirname(aa_path), "result.json"), result)
+    return result
+
+
+def result_line(o) -> str:
+    """The study's words for a job's outcome."""
+    if o.rc == 0:
+        r = o.result
+        return f"SA {r['sa']:.1f} RA {r['ra']:.1f} AA {r['aa']} (" + ("done earlier" if o.skipped else "done") + ")"
+    if o.stage:
+        return f"{FAILED[o.stage]} (see {o.job.log})"
+    return o.message
 
 
 def _finished(folder):
@@ -388,16 +375,14 @@ def run_jobs(save, todo, a) -> list:
         for j, r in found:
             print(f"{j.name} seed {j.seed}: " + ("no result yet" if r is None else "done"), flush=True)
         return [r for _, r in found if r is not None]
-    with ThreadPoolExecutor(a.jobs) as pool:
-        futures = [pool.submit(job, save, j) for j in todo]
-        for j, fut in zip(todo, futures):
-            r, message = fut.result()
-            print(f"{j.name} seed {j.seed}: " + (message if r is None else
-                  f"SA {r['sa']:.1f} RA {r['ra']:.1f} AA {r['aa']} ({message})"), flush=True)
-            if r is not None:
-                results.append(r)
+    outcomes = Runner(parallel=a.jobs, env={"OMP_NUM_THREADS": "1"}, reporter=StudyLog()).run(
+        [study_job(save, j) for j in todo])
+    for j, o in zip(todo, outcomes):  # each finished job said its line as it ended
+        if o is None:
+            print(f"{j.name} seed {j.seed}: not started (the study was interrupted)", flush=True)
+        elif o.result is not None:
+            results.append(o.result)
     return results
-
 
 if __name__ == "__main__":
     run_main(lambda argv: sys.exit(main(argv)))

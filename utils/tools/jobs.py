@@ -1,0 +1,283 @@
+"""One job runner for the sweep and the study: launch, resume, skip what is finished, collect.
+
+A job is a folder and an ordered list of stages. A stage is a command line and a predicate that says its result
+is already there; the runner skips such a stage, so running the same jobs again continues where they stopped
+(each training command carries `--resume auto`, which itself resumes a partial run). `Runner.run(jobs)` runs
+`parallel` jobs at a time (one GPU each when `gpus` is given: CUDA_VISIBLE_DEVICES is set for every stage of the
+job), each job's stages in order, and returns one `Outcome` per job in the order given.
+
+Children never outlive the runner: SIGTERM/SIGINT received by the runner are passed on as SIGTERM and SIGUSR1 as
+SIGUSR1 (the entry scripts then checkpoint and exit 75), and each child gets SIGTERM from the kernel when the
+runner dies, even by kill -9 (Linux PR_SET_PDEATHSIG). After a signal, or when a stage exits 75, no further job
+starts and the outcome is `interrupted`: run the same command again to continue.
+
+    jobs = [Job("run0", folder, [Stage("train", [sys.executable, "train_ori.py", ...], done=finished)])]
+    outcomes = Runner(parallel=2).run(jobs)
+"""
+import contextlib
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from ..errors import UsageError
+from ..lock import hold
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REQUEUE_EXIT = 75  # the entry scripts' exit status after a SIGTERM/SIGUSR1 checkpoint: run again later
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class Stage:
+    """One command of a job. `done()` says its result is already there (the stage is skipped); `after()` runs
+    when the command succeeded (e.g. to record which command made the result). `needs` names earlier stages whose
+    output this one reads: in a dry run, when one of them would run, this one counts as not done."""
+    name: str
+    argv: list
+    done: Callable[[], bool] = _never
+    after: Optional[Callable[[], None]] = None
+    needs: tuple = ()
+    text: str = ""  # how the command is shown (default: the shell-quoted argv)
+
+    def shown(self) -> str:
+        return self.text or shlex.join(map(str, self.argv))
+
+
+@dataclass
+class Job:
+    """A folder and its stages, run in order.
+
+    done: the whole job is finished (no stage runs; `collect` gives its result).
+    lock: hold the folder's lock (utils.lock.hold) while the job runs; the text names the holder's kind.
+    prepare: runs first (under the lock); a UsageError fails the job with its message.
+    collect: the job's result once every stage is done.
+    log: a file that receives the stages' output and the job's messages (None: the runner's stdout).
+    """
+    name: str
+    folder: str
+    stages: list
+    done: Callable[[], bool] = _never
+    lock: str = ""
+    prepare: Optional[Callable[[], None]] = None
+    collect: Optional[Callable[[], object]] = None
+    log: Optional[str] = None
+    env: dict = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What became of a job: rc 0 (done), the failing stage's exit status, 2 for a refused job (UsageError),
+    75 interrupted. `ran` names the stages that ran (or would run, in a dry run)."""
+    job: Job
+    rc: int = 0
+    stage: str = ""
+    message: str = ""
+    result: object = None
+    skipped: bool = False
+    interrupted: bool = False
+    ran: list = field(default_factory=list)
+    slot: Optional[str] = None
+
+
+class Reporter:
+    """What the runner says; the default says nothing. `out` is the job's stream (its log or stdout)."""
+
+    def skip(self, job, stage, out):
+        pass
+
+    def start(self, job, stage, earlier, out):
+        """`stage` runs (or would run, in a dry run); `earlier`: the names of this job's stages that ran before."""
+
+    def failed(self, job, stage, rc, out):
+        pass
+
+    def job_start(self, job, slot):
+        pass
+
+    def job_end(self, outcome):
+        pass
+
+
+def _die_with_parent():
+    """In a child (preexec): SIGTERM it when the runner dies, even by kill -9; ignore SIGINT (a terminal's Ctrl-C
+    reaches the runner, which passes it on as SIGTERM, so the child hears of it once)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != _PARENT:  # the runner died before the prctl took hold
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+try:  # looked up once here: the preexec function must not import or allocate much
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _PRCTL = None
+_PARENT = os.getpid()
+
+
+def exit_status(returncode: int) -> int:
+    """A shell's exit status: a child killed by signal S is 128 + S."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Runner:
+    """Runs jobs; see the module's docstring.
+
+    parallel: jobs at a time (ignored when `gpus` is given: one job per GPU).
+    gpus: device indexes; each job runs with CUDA_VISIBLE_DEVICES set to the one it holds.
+    env: added to every child's environment (e.g. OMP_NUM_THREADS=1).
+    dry_run: report what would run, run nothing (a stage that needs one that would run counts as not done).
+    """
+
+    def __init__(self, parallel=1, gpus=None, env=None, cwd=ROOT, dry_run=False, reporter=None):
+        self.slots = [str(g) for g in gpus] if gpus else [None] * max(1, parallel)
+        self.env = dict(env or {})
+        self.cwd = cwd
+        self.dry_run = dry_run
+        self.reporter = reporter or Reporter()
+        self.signalled = False
+        self._stop = threading.Event()
+        self._children = set()
+        self._lock = threading.RLock()  # the signal handler may run while the main thread holds it
+        self._saying = threading.Lock()  # job_start and job_end lines of parallel jobs never interleave
+
+    # ---- signals -----------------------------------------------------------------------------------------
+    def _forward(self, signum, frame):
+        self.signalled = True
+        self._stop.set()
+        sent = signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM
+        with self._lock:
+            children = list(self._children)
+        for child in children:
+            with contextlib.suppress(OSError):
+                child.send_signal(sent)
+
+    @contextlib.contextmanager
+    def _signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        names = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
+        old = {s: signal.signal(s, self._forward) for s in names}
+        try:
+            yield
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    # ---- running -----------------------------------------------------------------------------------------
+    def run(self, jobs) -> list:
+        """One Outcome per job, in the order of `jobs` (None for a job never started after an interruption)."""
+        jobs = list(jobs)
+        outcomes = [None] * len(jobs)
+        queue = iter(enumerate(jobs))
+        take = threading.Lock()
+        bugs = []
+
+        def worker(slot):
+            while not self._stop.is_set():
+                with take:
+                    item = next(queue, None)
+                if item is None:
+                    return
+                i, job = item
+                try:
+                    outcomes[i] = self.run_job(job, slot)
+                except Exception as e:  # a bug: raised again in the caller's thread, once the others stopped
+                    bugs.append(e)
+                    self._stop.set()
+                    return
+                if outcomes[i].interrupted:
+                    self._stop.set()
+
+        with self._signals():
+            if len(self.slots) == 1:
+                worker(self.slots[0])
+            else:
+                threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in self.slots]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    while t.is_alive():
+                        t.join(0.2)  # the main thread stays free to take signals
+        if bugs:
+            raise bugs[0]
+        return outcomes
+
+    def run_job(self, job, slot=None) -> Outcome:
+        """Run one job's stages in order (skipping the done ones) on `slot` (a GPU index or None)."""
+        with self._saying:
+            self.reporter.job_start(job, slot)
+        outcome = Outcome(job, slot=slot)
+        with contextlib.ExitStack() as stack:
+            try:
+                if job.lock and not self.dry_run:
+                    stack.enter_context(hold(job.folder, job.lock))
+                out = sys.stdout
+                if job.log and not self.dry_run:
+                    os.makedirs(os.path.dirname(os.path.abspath(job.log)), exist_ok=True)
+                    out = stack.enter_context(open(job.log, "a", encoding="utf-8"))
+                if job.prepare is not None and not self.dry_run:
+                    job.prepare()
+                self._stages(job, slot, out, outcome)
+                if outcome.rc == 0 and job.collect is not None and not self.dry_run:
+                    outcome.result = job.collect()
+            except UsageError as e:
+                outcome.rc, outcome.message = 2, str(e)
+        outcome.interrupted = outcome.rc == REQUEUE_EXIT or self.signalled
+        with self._saying:
+            self.reporter.job_end(outcome)
+        return outcome
+
+    def _stages(self, job, slot, out, outcome):
+        if job.done():
+            outcome.skipped = True
+            return
+        for stage in job.stages:
+            stale = self.dry_run and any(name in outcome.ran for name in stage.needs)
+            if not stale and stage.done():
+                self.reporter.skip(job, stage, out)
+                continue
+            self.reporter.start(job, stage, list(outcome.ran), out)
+            outcome.ran.append(stage.name)
+            if self.dry_run:
+                continue
+            rc = self.call(stage.argv, out, {**job.env, **({"CUDA_VISIBLE_DEVICES": slot} if slot else {})})
+            if rc != 0:
+                self.reporter.failed(job, stage, rc, out)
+                outcome.rc, outcome.stage = rc, stage.name
+                outcome.message = f"{stage.name} exited with status {rc}"
+                return
+            if stage.after is not None:
+                stage.after()
+
+    def call(self, argv, out, env=None) -> int:
+        """Run `argv` in `cwd` with its output on `out`; its exit status (128 + S when killed by signal S)."""
+        if self._stop.is_set() and self.signalled:
+            return REQUEUE_EXIT  # a signal came between two stages: start nothing more
+        out.flush()
+        sys.stdout.flush()
+        stream = None if out is sys.stdout else out  # stdout: the child inherits ours
+        child = subprocess.Popen([str(a) for a in argv], cwd=self.cwd, stdout=stream,
+                                 stderr=None if stream is None else subprocess.STDOUT,
+                                 preexec_fn=_die_with_parent, env={**os.environ, **self.env, **(env or {})})
+        with self._lock:
+            self._children.add(child)
+        try:
+            while True:
+                try:
+                    return exit_status(child.wait())
+                except KeyboardInterrupt:  # not ours to end the child: it was passed a SIGTERM
+                    continue
+        finally:
+            with self._lock:
+                self._children.discard(child)
