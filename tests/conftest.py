@@ -10,6 +10,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 
 os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -134,6 +135,16 @@ def snapshot(root):
             with open(os.path.join(d, f), "rb") as fh:
                 out[os.path.relpath(os.path.join(d, f), root)] = fh.read()
     return out
+
+
+def started_until(argv, ready, **popen):
+    """Popen `argv` in the repository and wait (30 s at most) until the file `ready` exists: the process has reached
+    the point where the test interrupts it."""
+    p = subprocess.Popen(argv, cwd=ROOT, **popen)
+    t0 = time.time()
+    while not os.path.exists(ready) and time.time() - t0 < 30:
+        time.sleep(0.05)
+    return p
 
 
 @contextlib.contextmanager

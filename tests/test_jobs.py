@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+from conftest import started_until
 from utils.lock import hold
 from utils.tools.jobs import Job, Reporter, Runner, Stage
 
@@ -113,11 +114,8 @@ def test_sigterm_reaches_the_child_and_nothing_more_starts(tmp_path):
     for how in ("handle", "die"):
         (tmp_path / "ready").unlink(missing_ok=True)
         (tmp_path / "ran.txt").unlink(missing_ok=True)
-        p = subprocess.Popen([sys.executable, "-c", RUN_TWO, str(tmp_path), how], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        t0 = time.time()
-        while not (tmp_path / "ready").exists() and time.time() - t0 < 30:
-            time.sleep(0.05)
+        p = started_until([sys.executable, "-c", RUN_TWO, str(tmp_path), how], tmp_path / "ready",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=30)
         assert p.returncode == 0, err
@@ -128,11 +126,8 @@ def test_sigterm_reaches_the_child_and_nothing_more_starts(tmp_path):
 
 
 def test_the_child_dies_with_a_killed_runner(tmp_path):
-    p = subprocess.Popen([sys.executable, "-c", RUN_TWO, str(tmp_path), "die"], cwd=ROOT,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    while not (tmp_path / "ready").exists() and time.time() - t0 < 30:
-        time.sleep(0.05)
+    p = started_until([sys.executable, "-c", RUN_TWO, str(tmp_path), "die"], tmp_path / "ready",
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     child = _child_of(p.pid)
     p.kill()
     p.wait()

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from conftest import started_until
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(ROOT, "sh", "sweep.sh")
 # the interface's folder name: [ID_]{dataset}-{arch}-ratio{r}-epochs{E}-lr{lr}-eps{e}-steps{k}-beta{b}[-expert{N}]-seed{s}
@@ -335,12 +337,9 @@ def test_sigterm_is_passed_to_the_run(tmp_path, kind):
     """SLURM's SIGTERM/SIGUSR1 reach the batch shell; the run must get it to write its checkpoint. A step
     without a handler (killed, status 143) also ends the sweep as interrupted (75), not as failed."""
     manifest, ran = fake_manifest(tmp_path, [kind, 0])
-    proc = subprocess.Popen([sys.executable, "-c", f"import sys; from utils.tools.sweep import run_sequential; "
-                             f"sys.exit(run_sequential('{manifest}'))"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not (tmp_path / "ready").exists() and time.time() - t0 < 30:
-        time.sleep(0.05)
+    proc = started_until([sys.executable, "-c", f"import sys; from utils.tools.sweep import run_sequential; "
+                          f"sys.exit(run_sequential('{manifest}'))"], tmp_path / "ready", stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 75, out + err
