@@ -247,11 +247,7 @@ def test_backend_flags_sets_the_models_own_cudnn_flag_and_restores_it(flag):
 
 
 def test_benchmark_times_each_model_under_its_own_cudnn_flag():
-    sys.path.insert(0, os.path.join(ROOT, "sh"))
-    try:
-        import benchmark
-    finally:
-        sys.path.pop(0)
+    from utils.tools import benchmark
     seen = {}
     fns = {flag: benchmark.with_own_flags(BackendConfig(cudnn_benchmark=flag),
                                           lambda flag=flag: seen.setdefault(flag, []).append(

@@ -79,9 +79,26 @@ def test_the_library_never_imports_a_tool():
     assert len(library_files()) > 40 and importers == []
 
 
+def package_names(module) -> set:
+    """What `from module import NAME` can take from a package of ours: its submodules and its __init__'s names."""
+    folder = os.path.join(ROOT, *module.split("."))
+    names = {f[:-3] if f.endswith(".py") else f for f in os.listdir(folder)}
+    tree = ast.parse(open(os.path.join(folder, "__init__.py"), encoding="utf-8").read())
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in node.targets):
+            names.update(ast.literal_eval(node.value))
+    return names
+
+
 def test_every_import_of_our_modules_names_one_that_exists():
     tools = os.path.join("utils", "tools")
-    every = library_files() + [os.path.join(tools, f) for f in os.listdir(os.path.join(ROOT, tools))
-                               if f.endswith(".py")]
+    every = library_files() + [os.path.join(folder, f) for folder in (tools, "tests")
+                               for f in os.listdir(os.path.join(ROOT, folder)) if f.endswith(".py")]
     missing = [(f, m) for f in every for m, _ in imports(f) if is_ours(m) and not exists(m)]
-    assert missing == []
+    missing += [(f, f"{m}.{n}") for f in every for m, names in imports(f) if is_ours(m) and exists(m)
+                and os.path.isdir(os.path.join(ROOT, *m.split("."))) for n in names if n not in package_names(m)]
+    assert len(every) > 80 and missing == []

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 import models
-from utils import advmoe, report, steps
+from utils import advmoe, steps
+from utils.tools import report
 from utils.errors import UsageError
 from utils.evaluate import EvalConfig, evaluate, evaluate_per_expert, forced_routing
 from utils.update import StepContext
