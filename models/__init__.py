@@ -1,6 +1,6 @@
 """Model registry: dense (`*_ori`) and MoE (`*_moe`) ResNet, WideResNet, VGG and DenseNet.
 
-`models.spec` (what a model is) imports without torch, so torch-free tools (`utils.report`) read it too; the
+`models.spec` (what a model is) imports without torch, so torch-free tools (`utils.tools.report`) read it too; the
 registry and the model classes load on first use (`models.build_model`, `models.list_models`, ...).
 """
 import importlib
