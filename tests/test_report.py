@@ -299,3 +299,10 @@ def test_lost_rows_and_a_non_utf8_log_are_named_not_reported_as_results(tmp_path
     assert report.main([str(save), "--out", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out" / "table.md").read_text()
     assert "damaged" in table and f"Made by: `python -m utils.tools.report {save} --out {tmp_path / 'out'}`" in table
+
+
+def test_the_report_and_the_model_spec_import_without_torch():
+    """A report needs no torch: models.spec and utils.tools.report load without it (the registry loads lazily)."""
+    code = "import sys, models.spec, utils.tools.report; print(sorted(m for m in sys.modules if m.startswith('torch')))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
