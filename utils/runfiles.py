@@ -52,3 +52,10 @@ def read_args(folder: str) -> dict:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         pass
     return {}
+
+
+def run_state(folder: str) -> str:
+    """The state a run folder's status.json records (running, finished, failed, interrupted), or "none"."""
+    status = read_json(os.path.join(folder, "status.json"))
+    value = status.get("state") if isinstance(status, dict) else None
+    return value if isinstance(value, str) and value else "none"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..cli import run_main
 from ..errors import UsageError
 from ..lock import hold
-from ..runfiles import read_metrics
+from ..runfiles import read_metrics, run_state
 from ..runlog import metrics_rows, run_dir
 from ..runtime import atomic_file, write_json_atomic
 from .jobs import Job as RunnerJob, Reporter, Runner, Stage
@@ -173,7 +173,7 @@ def study_job(save, j: Job) -> RunnerJob:
           "--seed", str(j.seed), "--out", aa_path]
     if j.aa_n_ex:
         aa += ["--n-ex", str(j.aa_n_ex)]
-    stages = [Stage("train", train, done=lambda: _finished(run)),
+    stages = [Stage("train", train, done=lambda: run_state(run) == "finished"),
               Stage("evaluate", evaluate, done=lambda: bool(_eval_rows(eval_dir))),
               Stage("autoattack", aa, done=lambda: os.path.exists(aa_path))]
     return RunnerJob(f"{j.name} seed {j.seed}", out, stages, lock="study job", log=os.path.join(out, "job.log"),
@@ -213,22 +213,14 @@ def result_line(o) -> str:
     return o.message
 
 
-def _finished(folder):
-    try:
-        with open(os.path.join(folder, "status.json")) as f:
-            return json.load(f).get("state") == "finished"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def _gflops(argv):
     """Inference GFLOPs per 16x16 image of the row's model (global router or per-layer routers included)."""
     import models
     from args import parse_args
     from ..flops import inference_gflops
+    from ..run import model_spec
     a = parse_args(list(argv), script="train_moe" if "--n-expert" in argv else "train_ori")
-    model = models.build_model(a.arch, ratio=a.ratio, n_expert=a.n_expert, routing=a.routing,
-                               moe_stages=a.moe_stages, top_k=a.top_k)
+    model = models.build_model(model_spec(a))
     return inference_gflops(model, image_size=16)["total"]
 
 

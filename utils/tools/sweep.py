@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 
 from ..cli import run_main
 from ..errors import UsageError
+from ..runfiles import run_state
 from .jobs import REQUEUE_EXIT, ROOT, Job, Reporter, Runner, Stage
 
 MANIFEST_HEADER = "#run_dir\teval_dir\tcommand\teval_command\tautoattack_command"
@@ -421,17 +422,6 @@ def read_manifest(path) -> list:
 # What is done
 # ---------------------------------------------------------------------------------------------------------
 
-def state(folder) -> str:
-    """The state in folder/status.json (finished, running, failed, interrupted), or none."""
-    import json
-    try:
-        with open(os.path.join(folder, "status.json"), encoding="utf-8") as f:
-            value = json.load(f).get("state")
-    except (OSError, ValueError, AttributeError):
-        return "none"
-    return value if isinstance(value, str) and value else "none"
-
-
 def fresh(result, checkpoint) -> bool:
     """`result` exists and is not older than `checkpoint`."""
     try:
@@ -449,11 +439,11 @@ def same_command(record, command) -> bool:
 
 
 def train_done(x: Line) -> bool:
-    return state(x.run_dir) == "finished"
+    return run_state(x.run_dir) == "finished"
 
 
 def eval_done(x: Line) -> bool:
-    return (state(x.eval_dir) == "finished" and fresh(os.path.join(x.eval_dir, "metrics.jsonl"), x.best)
+    return (run_state(x.eval_dir) == "finished" and fresh(os.path.join(x.eval_dir, "metrics.jsonl"), x.best)
             and same_command(os.path.join(x.run_dir, EVAL_RECORD), x.eval))
 
 
@@ -505,7 +495,7 @@ class LineMessages(Reporter):
     def start(self, job, stage, earlier, out):
         x = self._line(job)
         if stage.name == "train":
-            now = state(x.run_dir)
+            now = run_state(x.run_dir)
             action = (f"resume train ({now})" if os.path.exists(os.path.join(x.run_dir, "checkpoint",
                                                                               "checkpoint.pth.tar"))
                       else "start train")
