@@ -188,3 +188,22 @@ def test_lines_of_parallel_jobs_never_interleave(tmp_path, capsys):
 
     Runner(parallel=4, reporter=Slow()).run([Job(f"j{i}", str(tmp_path), []) for i in range(4)])
     assert capsys.readouterr().out.splitlines() == ["one two three "] * 4
+
+
+def test_a_signal_that_comes_while_a_child_starts_reaches_it(tmp_path, monkeypatch):
+    """The signal arrives after Popen returned and before the runner registered the child: it still gets it."""
+    from utils.tools import jobs
+    runner = Runner()
+    popen = jobs.subprocess.Popen
+
+    def started_then_signalled(*args, **kw):
+        child = popen(*args, **kw)
+        runner._forward(signal.SIGTERM, None)
+        return child
+    monkeypatch.setattr(jobs.subprocess, "Popen", started_then_signalled)
+    trap = f"trap 'echo term >> {tmp_path}/ran.txt; exit 75' TERM; for i in $(seq 100); do sleep 0.1; done"
+    t0 = time.time()
+    o = runner.run([Job("j", str(tmp_path), [Stage("wait", ["bash", "-c", trap]), step(tmp_path, "later")])])[0]
+    # the child got it: "wait" ended at once, by its trap (75) or killed before bash set the trap (143)
+    assert o.interrupted and o.stage == "wait" and (o.rc, ran(tmp_path)) in ((75, ["term"]), (143, []))
+    assert time.time() - t0 < 8

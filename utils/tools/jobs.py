@@ -146,7 +146,8 @@ class Runner:
         self.reporter = reporter or Reporter()
         self.signalled = False
         self._stop = threading.Event()
-        self._children = set()
+        self._children = {}  # running child -> how many of `_passed` it has been sent
+        self._passed = []  # the signals passed on so far, in order
         self._lock = threading.RLock()  # the signal handler may run while the main thread holds it
         self._saying = threading.Lock()  # job_start and job_end lines of parallel jobs never interleave
 
@@ -154,10 +155,17 @@ class Runner:
     def _forward(self, signum, frame):
         self.signalled = True
         self._stop.set()
-        sent = signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM
         with self._lock:
-            children = list(self._children)
-        for child in children:
+            self._passed.append(signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM)
+            for child in list(self._children):
+                self._pass_on(child)
+
+    def _pass_on(self, child):
+        """Under `_lock`: send `child` the signals passed on since it last got one, so a child started just as
+        a signal came gets it too (before, a SIGTERM between Popen and the child's registration was lost)."""
+        end, start = len(self._passed), self._children.get(child, 0)
+        self._children[child] = end
+        for sent in self._passed[start:end]:
             with contextlib.suppress(OSError):
                 child.send_signal(sent)
 
@@ -271,7 +279,7 @@ class Runner:
                                  stderr=None if stream is None else subprocess.STDOUT,
                                  preexec_fn=_die_with_parent, env={**os.environ, **self.env, **(env or {})})
         with self._lock:
-            self._children.add(child)
+            self._pass_on(child)  # a signal that came while it started is not lost
         try:
             while True:
                 try:
@@ -280,4 +288,4 @@ class Runner:
                     continue
         finally:
             with self._lock:
-                self._children.discard(child)
+                self._children.pop(child, None)
