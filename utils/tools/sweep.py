@@ -581,8 +581,8 @@ def write_sbatch(path, manifest, logdir, gres):
     text = ["#!/usr/bin/env bash", "#SBATCH --job-name=advmoe-sweep", f"#SBATCH --output={logdir}/%A_%a.out"]
     text += [f"#SBATCH --gres={gres}"] if gres else []
     text += ["#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@180",
-             "# Written by sh/sweep.sh: array task i runs line i of the manifest below; when the run is interrupted",
-             "# (75: checkpoint written), the task requeues itself.",
+             "# Written by the sweep (utils/tools/sweep.py): array task i runs line i of the manifest below;",
+             "# when the run is interrupted (75: checkpoint written), the task requeues itself.",
              "set -uo pipefail",
              f"cd {shlex.quote(ROOT)}",
              f"export PYTHON={shlex.quote(python())}",
