@@ -5,15 +5,21 @@ model in eval mode (the reference's evaluation attacked a router-augmented loss 
 The random start of batch b is drawn from a generator seeded with (seed, b), b counted in the single-process
 order, so the result does not depend on the global RNG, on earlier batches or on how many processes share
 the batches (with evaluation loaders from `utils.data.build_loaders`, whose ranks take whole batches).
-For MoE models, RA is the per-image worst case of two PGD attacks on the whole MoE, both adversarial examples
-judged by the whole MoE (routing recomputed on them): one through the router's straight-through gradient, one
-with the routing held at the clean image's choice. The second keeps a router whose straight-through gradient is
-useless (saturated, or logits so large that it swamps the experts' gradient) from masking the experts: such a
-router once reported RA 85% where the experts alone kept 32%. `ra_ste` is the straight-through attack alone;
-`ra_ste` well above `ra` means the router's gradient misleads gradient attacks. Besides these:
-- router robustness: % of images whose expert choice survives PGD on the router's own decision;
+For MoE models, RA is the per-image worst case of three PGD attacks, all three adversarial examples judged by the
+whole MoE (routing recomputed on them): one on the MoE's loss through the router's straight-through gradient, one
+on the MoE's loss with the routing held at the clean image's choice, and the routing attack, which maximises the
+router's cross-entropy against its clean choice (pushes every image towards another expert). The second keeps a
+router whose straight-through gradient is useless (saturated, or logits so large that it swamps the experts'
+gradient) from masking the experts: such a router once reported RA 85% where the experts alone kept 32%. The
+third finds the images that a flip of the routing alone breaks, which neither loss attack needs to see when the
+experts' loss is flat (saturated) around the image. `ra_ste` is the straight-through attack alone (`ra_ste` well
+above `ra` means the router's gradient misleads gradient attacks), `ra_routing_attack` the routing attack alone.
+Besides these:
+- router robustness: % of images whose expert choice survives the routing attack (the same examples as
+  `ra_routing_attack`);
 - expert robustness: RA with the routing fixed to the clean image's choice (attacks the experts only);
-- expert load: % of images per expert, clean and under the RA attack.
+- expert load: % of images per expert, clean, under the straight-through attack (`load_adv`) and under the
+  routing attack (`load_routing_attack`).
 `routing_report` tells how the router treats training images, with and without augmentation (per epoch).
 """
 from dataclasses import dataclass, field, fields
@@ -73,12 +79,14 @@ class Counts:
     """What the evaluation of some images counted (a batch, or the sum of batches: `+`)."""
     n: int = 0
     clean_correct: int = 0
-    adv_correct: int = 0  # robust under the worse of the straight-through and the fixed-routing attack (MoE)
+    adv_correct: int = 0  # robust under the worst of the straight-through, fixed-routing and routing attacks (MoE)
     ste_adv_correct: int = 0  # robust under the straight-through attack alone (MoE) or PGD (dense)
-    router_kept: int = 0  # expert choice unchanged by PGD on the router's decision
+    route_adv_correct: int = 0  # robust under the routing attack alone (MoE)
+    router_kept: int = 0  # expert choice unchanged by the routing attack
     expert_adv_correct: int = 0  # robust with the routing fixed at the clean choice
     load_clean: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))  # (N,) images
     load_adv: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
+    load_route_adv: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
 
     def __add__(self, other):
         return Counts(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -86,12 +94,13 @@ class Counts:
     def reduced(self, reduce):
         """These counts summed over processes (one collective)."""
         names = [f.name for f in fields(self) if not f.name.startswith("load")]
+        loads = [f.name for f in fields(self) if f.name.startswith("load")]
         packed = torch.cat([torch.tensor([getattr(self, k) for k in names], dtype=torch.float64),
-                            self.load_clean, self.load_adv])
+                            *(getattr(self, k) for k in loads)])
         packed = reduce(packed).cpu()
-        k, n_load = len(names), len(self.load_clean)
-        scalars = {name: int(v) for name, v in zip(names, packed[:k].tolist())}
-        return Counts(**scalars, load_clean=packed[k:k + n_load], load_adv=packed[k + n_load:])
+        scalars = {name: int(v) for name, v in zip(names, packed[:len(names)].tolist())}
+        parts = packed[len(names):].split([len(getattr(self, k)) for k in loads])
+        return Counts(**scalars, **dict(zip(loads, parts)))
 
 
 def _as_list(expert):
@@ -121,14 +130,6 @@ def fixed_routing_ce_fn(y, clean_expert, clean_gate=None):
     def loss(model, x_adv):
         return F.cross_entropy(model(x_adv, expert=clean_expert, gate=clean_gate), y, reduction="sum")
     return loss
-
-
-def _decision(model, x):
-    with torch.no_grad():
-        if model.routing_mode == "global":
-            scores = model.route_scores(x)
-            return scores.argmax(1) if model.top_k == 1 else scores.topk(model.top_k, dim=1).indices
-        return model(x, return_routing=True)[1].expert
 
 
 def _same_decision(a, b):
@@ -164,8 +165,9 @@ def _load(expert, n_expert):
 
 def attack_batch(model, x, y, cfg: EvalConfig, generator_seed: int, moe_metrics: bool) -> Counts:
     """Attack one batch (x in [0,1], labels y) and count: clean and robust correct, and for an MoE the
-    straight-through attack alone; with `moe_metrics`, the dissection (router robustness, expert robustness,
-    loads). The attacks draw their random starts in turn from one generator seeded with `generator_seed`."""
+    straight-through attack and the routing attack alone; with `moe_metrics`, the dissection (router robustness,
+    expert robustness, loads). The attacks draw their random starts in turn from one generator seeded with
+    `generator_seed` (straight-through, fixed routing, routing attack: the dissection adds no draw)."""
     routed = getattr(model, "is_moe", False)
     generator = torch.Generator(device=x.device).manual_seed(generator_seed)
 
@@ -179,18 +181,23 @@ def attack_batch(model, x, y, cfg: EvalConfig, generator_seed: int, moe_metrics:
     robust = logits_adv.argmax(1) == y
     counts = Counts(n=len(y), clean_correct=(logits.argmax(1) == y).sum().item(),
                     ste_adv_correct=robust.sum().item())
-    if routed:  # second attack, routing held at the clean choice; RA takes the worse of the two
+    if routed:  # RA takes the per-image worst of the straight-through, fixed-routing and routing attacks
         clean_expert = info.expert
         x_e = attack(fixed_routing_ce_fn(y, clean_expert, info.gate))
         robust &= _predict(model, x_e)[0].argmax(1) == y
+        x_r = attack(router_decision_loss_fn(clean_expert))  # the routing attack, judged by the whole MoE
+        logits_r, info_r = _predict(model, x_r)
+        route_robust = logits_r.argmax(1) == y
+        counts.route_adv_correct = route_robust.sum().item()
+        robust &= route_robust
     counts.adv_correct = robust.sum().item()
     if routed and moe_metrics:
-        x_r = attack(router_decision_loss_fn(clean_expert))
-        counts.router_kept = _same_decision(_decision(model, x_r), clean_expert).sum().item()
+        counts.router_kept = _same_decision(info_r.expert, clean_expert).sum().item()
         logits_e, _ = _predict(model, x_e, expert=clean_expert, gate=info.gate)
         counts.expert_adv_correct = (logits_e.argmax(1) == y).sum().item()
         counts.load_clean = _load(clean_expert, model.n_expert)
         counts.load_adv = _load(info_adv.expert, model.n_expert)
+        counts.load_route_adv = _load(info_r.expert, model.n_expert)
     return counts
 
 
@@ -210,8 +217,8 @@ def evaluate(model, loader, cfg: EvalConfig, device, *, moe_metrics=None, shard=
     `counts` (a `Counts`)."""
     routed = getattr(model, "is_moe", False)
     moe = routed if moe_metrics is None else moe_metrics and routed
-    total = Counts(load_clean=torch.zeros(model.n_expert if moe else 1, dtype=torch.float64),
-                   load_adv=torch.zeros(model.n_expert if moe else 1, dtype=torch.float64))
+    total = Counts(**{f.name: torch.zeros(model.n_expert if moe else 1, dtype=torch.float64)
+                      for f in fields(Counts) if f.name.startswith("load")})
     with eval_mode(model):
         for batch_number, x, y, bar in _batches(loader, cfg, shard, device, desc):
             total = total + attack_batch(model, x, y, cfg, eval_start_seed(cfg.seed, batch_number), moe)
@@ -223,11 +230,13 @@ def evaluate(model, loader, cfg: EvalConfig, device, *, moe_metrics=None, shard=
     out = {"sa": 100 * total.clean_correct / n, "ra": 100 * total.adv_correct / n, "n": total.n, "counts": total}
     if routed:
         out["ra_ste"] = 100 * total.ste_adv_correct / n
+        out["ra_routing_attack"] = 100 * total.route_adv_correct / n
     if moe:
         out["router_robustness"] = 100 * total.router_kept / n
         out["expert_robustness"] = 100 * total.expert_adv_correct / n
-        out["load_clean"] = (100 * total.load_clean / total.load_clean.sum().clamp(min=1)).tolist()
-        out["load_adv"] = (100 * total.load_adv / total.load_adv.sum().clamp(min=1)).tolist()
+        for key, load in (("load_clean", total.load_clean), ("load_adv", total.load_adv),
+                          ("load_routing_attack", total.load_route_adv)):
+            out[key] = (100 * load / load.sum().clamp(min=1)).tolist()
     return out
 
 
@@ -235,7 +244,8 @@ def moe_row(ev, prefix=""):
     """The MoE dissection of an `evaluate` result as metrics-row fields (`prefix` + name), with `collapse`: one
     expert takes `COLLAPSE_SHARE`% or more of the clean images."""
     row = {}
-    for k in ("ra_ste", "router_robustness", "expert_robustness", "load_clean", "load_adv"):
+    for k in ("ra_ste", "ra_routing_attack", "router_robustness", "expert_robustness", "load_clean", "load_adv",
+              "load_routing_attack"):
         if k in ev:
             row[prefix + k] = ev[k]
     if "load_clean" in ev and len(ev["load_clean"]) > 1:

@@ -76,7 +76,10 @@ def _evaluate_into(log, args, model, test_loader, ckpt, device, env):
     log.log_metrics(row)
     log.info(f"evaluate {args.resume}: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}% "
              f"(PGD-{args.num_steps_test}, eps {args.epsilon_test * 255:.1f}/255, {ev['n']} images)"
-             + "".join(f" | {k} {v:.2f}%" for k, v in row.items() if k.endswith("robustness") or k == "ra_ste"))
+             + "".join(f" | {k} {v:.2f}%" for k, v in row.items()
+                     if k.endswith("robustness") or k in ("ra_ste", "ra_routing_attack"))
+             + "".join(f" | {k} " + "/".join(f"{v:.0f}" for v in row[k]) + "%"
+                       for k in ("load_clean", "load_adv", "load_routing_attack") if k in row))
     for e, (sa, ra) in enumerate(zip(per_expert.get("per_expert_sa", []), per_expert.get("per_expert_ra", []))):
         log.info(f"  expert {e} alone (every image forced to it): SA {sa:.2f}% | RA {ra:.2f}% "
                  f"(routed: SA {ev['sa']:.2f}% | RA {ev['ra']:.2f}%)")

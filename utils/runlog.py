@@ -229,8 +229,8 @@ def format_epoch_line(row: dict) -> str:
     """One aligned line per epoch, accuracies in %, time in seconds; fields absent from `row` are left out.
 
     e.g. `epoch   3/100 | lr 0.0976 | loss 1.2345 | SA  91.23% | RA  71.10% | best RA  71.10% (ep 3) | 12.3s`,
-    followed by the MoE fields (straight-through-only RA, router robustness, expert robustness, expert load) when
-    present.
+    followed by the MoE fields (straight-through-only RA, RA under the routing attack, router robustness, expert
+    robustness, expert load) when present.
     """
     epochs = row.get("epochs")
     width = len(str(epochs)) if epochs is not None else 3
@@ -246,7 +246,8 @@ def format_epoch_line(row: dict) -> str:
     if row.get("best_ra") is not None:
         best = _pct("best RA", row["best_ra"])
         parts.append(best + (f" (ep {row['best_epoch']})" if row.get("best_epoch") is not None else ""))
-    for key, label in (("ra_ste", "RA ste"), ("router_robustness", "router rob"), ("expert_robustness", "expert RA")):
+    for key, label in (("ra_ste", "RA ste"), ("ra_routing_attack", "RA route"), ("router_robustness", "router rob"),
+                       ("expert_robustness", "expert RA")):
         if row.get(key) is not None:
             parts.append(_pct(label, row[key]))
     if row.get("load_clean") is not None:

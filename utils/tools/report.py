@@ -18,6 +18,9 @@ Where the numbers come from:
   run's arguments (inference, per image, activated experts only).
 - GPU hours: sum of the training epochs' `seconds` x `world_size` / 3600 for runs whose provenance device is
   CUDA; the same sum goes to `CPU h` for CPU runs (process-hours).
+- PGD - AA: PGD RA minus AA RA (empty when the AutoAttack result is older than model_best).
+- MoE runs (columns that appear when a run has them): RA under the routing attack, router robustness and the
+  least-used expert's share of the test images, clean and adversarial, from the same source as the PGD RA.
 
 A manifest (`--manifest FILE`, or `manifest.tsv` found at the top of a given folder; TSV lines starting
 with run_dir, the training command in the column a `#run_dir<TAB>...` header names `command`) lists the
@@ -44,7 +47,8 @@ RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
 METHOD_ORDER = ("dense", "joint", "advmoe")
 CSV_FIELDS = ("arch", "dataset", "method", "ratio", "n_expert", "status", "epochs_done", "epochs", "best_epoch",
               "selection", "sa", "pgd_ra", "pgd_source", "aa_ra", "aa_sa", "aa_n_ex", "aa_version", "aa_stale",
-              "sa_final", "ra_final", "gflops", "gpu_hours", "cpu_hours", "device", "world_size", "message", "run_dir")
+              "sa_final", "ra_final", "pgd_aa_gap", "ra_routing_attack", "router_robustness", "load_clean_min",
+              "load_adv_min", "gflops", "gpu_hours", "cpu_hours", "device", "world_size", "message", "run_dir")
 
 
 @dataclass
@@ -70,6 +74,11 @@ class RunRow:
     aa_stale: bool = False
     sa_final: float | None = None
     ra_final: float | None = None
+    pgd_aa_gap: float | None = None  # PGD RA - AA RA of the same checkpoint (None when the AA result is stale)
+    ra_routing_attack: float | None = None  # MoE: RA under the routing attack, from the PGD RA's source
+    router_robustness: float | None = None  # MoE: % of routing decisions the routing attack leaves unchanged
+    load_clean_min: float | None = None  # MoE: % of test images on the least-used expert, clean
+    load_adv_min: float | None = None  # ... under the straight-through attack
     gflops: float | None = None
     gpu_hours: float | None = None
     cpu_hours: float | None = None
@@ -260,15 +269,19 @@ def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
         row.best_epoch = best.get("epoch")
         row.selection = selection_of(rows, best)
         row.sa, row.pgd_ra, row.pgd_source = _float(best.get("sa")), _float(best.get("ra")), "training"
+        _routing_fields(row, best)
     model_best = os.path.join(folder, "checkpoint", "model_best.pth.tar")
     if evaluation and _newer(evaluation["_metrics"], model_best):
         row.sa, row.pgd_ra, row.pgd_source = _float(evaluation.get("sa")), _float(evaluation["ra"]), "evaluate"
         row.per_expert = _per_expert(evaluation)
+        _routing_fields(row, evaluation)
     aa = read_json(os.path.join(folder, "autoattack.json"))
     if isinstance(aa, dict) and _float(aa.get("robust_accuracy")) is not None:
         row.aa_ra, row.aa_sa = _float(aa["robust_accuracy"]), _float(aa.get("clean_accuracy"))
         row.aa_n_ex, row.aa_version = aa.get("n_ex"), str(aa.get("version") or "")
         row.aa_stale = not _newer(os.path.join(folder, "autoattack.json"), model_best)
+        if row.pgd_ra is not None and not row.aa_stale:
+            row.pgd_aa_gap = row.pgd_ra - row.aa_ra
     flops = read_json(os.path.join(folder, "flops.json"))
     if isinstance(flops, dict):
         row.gflops = _float(flops.get("gflops_inference"))
@@ -309,7 +322,18 @@ def summarize_evaluation_only(folder: str) -> RunRow:
         row.sa, row.pgd_ra, row.pgd_source = _float(evals[-1].get("sa")), _float(evals[-1]["ra"]), "evaluate"
         row.message = row.message or f"evaluation only: {evals[-1].get('checkpoint', '')}"
         row.per_expert = _per_expert(evals[-1])
+        _routing_fields(row, evals[-1])
     return row
+
+
+def _routing_fields(row: RunRow, source: dict) -> None:
+    """The MoE's routing figures of a metrics row (an epoch's or an `--evaluate`'s) into the table row; a field
+    the source lacks is left empty (a log written before the tool recorded it)."""
+    row.ra_routing_attack = _float(source.get("ra_routing_attack"))
+    row.router_robustness = _float(source.get("router_robustness"))
+    for key in ("load_clean", "load_adv"):
+        loads = [_float(v) for v in source.get(key) or []] if isinstance(source.get(key), list) else []
+        setattr(row, f"{key}_min", min(loads) if loads and None not in loads else None)
 
 
 def _per_expert(evaluation: dict) -> list:
@@ -431,8 +455,11 @@ def _fmt(x, digits=2) -> str:
 def markdown_table(rows: list[RunRow]) -> str:
     """table.md: the paper's columns plus status and epochs; notes below explain marks and sources."""
     head = ["arch", "dataset", "method", "ratio", "N", "status", "epochs", "SA", "PGD RA", "AA RA", "GFLOPs",
-            "GPU h", "CPU h"]
-    per_expert = any(r.per_expert for r in rows)  # the column only appears when some run has the numbers
+            "GPU h", "CPU h", "PGD - AA"]
+    routing = any(r.router_robustness is not None or r.ra_routing_attack is not None for r in rows)
+    if routing:  # MoE columns appear when some run has the numbers
+        head += ["RA routing attack", "router rob", "min load clean / adv"]
+    per_expert = any(r.per_expert for r in rows)
     if per_expert:
         head.append("experts alone: SA / PGD RA")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -448,13 +475,20 @@ def markdown_table(rows: list[RunRow]) -> str:
         cells = [r.arch, r.dataset, r.method, "-" if r.ratio is None else str(r.ratio),
                  str(r.n_expert) if r.n_expert else "-", r.status, epochs,
                  _fmt(r.sa) + (mark if r.sa is not None else ""), _fmt(r.pgd_ra) + (mark if r.pgd_ra is not None else ""),
-                 aa, _fmt(r.gflops, 3), _fmt(r.gpu_hours, 3), _fmt(r.cpu_hours, 3)]
+                 aa, _fmt(r.gflops, 3), _fmt(r.gpu_hours, 3), _fmt(r.cpu_hours, 3), _fmt(r.pgd_aa_gap)]
+        if routing:
+            loads = "-" if r.load_clean_min is None else f"{_fmt(r.load_clean_min, 1)} / {_fmt(r.load_adv_min, 1)}"
+            cells += [_fmt(r.ra_routing_attack), _fmt(r.router_robustness), loads]
         if per_expert:
             cells.append(", ".join(f"e{e} {_fmt(sa)} / {_fmt(ra)}" for e, (sa, ra) in enumerate(r.per_expert)) or "-")
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     notes = ["", "SA, RA: % of test images; PGD RA of the best-RA checkpoint from its `--evaluate` run "
              "(`*`: from the training log's best-RA epoch instead). AA RA: AutoAttack on the first n test images. "
-             "GFLOPs: inference, per image. GPU h / CPU h: training epochs' wall time x processes."
+             "GFLOPs: inference, per image. GPU h / CPU h: training epochs' wall time x processes. PGD - AA: "
+             "PGD RA minus AA RA of the same checkpoint (AA on its first n test images)."
+             + (" RA routing attack: the whole MoE on PGD examples that push the router towards another expert; "
+                "router rob: % of routing decisions they leave unchanged; min load: % of test images on the "
+                "least-used expert, clean / under the straight-through attack." if routing else "")
              + (" Experts alone: every test image forced to one expert (`--evaluate --per-expert`)."
                 if per_expert else "")]
     if any(r.selection == "test" for r in rows):

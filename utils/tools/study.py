@@ -57,7 +57,8 @@ ROWS = {
     ] + [("AdvMoE, reference router objective", "train_moe",
           MOE + ["--ratio", "{r}", "--router-objective", "reference"])],
 }
-COLUMNS = [("sa", "SA"), ("ra", "PGD-10 RA"), ("aa", "AutoAttack RA"), ("router_robustness", "router robustness"),
+COLUMNS = [("sa", "SA"), ("ra", "PGD-10 RA"), ("aa", "AutoAttack RA"), ("ra_minus_aa", "PGD RA - AA RA"),
+           ("ra_routing_attack", "RA under routing attack"), ("router_robustness", "router robustness"),
            ("expert_robustness", "expert RA"), ("load_clean_min", "min clean load"), ("load_adv_min", "min adv load"),
            ("margin_p50", "router margin p50"), ("margin_p95", "router margin p95"), ("gflops", "GFLOPs/image"),
            ("minutes", "training minutes")]
@@ -192,8 +193,10 @@ def _collect(j: Job, run, eval_dir, aa_path, train):
     at_best = next((r for r in rows if r.get("epoch") == best_epoch), {})  # the evaluated checkpoint's epoch
     result = {"row": j.name, "seed": j.seed, "key": j.key, "sa": ev["sa"], "ra": ev["ra"], "n": ev["n"],
               "aa": aa_report.get("robust_accuracy"), "aa_n": aa_report.get("n_ex"),
+              "ra_routing_attack": ev.get("ra_routing_attack"),
               "router_robustness": ev.get("router_robustness"), "expert_robustness": ev.get("expert_robustness"),
               "load_clean": ev.get("load_clean"), "load_adv": ev.get("load_adv"),
+              "load_routing_attack": ev.get("load_routing_attack"),
               "load_clean_min": min(ev["load_clean"]) if ev.get("load_clean") else None,
               "load_adv_min": min(ev["load_adv"]) if ev.get("load_adv") else None,
               "margin_p50": at_best.get("router_margin_p50"), "margin_p95": at_best.get("router_margin_p95"),
@@ -224,6 +227,15 @@ def _gflops(argv):
     return inference_gflops(model, image_size=16)["total"]
 
 
+def column_value(result, key):
+    """A table cell's value of one job's result: the result's own field, or `ra_minus_aa`, the gap between its PGD
+    RA and its AutoAttack RA (same checkpoint; None without AutoAttack)."""
+    if key == "ra_minus_aa":
+        ra, aa = result.get("ra"), result.get("aa")
+        return None if ra is None or aa is None else ra - aa
+    return result.get(key)
+
+
 def _fmt(values, digits=2):
     values = [v for v in values if v is not None]
     if not values:
@@ -231,6 +243,14 @@ def _fmt(values, digits=2):
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _routing_cells(r):
+    """A job's routing figures for its per-seed line ('' for a dense job or one evaluated without them)."""
+    cells = [(label, r.get(key)) for key, label in (("ra_routing_attack", "RA under routing attack"),
+                                                    ("router_robustness", "router robustness"))]
+    return "".join(f" {label} {value:.2f}" for label, value in cells if value is not None) \
+        if r.get("ra_routing_attack") is not None else ""
 
 
 def report(save, results, command, settings=""):
@@ -242,17 +262,23 @@ def report(save, results, command, settings=""):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     csv_rows = []
     for name, rs in by_row.items():
-        cells = [name, str(len(rs))] + [_fmt([r.get(k) for r in rs], 3 if k == "gflops" else 2)
+        cells = [name, str(len(rs))] + [_fmt([column_value(r, k) for r in rs], 3 if k == "gflops" else 2)
                                             for k, _ in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
         csv_rows.append(dict(zip(header, cells)))
     aa_n = sorted({r.get("aa_n") for r in results if r.get("aa_n")})
     per_seed = [f"- {name}: " + "; ".join(f"seed {r['seed']} SA {r['sa']:.2f} RA {r['ra']:.2f} AA {r.get('aa')}"
-                                          for r in rs) for name, rs in by_row.items()]
+                                          + _routing_cells(r) for r in rs) for name, rs in by_row.items()]
     text = "\n".join(lines) + (
         f"\n\nMean ± std over seeds (n in 'seeds'). PGD-10 on {results[0]['n'] if results else '-'} test images "
-        f"(eps {EPS}); AutoAttack APGD-CE then APGD-T on {aa_n or '-'} test images. Loads: % of test images on "
-        f"the least-used expert. Router margin: top-1 minus top-2 selection score on training images at the "
+        f"(eps {EPS}); AutoAttack APGD-CE then APGD-T on {aa_n or '-'} test images. MoE PGD RA: the per-image "
+        f"worst of the straight-through, fixed-routing and routing attacks (docs/evaluation.md; a job evaluated "
+        f"before the routing attack joined it shows '-' under routing attack, and its PGD RA is the worst of the "
+        f"first two). PGD RA - AA RA: per seed, then mean ± std (AutoAttack finds what PGD misses). RA under "
+        f"routing attack: the whole MoE on the images that PGD pushes towards another expert; router robustness: "
+        f"% of routing decisions those images leave unchanged. Loads: % of test images on "
+        f"the least-used expert (adv: under the straight-through attack). Router margin: top-1 minus top-2 "
+        f"selection score on training images at the "
         f"evaluated (best) epoch, median and 95th percentile. Command: `{command}`\n\nPer seed:\n"
         + "\n".join(per_seed) + "\n" + (f"\n{settings}\n" if settings else ""))
     write_text_atomic(os.path.join(save, "table.md"), text)
