@@ -1,5 +1,5 @@
-"""MoE evaluation: RA is the per-image worst case of the straight-through and the fixed-routing attack; the
-router's BatchNorm statistics follow its weights."""
+"""MoE evaluation: RA is the per-image worst case of the straight-through, the fixed-routing and the routing attack;
+the router's BatchNorm statistics follow its weights."""
 import torch
 
 import models
@@ -27,26 +27,28 @@ def _evaluate(model, x, y):
 
 
 def _by_hand(model, x, y, ste_loss_fn):
-    """The two attacks in evaluate's order, from the same random-start generator; each judged by the whole MoE."""
+    """The three attacks in evaluate's order, from the same random-start generator; each judged by the whole MoE."""
     g = torch.Generator().manual_seed(eval_start_seed(5, 0))
     attack = dict(eps=EPS, step_size=STEP, num_steps=STEPS, random_start="uniform", generator=g)
     x_ste = pgd_attack(model, x, ste_loss_fn(y), **attack)
     with torch.no_grad():
         clean_expert = model.route(x).argmax(1)
     x_fix = pgd_attack(model, x, ev.fixed_routing_ce_fn(y, clean_expert), **attack)
+    x_route = pgd_attack(model, x, ev.router_decision_loss_fn(clean_expert), **attack)
     with torch.no_grad():
-        return model(x_ste).argmax(1) == y, model(x_fix).argmax(1) == y
+        return model(x_ste).argmax(1) == y, model(x_fix).argmax(1) == y, model(x_route).argmax(1) == y
 
 
-def test_moe_ra_is_the_per_image_worst_case_of_both_attacks():
+def test_moe_ra_is_the_per_image_worst_case_of_the_three_attacks():
     model = _model()
     x, y = _batch(model)
     out = _evaluate(model, x, y)
-    ste, fix = _by_hand(model, x, y, ce_loss_fn)
+    ste, fix, route = _by_hand(model, x, y, ce_loss_fn)
     assert out["sa"] == 100.0
     assert out["ra_ste"] == 100 * ste.float().mean().item()
-    assert out["ra"] == 100 * (ste & fix).float().mean().item()
-    assert out["ra"] <= out["ra_ste"] and out["ra"] < 100.0
+    assert out["ra_routing_attack"] == 100 * route.float().mean().item()
+    assert out["ra"] == 100 * (ste & fix & route).float().mean().item()
+    assert out["ra"] <= min(out["ra_ste"], out["ra_routing_attack"]) and out["ra"] < 100.0
 
 
 def test_a_useless_straight_through_gradient_cannot_hide_the_experts(monkeypatch):
@@ -58,9 +60,9 @@ def test_a_useless_straight_through_gradient_cannot_hide_the_experts(monkeypatch
     model = _model()
     x, y = _batch(model)
     out = _evaluate(model, x, y)
-    ste, fix = _by_hand(model, x, y, masked)
+    ste, fix, route = _by_hand(model, x, y, masked)
     assert out["ra_ste"] == 100 * ste.float().mean().item() >= 90.0  # random noise alone flips little
-    assert out["ra"] == 100 * (ste & fix).float().mean().item() <= out["ra_ste"] - 20.0
+    assert out["ra"] == 100 * (ste & fix & route).float().mean().item() <= out["ra_ste"] - 20.0
 
 
 def test_dense_models_have_no_second_attack():

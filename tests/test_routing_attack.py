@@ -201,3 +201,71 @@ def test_the_study_table_shows_the_routing_attack_and_the_pgd_autoattack_gap(tmp
     assert cells["dense r"][column["RA under routing attack"]] == "-"
     text = (tmp_path / "main" / "table.md").read_text()
     assert "seed 1 SA 90.00 RA 40.00 AA 30.0 RA under routing attack 50.00 router robustness 10.00" in text
+
+
+def _report_run(save, aa_after_best=True):
+    """An MoE run folder (one epoch) with an `--evaluate` of its best checkpoint and an AutoAttack result."""
+    import yaml
+    run = save / "training" / "train_moe" / "advmoe_run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "args.yaml").write_text(yaml.safe_dump({"arch": "resnet18_cifar_moe", "ratio": 0.25, "n_expert": 2,
+                                                   "dataset": "Digits16", "epochs": 1}))
+    epoch = {"epoch": 1, "epochs": 1, "sa": 80.0, "ra": 40.0, "val_ra": 41.0, "best_ra": 40.0, "best_epoch": 1,
+             "seconds": 10.0, "ra_routing_attack": 70.0, "router_robustness": 20.0, "load_clean": [60.0, 40.0],
+             "load_adv": [90.0, 10.0]}
+    (run / "metrics.jsonl").write_text(json.dumps(epoch) + "\n")
+    (run / "status.json").write_text(json.dumps({"state": "finished", "message": ""}))
+    (run / "provenance.json").write_text(json.dumps({"device": "cpu", "world_size": 1}))
+    best = run / "checkpoint" / "model_best.pth.tar"
+    aa = run / "autoattack.json"
+    if not aa_after_best:
+        aa.write_text(json.dumps({"robust_accuracy": 30.0, "n_ex": 360}))
+        os.utime(aa, (1, 1))
+    best.write_bytes(b"weights")
+    if aa_after_best:
+        aa.write_text(json.dumps({"robust_accuracy": 30.0, "n_ex": 360}))
+    evaluation = save / "evaluate" / "train_moe" / "advmoe_run"
+    evaluation.mkdir(parents=True)
+    (evaluation / "args.yaml").write_text(yaml.safe_dump({"evaluate": True, "arch": "resnet18_cifar_moe"}))
+    row = {"checkpoint": str(best), "epoch": 1, "sa": 81.0, "ra": 42.5, "ra_routing_attack": 66.0,
+           "router_robustness": 25.0, "load_clean": [55.0, 45.0], "load_adv": [85.0, 15.0]}
+    (evaluation / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (evaluation / "status.json").write_text(json.dumps({"state": "finished", "message": ""}))
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_the_report_shows_the_routing_attack_and_the_pgd_autoattack_gap(tmp_path, capsys, stale):
+    import csv
+    from utils.tools import report
+    _report_run(tmp_path / "runs", aa_after_best=not stale)
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    with open(tmp_path / "out" / "table.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["pgd_source"] == "evaluate"  # the routing figures come from the same source as the PGD RA
+    assert (row["ra_routing_attack"], row["router_robustness"]) == ("66.0", "25.0")
+    assert (row["load_clean_min"], row["load_adv_min"]) == ("45.0", "15.0")
+    assert row["pgd_aa_gap"] == ("" if stale else "12.5")  # no gap against an older checkpoint's AutoAttack
+    md = (tmp_path / "out" / "table.md").read_text()
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    cells = [c.strip() for c in next(line for line in md.splitlines() if "| resnet18" in line).strip("|").split("|")]
+    shown = dict(zip(header, cells))
+    assert shown["PGD - AA"] == ("-" if stale else "12.50")
+    assert (shown["RA routing attack"], shown["router rob"], shown["min load clean / adv"]) == \
+        ("66.00", "25.00", "45.0 / 15.0")
+
+
+def test_a_study_job_result_carries_the_evaluation_routing_figures(tmp_path):
+    a = study.get_args_parser().parse_args(["--seeds", "1", "--save-dir", str(tmp_path)])
+    j = next(j for j in study.plan(a, [1]) if j.name == "AdvMoE")
+    out = tmp_path / "job"
+    (out / "evaluate" / "run").mkdir(parents=True)
+    row = {"sa": 80.0, "ra": 40.0, "n": 360, "ra_routing_attack": 55.0, "router_robustness": 12.0,
+           "expert_robustness": 45.0, "load_clean": [60.0, 40.0], "load_adv": [70.0, 30.0],
+           "load_routing_attack": [20.0, 80.0]}
+    (out / "evaluate" / "run" / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (out / "autoattack.json").write_text(json.dumps({"robust_accuracy": 31.0, "n_ex": 360}))
+    result = study._collect(j, str(out / "runs" / "none"), str(out / "evaluate"), str(out / "autoattack.json"), [])
+    assert (result["ra_routing_attack"], result["router_robustness"]) == (55.0, 12.0)
+    assert result["load_routing_attack"] == [20.0, 80.0] and result["load_adv_min"] == 30.0
+    assert study.column_value(result, "ra_minus_aa") == 9.0
+    assert json.loads((out / "result.json").read_text())["ra_routing_attack"] == 55.0
