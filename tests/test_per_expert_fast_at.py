@@ -156,7 +156,7 @@ def test_report_table_shows_each_expert_next_to_the_routed_model(tmp_path):
     table = report.markdown_table(report.collect([str(tmp_path)]))
     header, _, line = table.splitlines()[:3]
     assert header.endswith("| experts alone: SA / PGD RA |")
-    assert line.endswith("| 90.00 | 40.00 | - | - | - | - | e0 88.50 / 45.00, e1 70.25 / 20.50 |")
+    assert line.endswith("| 90.00 | 40.00 | - | - | - | - | - | e0 88.50 / 45.00, e1 70.25 / 20.50 |")  # AA .. PGD - AA
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # no training step: no optimizer step
