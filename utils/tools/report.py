@@ -4,7 +4,8 @@ Collects every run folder under the given folders (a folder holding `args.yaml`,
 `status.json`; training runs and `--evaluate` runs alike) and writes to `--out`:
 
 - `table.md` and `table.csv`: one row per training run: arch, dataset, method, ratio, N, status, epochs,
-  SA, PGD RA, AA RA, GFLOPs, GPU hours (CPU hours for runs on CPU).
+  SA, PGD RA, AA RA, GFLOPs, GPU hours (CPU hours for runs on CPU), PGD RA - AA RA and, for MoE runs, RA under
+  the routing attack, router robustness and the least-used expert's loads.
 - `curves.png`: SA and RA per epoch, one panel per run.
 - `expert_load.png`: the last epoch's share of test images per expert (clean and adversarial), one panel per
   MoE run.
