@@ -96,7 +96,8 @@ def check_held(folder):
     if held is not None and not _is_our_file(held[0], os.path.join(folder, LOCK_NAME)):
         raise LockLost(f"{held[1]} {folder}: its lock file {LOCK_NAME} was deleted or replaced while this process "
                        f"held it (a cleanup such as rsync --delete or git clean?), so another process may be "
-                       f"writing there now; this one stops without writing anything more")
+                       f"writing there now; this one stops without writing anything more (what it wrote before, "
+                       f"its last checkpoint included, is intact: rerun once no other process uses the folder)")
 
 
 def check_held_around(path):

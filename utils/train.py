@@ -114,9 +114,9 @@ def run_to_extend(args, folder):
     parent, found = os.path.dirname(folder), []
     for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
         other = os.path.join(parent, name)
-        recorded = read_args(other)
         if other == folder or not pattern.fullmatch(name) or not os.path.exists(checkpoint_paths(other)[0]):
             continue
+        recorded = read_args(other)
         epochs = recorded.get("epochs")
         if isinstance(epochs, int) and epochs < args.epochs and not resume_differences(recorded, args):
             found.append(other)
