@@ -13,7 +13,7 @@ def _result(tmp_path, row, seed, **values):
     j = next(j for j in study.plan(a, [1, 2]) if j.name == row and j.seed == seed)
     folder = tmp_path / "main" / os.path.relpath(j.folder(str(tmp_path / "main")), str(tmp_path / "main"))
     folder.mkdir(parents=True)
-    base = {"row": row, "seed": seed, "n": 360, "aa_n": 100}
+    base = {"row": row, "seed": seed, "key": j.key, "n": 360, "aa_n": 100}
     (folder / "result.json").write_text(json.dumps({**base, **values}))
 
 

@@ -15,7 +15,7 @@ import torch
 
 from models.spec import contradiction
 from .errors import UsageError
-from .runtime import atomic_file
+from .writes import atomic_file
 
 _PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 

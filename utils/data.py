@@ -512,4 +512,18 @@ def build_loaders(cfg: LoaderConfig, device, rank=0, world_size=1):
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=False,
                               generator=torch.Generator().manual_seed(loader_seed(seed, "train")), **common)
     val_loader = eval_loader(val_ds, "val") if val_ds is not None else None
-    return train_loader, val_loader, eval_loader(test_ds, "test"), info
+    test_loader = eval_loader(test_ds, "test")
+    for loader, split in ((train_loader, "training"), (test_loader, "test")):
+        check_has_batches(loader, f"{cfg.dataset} {split} split in {cfg.data_dir}")
+    return train_loader, val_loader, test_loader, info
+
+
+def check_has_batches(loader, what):
+    """UsageError when `loader` gives no batch at all: a dataset of 0 images, or one smaller than a batch with
+    `drop_last` (an epoch would do nothing and report a loss of 0). `what` names the data in the message."""
+    n = len(loader.dataset)
+    if n == 0:
+        raise UsageError(f"{what}: it holds 0 images")
+    if loader.drop_last and n < loader.batch_size:
+        raise UsageError(f"{what}: {n} images, fewer than one batch of {loader.batch_size}, and the last short "
+                         f"batch is dropped (drop_last): no batch at all")

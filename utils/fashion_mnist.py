@@ -78,6 +78,8 @@ def read_split(folder, train):
     if image_path is None or label_path is None:
         raise UsageError(f"Fashion-MNIST: {image_name} or {label_name} (unpacked or .gz) is missing in {folder}")
     images, labels = read_idx(image_path), read_idx(label_path)
+    if images.dim() >= 1 and len(images) == 0:
+        raise UsageError(f"{image_path}: its header announces 0 images (an empty split can neither train nor test)")
     if images.dim() != 3 or tuple(images.shape[1:]) != (IMAGE_SIDE, IMAGE_SIDE):
         raise UsageError(f"{image_path}: images of shape {tuple(images.shape)}, expected (N, 28, 28)")
     if labels.dim() != 1 or len(labels) != len(images):

@@ -25,7 +25,8 @@ import yaml
 
 from .checkpoint import args_to_dict, load_checkpoint
 from .errors import UsageError, read_text_lines
-from .runtime import atomic_file, write_json_atomic
+from .lock import LockLost, check_held_around
+from .writes import atomic_file, open_append, write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LOGGER_IDS = itertools.count()
@@ -119,6 +120,21 @@ class _ConsoleHandler(logging.StreamHandler):
         return text
 
 
+class _RunFileHandler(logging.FileHandler):
+    """setup.log, opened by `utils.writes.open_append` (never through a link leading out of the run folder);
+    once the run has lost its folder's lock a line goes to the console only."""
+
+    def _open(self):
+        return open_append(self.baseFilename, encoding=self.encoding, errors=self.errors)
+
+    def emit(self, record):
+        try:
+            check_held_around(self.baseFilename)
+        except LockLost:
+            return
+        super().emit(record)
+
+
 class RunLogger:
     """Context manager owning a run folder: creates it on entry only, so nothing is written before the input
     has been validated. Logs go to `setup.log` and the console (one handler each, per instance).
@@ -154,8 +170,8 @@ class RunLogger:
         try:
             os.makedirs(self.folder, exist_ok=True)
             # surrogateescape: a name given under LANG=C (bytes that are not ASCII) goes to the file as those bytes
-            handler = logging.FileHandler(os.path.join(self.folder, "setup.log"), encoding="utf-8",
-                                          errors="surrogateescape")
+            handler = _RunFileHandler(os.path.join(self.folder, "setup.log"), encoding="utf-8",
+                                      errors="surrogateescape")
             values = {k: v for k, v in args_to_dict(self.args).items() if k != "configs"}
             with atomic_file(os.path.join(self.folder, "args.yaml")) as f:
                 yaml.safe_dump(values, f, sort_keys=False)
@@ -208,7 +224,7 @@ class RunLogger:
             line = json.dumps(row, default=_jsonable, allow_nan=False)  # NaN/inf are not JSON: never written
             path = os.path.join(self.folder, "metrics.jsonl")
             try:
-                with open(path, "a", encoding="utf-8") as f:
+                with open_append(path) as f:
                     f.write(line + "\n")
             except OSError as e:  # a cut row is the last line: the resume drops and redoes it
                 raise UsageError(f"could not append to {path} ({e.strerror or e}): is the disk full? the rows "

@@ -1,4 +1,4 @@
-"""What every run needs from its process: the device, the seeds, atomic files and the stop signals.
+"""What every run needs from its process: the device, the seeds and the stop signals (atomic files: `utils.writes`).
 
 Seeds. A run has one `--seed`; every random stream it uses is derived from it here, by name, so two streams
 never share a seed by accident and a resumed run redraws exactly what the uninterrupted one drew:
@@ -9,17 +9,14 @@ never share a seed by accident and a resumed run redraws exactly what the uninte
 - `eval_start_seed(seed, batch)`: the PGD random start of evaluation batch `batch`;
 - `chunk_seed(seed, chunk)`: AutoAttack's seed for chunk `chunk`.
 """
-import contextlib
-import json
-import os
 import random
 import signal
-import tempfile
 
 import numpy as np
 import torch
 
 from .errors import UsageError
+from .writes import atomic_file, write_json_atomic  # noqa: F401 (kept here for the callers that import them)
 
 # A prime above any number of epochs or batches: seed * STRIDE + k never repeats across (seed, k).
 SEED_STRIDE = 1_000_003
@@ -84,62 +81,6 @@ def loader_seed(seed: int, split: str) -> int:
 def chunk_seed(seed: int, chunk: int) -> int:
     """AutoAttack's seed for chunk `chunk` (`seed + chunk`, what the first reports recorded)."""
     return seed + chunk
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Atomic files
-# ----------------------------------------------------------------------------------------------------------
-
-def _umask() -> int:
-    try:  # read, not set: os.umask() would change the process-wide mask for a moment
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
-def _fsync_dir(folder):
-    try:  # makes the rename itself durable; not possible on every platform/filesystem
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_file(path, mode="w"):
-    """Open a temp file beside `path` for writing; on a clean exit it is flushed, fsynced and renamed over
-    `path` (then the folder is fsynced). An exception at any point leaves the old `path` (or none) and no temp
-    file; a hard kill leaves at most a hidden `.tmp-*` file, never a partial `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.NamedTemporaryFile(mode=mode, dir=folder, prefix=f".tmp-{os.path.basename(path)}.", delete=False)
-    try:
-        with tmp as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp.name, 0o666 & ~_umask())  # temp files are created 0600; give the usual permissions
-        os.replace(tmp.name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp.name)
-        raise
-    _fsync_dir(folder)
-
-
-def write_json_atomic(path, obj, default=None):
-    """Write `obj` as indented JSON to `path`, all or nothing (`atomic_file`); `default` as in `json.dump`."""
-    with atomic_file(path) as f:
-        json.dump(obj, f, indent=1, default=default)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ line (exit 2). The event files go to `RUN_FOLDER/tensorboard`, one scalar per nu
 import os
 
 from .errors import UsageError
+from .writes import inside
 
 
 def summary_writer_class():
@@ -33,7 +34,9 @@ class ScalarLog:
     """Writes metrics rows as scalars to `folder/tensorboard` (a `SummaryWriter` class given by the caller)."""
 
     def __init__(self, writer_class, folder):
-        self.writer = writer_class(log_dir=os.path.join(folder, "tensorboard"))
+        log_dir = os.path.join(folder, "tensorboard")
+        inside(os.path.join(log_dir, "events"), folder)  # its event files are new names, but not through a link
+        self.writer = writer_class(log_dir=log_dir)
 
     def write(self, row: dict, step: int):
         for tag, value in scalars(row).items():

@@ -10,8 +10,11 @@ Where the rest lives: the run's state and checkpoints `utils.run`; the updates `
 `utils.advmoe`; evaluation `utils.evaluate`; run folders and logs `utils.runlog`; device, seeds, signals
 `utils.runtime`.
 """
+import argparse
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -25,14 +28,16 @@ from .checkpoint import restore_rng_state, save_checkpoint
 from .distributed import all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module, gather_objects
 from .errors import UsageError
 from .evaluate import EvalConfig, Shard, evaluate, moe_row, routing_report
-from .lock import hold
-from .run import Run, build_run, mid_epoch_state, restore, training_kind
+from .lock import LockLost, check_held, hold
+from .run import Run, build_run, mid_epoch_state, restore, resume_differences, training_kind
+from .runfiles import read_args
 from .runlog import (RunLogger, check_can_create, check_folder_is_free, check_not_orphaned, checkpoint_paths,
                      continues_own_run, format_epoch_line, mark_finished, metrics_rows, record_unexpected_stop,
-                     run_dir, trim_metrics)
+                     run_dir, run_folder_name, trim_metrics)
 from .runtime import REQUEUE_EXIT_CODE, Interrupted, StopFlag, epoch_seed, seed_everything
 from .scalars import ScalarLog, scalars, summary_writer_class
 from .update import NonFiniteError, StepContext
+from .writes import atomic_file
 
 # Catastrophic overfitting (Wong et al. 2020: under FGSM training, PGD robust accuracy falls to near zero within an
 # epoch): validation RA below this fraction of the best earlier validation RA is reported.
@@ -47,12 +52,14 @@ def train(args, script, device, env):
     folder = run_dir(args, script)
     check_can_create(folder, f"--save-dir {args.save_dir}")
     with hold(folder) if env.is_main else nullcontext():
-        return _train_in(folder, args, script, device, env)
+        source = run_to_extend(args, folder) if args.resume == "auto" else None
+        with hold(source) if source and env.is_main else nullcontext():  # nobody writes there while it is read
+            return _train_in(folder, args, script, device, env, source)
 
 
-def _train_in(folder, args, script, device, env):
+def _train_in(folder, args, script, device, env, source):
     latest, best = checkpoint_paths(folder)
-    resume = resolve_resume(args, latest)
+    resume = checkpoint_paths(source)[0] if source else resolve_resume(args, latest)
     own = continues_own_run(resume, latest)
     check_folder_is_free(folder, resume, continuing=own or (not resume and args.resume == "auto"))
     if not resume:
@@ -72,8 +79,9 @@ def _train_in(folder, args, script, device, env):
     row = None
     with RunLogger(folder, args, is_main=env.is_main) as log, recorded_outcome(log, stop):
         log.info(f"{script} {args.arch} on {args.dataset} ({device}); run folder {folder}")
-        if resume:
-            log.info(f"resumed from {resume} at epoch {run.start_epoch + 1}, batch {run.start_batch}")
+        log.info(resume_line(args, folder, resume, source, run))
+        if source and env.is_main:
+            copy_run_files(source, folder, run.start_epoch)
         if env.is_main:  # rows of epochs the checkpoint does not hold (all of them on a fresh start) are redone
             trim_metrics(os.path.join(folder, "metrics.jsonl"), run.start_epoch)
         log.set_status("running")
@@ -91,6 +99,59 @@ def _train_in(folder, args, script, device, env):
             if scalar_log is not None:
                 scalar_log.close()
     return row
+
+
+def run_to_extend(args, folder):
+    """`--resume auto` in a folder that holds nothing of a run yet: the run folder beside it whose run these
+    flags extend (the same name but for `-epochs{E}-`, the same flags but those in RESUME_MAY_CHANGE, fewer
+    `--epochs`, a checkpoint to go on from), or None. UsageError when several runs fit."""
+    latest, best = checkpoint_paths(folder)
+    if any(os.path.exists(p) for p in (latest, best, os.path.join(folder, "metrics.jsonl"))):
+        return None
+    marker = "\0"  # no folder name holds it: splits the name around its epochs
+    head, tail = run_folder_name(argparse.Namespace(**{**vars(args), "epochs": marker})).split(marker)
+    pattern = re.compile(re.escape(head) + r"[0-9]+" + re.escape(tail))
+    parent, found = os.path.dirname(folder), []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        other = os.path.join(parent, name)
+        if other == folder or not pattern.fullmatch(name) or not os.path.exists(checkpoint_paths(other)[0]):
+            continue
+        recorded = read_args(other)
+        epochs = recorded.get("epochs")
+        if isinstance(epochs, int) and epochs < args.epochs and not resume_differences(recorded, args):
+            found.append(other)
+    if len(found) > 1:
+        raise UsageError(f"--resume auto: no checkpoint in {folder}, and {len(found)} runs with these flags and "
+                         f"fewer epochs could continue: {', '.join(found)}; name one with --resume "
+                         f"FOLDER/checkpoint/checkpoint.pth.tar")
+    return found[0] if found else None
+
+
+def resume_line(args, folder, resume, source, run) -> str:
+    """The one line that says what a resume did (or that a run starts from scratch)."""
+    at = f"epoch {run.start_epoch + 1}" + (f" batch {run.start_batch}" if run.start_batch else "")
+    if source:
+        return (f"resuming {source} at {at}, in {folder} (--epochs {read_args(source).get('epochs')} -> "
+                f"{args.epochs}; its model_best and metrics rows are copied here, {source} is left as it is)")
+    if resume and args.resume == "auto":
+        return f"resuming {folder} at {at}"
+    if resume:
+        return f"resumed from {resume} at {at}"
+    if args.resume == "auto":
+        return f"no checkpoint in {folder}: starting a new run"
+    return f"starting a new run in {folder}"
+
+
+def copy_run_files(source, folder, epoch):
+    """The extended run's history from `source`: model_best.pth.tar and the metrics rows up to `epoch`."""
+    best_from, best_to = checkpoint_paths(source)[1], checkpoint_paths(folder)[1]
+    if os.path.exists(best_from):
+        os.makedirs(os.path.dirname(best_to), exist_ok=True)
+        with open(best_from, "rb") as src, atomic_file(best_to, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    rows = metrics_rows(os.path.join(source, "metrics.jsonl"))
+    with atomic_file(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
+        f.writelines(line for line, row in rows if row["epoch"] <= epoch)
 
 
 def resolve_resume(args, latest) -> str:
@@ -116,6 +177,8 @@ def recorded_outcome(log, stop):
     """status.json tells how the run inside this block ended: finished, interrupted (signal or Ctrl-C), failed."""
     try:
         yield
+    except LockLost:  # another process may own the folder now: nothing more is written, not even the status
+        raise
     except Interrupted:
         log.set_status("interrupted", f"signal {stop.signum}: checkpoint written, exit {REQUEUE_EXIT_CODE}")
         raise
@@ -188,6 +251,8 @@ def train_one_epoch(run: Run, step, epoch: int, stop: StopFlag):
 
 def checkpoint_mid_epoch(run, epoch, batch, stats, latest, log, stop):
     """After a stop signal: every rank's state gathered into the latest checkpoint, then Interrupted."""
+    if run.env.is_main:
+        check_held(os.path.dirname(os.path.dirname(latest)))
     state = run.state_dict(epoch, batch, gather_objects(mid_epoch_state(run, stats), run.env))
     if run.env.is_main:
         save_checkpoint(state, latest)
@@ -263,6 +328,8 @@ def save_epoch(run: Run, row, is_best, warnings, log, scalar_log, latest, best):
     never a checkpointed epoch without its row. model_best before checkpoint, so a resumed epoch rewrites both.
     """
     check_row_finite(row)
+    if run.env.is_main:  # a run that lost its folder's lock stops here, before the row
+        check_held(os.path.dirname(os.path.dirname(latest)))
     log.log_metrics(row)
     if scalar_log is not None:
         scalar_log.write(row, row["epoch"])

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 from ..errors import UsageError
 from ..lock import hold
+from ..writes import open_append
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REQUEUE_EXIT = 75  # the entry scripts' exit status after a SIGTERM/SIGUSR1 checkpoint: run again later
@@ -233,7 +234,7 @@ class Runner:
                 out = sys.stdout
                 if job.log and not self.dry_run:
                     os.makedirs(os.path.dirname(os.path.abspath(job.log)), exist_ok=True)
-                    out = stack.enter_context(open(job.log, "a", encoding="utf-8"))
+                    out = stack.enter_context(open_append(job.log))
                 if job.prepare is not None and not self.dry_run:
                     job.prepare()
                 self._stages(job, slot, out, outcome)

@@ -35,6 +35,7 @@ import urllib.request
 import zipfile
 
 from ..errors import UsageError
+from ..writes import atomic_file, open_append
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
@@ -167,7 +168,7 @@ class Journal:
         self._f = None
 
     def __enter__(self):
-        self._f = open(self.path, "a")
+        self._f = open_append(self.path)
         return self
 
     def __exit__(self, *exc):
@@ -352,11 +353,10 @@ def check_tiny_imagenet(root: str, expected_classes: int = TINY_IMAGENET_CLASSES
 
 
 def download(url: str, target: str, say=print, timeout: float = 60.0) -> None:
-    """Fetch `url` to `target` via `target.part` (renamed when complete). UsageError when offline."""
-    part = target + ".part"
+    """Fetch `url` to `target` via a temp file beside it (renamed when complete). UsageError when offline."""
     say(f"downloading {url} -> {target}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_file(target, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
             got, last = 0, time.time()
             while True:
@@ -368,13 +368,12 @@ def download(url: str, target: str, say=print, timeout: float = 60.0) -> None:
                 if time.time() - last > 10:
                     say(f"  {got / 2**20:.0f} MiB" + (f" of {total / 2**20:.0f} MiB" if total else ""))
                     last = time.time()
-        if total and got != total:
-            raise OSError(f"got {got} of {total} bytes")
+            if total and got != total:  # inside: the temp file is removed, nothing is renamed
+                raise OSError(f"got {got} of {total} bytes")
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise UsageError(f"could not download {url} ({reason}). Without network access, fetch the zip "
                          f"elsewhere and place it at {target} (or pass --zip PATH), then run this again") from None
-    os.replace(part, target)
 
 
 def _safe_members(zf: zipfile.ZipFile, top: str) -> list:

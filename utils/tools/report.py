@@ -31,7 +31,6 @@ runs a sweep expects: those without a folder appear as
 """
 import argparse
 import csv
-import json
 import math
 import os
 import shlex
@@ -43,6 +42,7 @@ from models.spec import base_arch, is_moe
 
 from ..errors import UsageError, read_text_lines
 from ..runfiles import read_args, read_json, read_metrics
+from ..writes import atomic_file, write_json_atomic, write_text_atomic
 
 RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
 METHOD_ORDER = ("dense", "joint", "advmoe")
@@ -504,7 +504,7 @@ def markdown_table(rows: list[RunRow]) -> str:
 
 
 def write_csv(rows: list[RunRow], path: str) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_file(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in rows:
@@ -526,7 +526,8 @@ def _empty(plt, path, text):
     fig, ax = plt.subplots(figsize=(5, 2))
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center")
-    fig.savefig(path, dpi=80)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=80)
     plt.close(fig)
 
 
@@ -553,7 +554,8 @@ def plot_curves(rows: list[RunRow], path: str, title: str = "SA and PGD RA per e
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
     plt.close(fig)
 
 
@@ -583,7 +585,8 @@ def plot_expert_load(rows: list[RunRow], path: str, title: str = "Expert load, l
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
     plt.close(fig)
 
 
@@ -635,11 +638,11 @@ def write_report(rows: list[RunRow], out: str, title: str = "", command: str = "
     command that made the report, ends table.md."""
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, k) for k in REPORT_FILES}
-    with open(os.path.join(out, MADE_HERE), "w") as f:  # first: a crash below leaves files we may replace
-        json.dump({"files": list(REPORT_FILES)}, f)
+    # first: a crash below leaves files we may replace
+    write_json_atomic(os.path.join(out, MADE_HERE), {"files": list(REPORT_FILES)})
     md = markdown_table(rows)
-    with open(paths["table.md"], "w") as f:
-        f.write((f"# {title}\n\n" if title else "") + md + (f"\nMade by: `{command}`\n" if command else ""))
+    write_text_atomic(paths["table.md"], (f"# {title}\n\n" if title else "") + md
+                      + (f"\nMade by: `{command}`\n" if command else ""))
     write_csv(rows, paths["table.csv"])
     suffix = f" ({title})" if title else ""
     plot_curves(rows, paths["curves.png"], "SA and PGD RA per epoch" + suffix)

@@ -26,8 +26,8 @@ from ..cli import run_main
 from ..errors import UsageError
 from ..lock import hold
 from ..runfiles import read_metrics, run_state
-from ..runlog import metrics_rows, run_dir
-from ..runtime import atomic_file, write_json_atomic
+from ..runlog import check_can_create, metrics_rows, run_dir
+from ..writes import atomic_file, write_json_atomic, write_text_atomic
 from .jobs import Job as RunnerJob, Reporter, Runner, Stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -115,8 +115,9 @@ def make_job(name, script, flags, seed, a) -> Job:
     return Job(name, script, tuple(argv), seed, a.aa_n_ex)
 
 
-def read_result(path):
-    """A job's result.json (None when there is none); UsageError naming a damaged one."""
+def read_result(path, key):
+    """A job's result.json (None when there is none); UsageError naming a damaged one, or one whose recorded
+    key is not `key`, the job's own (a result copied in from another setting)."""
     if not os.path.exists(path):
         return None
     try:
@@ -126,6 +127,9 @@ def read_result(path):
         raise UsageError(f"{path} is damaged ({e}); remove it to recompute that job") from None
     if not isinstance(result, dict) or not {"row", "seed", "sa", "ra"} <= set(result):
         raise UsageError(f"{path} is damaged (not a job result); remove it to recompute that job")
+    if result.get("key") != key:
+        raise UsageError(f"{path} records the key {str(result.get('key'))[:40]!r}, not this job's {key}: it is the "
+                         f"result of other settings (copied in?); remove it to recompute that job")
     return result
 
 
@@ -179,8 +183,8 @@ def study_job(save, j: Job) -> RunnerJob:
               Stage("autoattack", aa, done=lambda: os.path.exists(aa_path))]
     return RunnerJob(f"{j.name} seed {j.seed}", out, stages, lock="study job", log=os.path.join(out, "job.log"),
                      prepare=lambda: check_job_folder(j, out),
-                     done=lambda: read_result(result_path) is not None,
-                     collect=lambda: read_result(result_path) or _collect(j, run, eval_dir, aa_path, train))
+                     done=lambda: read_result(result_path, j.key) is not None,
+                     collect=lambda: read_result(result_path, j.key) or _collect(j, run, eval_dir, aa_path, train))
 
 
 def _collect(j: Job, run, eval_dir, aa_path, train):
@@ -289,11 +293,6 @@ def report(save, results, command, settings=""):
     return text
 
 
-def write_text_atomic(path, text):
-    with atomic_file(path) as f:
-        f.write(text)
-
-
 def get_args_parser():
     p = argparse.ArgumentParser(prog="python -m utils.tools.study", description=__doc__.splitlines()[0])
     p.add_argument("--rows", choices=sorted(ROWS), default="main")
@@ -370,8 +369,12 @@ def main(argv=None):
     todo = plan(a, seeds)
     save = os.path.abspath(os.path.join(a.save_dir, a.rows))
     for j in todo:  # a damaged result is named before anything runs
-        read_result(os.path.join(j.folder(save), "result.json"))
-    os.makedirs(save, exist_ok=True)
+        read_result(os.path.join(j.folder(save), "result.json"), j.key)
+    check_can_create(save, f"--save-dir {a.save_dir}")
+    try:
+        os.makedirs(save, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--save-dir {a.save_dir}: cannot create {save} ({e.strerror or e})") from None
     command = "python -m utils.tools.study " + shlex.join(sys.argv[1:] if argv is None else argv)
     t0 = time.time()
     results = run_jobs(save, todo, a)
@@ -389,7 +392,7 @@ def run_jobs(save, todo, a) -> list:
     """The results of `todo` (`--report-only`: those already finished), one line printed per job."""
     results = []
     if a.report_only:
-        found = [(j, read_result(os.path.join(j.folder(save), "result.json"))) for j in todo]
+        found = [(j, read_result(os.path.join(j.folder(save), "result.json"), j.key)) for j in todo]
         for j, r in found:
             print(f"{j.name} seed {j.seed}: " + ("no result yet" if r is None else "done"), flush=True)
         return [r for _, r in found if r is not None]

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from ..cli import run_main
 from ..errors import UsageError
 from ..runfiles import run_state
+from ..writes import write_text_atomic
 from .jobs import REQUEUE_EXIT, ROOT, Job, Reporter, Runner, Stage
 
 MANIFEST_HEADER = "#run_dir\teval_dir\tcommand\teval_command\tautoattack_command"
@@ -396,12 +397,8 @@ def check_manifest_path(path):
 
 def write_manifest(path, lines):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(MANIFEST_HEADER + "\n")
-        for x in lines:
-            f.write("\t".join([x.run_dir, x.eval_dir, x.train, x.eval, x.aa]) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, MANIFEST_HEADER + "\n" + "".join(
+        "\t".join([x.run_dir, x.eval_dir, x.train, x.eval, x.aa]) + "\n" for x in lines))
 
 
 def read_manifest(path) -> list:
@@ -459,8 +456,7 @@ def line_done(x: Line) -> bool:
 
 def _record(path, command):
     def write():
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(command + "\n")
+        write_text_atomic(path, command + "\n")
     return write
 
 
@@ -588,8 +584,7 @@ def write_sbatch(path, manifest, logdir, gres):
              f"export PYTHON={shlex.quote(python())}",
              f'export PYTHONPATH={shlex.quote(ROOT)}"${{PYTHONPATH:+:$PYTHONPATH}}"',
              f'exec "$PYTHON" -m utils.tools.sweep --array-task {shlex.quote(manifest)} "$SLURM_ARRAY_TASK_ID"']
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(text) + "\n")
+    write_text_atomic(path, "\n".join(text) + "\n")
     os.chmod(path, 0o755)
 
 
@@ -620,7 +615,8 @@ def submit_slurm(s: Settings, manifest, sweep_dir, report_cmd) -> int:
     folder = os.path.join(sweep_dir, f"slurm-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     os.makedirs(os.path.join(folder, "logs"))
     frozen = os.path.join(folder, "manifest.tsv")
-    shutil.copyfile(manifest, frozen)  # the array indexes this copy: a later sweep may rewrite the manifest
+    with open(manifest, encoding="utf-8") as f:  # the array indexes this copy: a later sweep may rewrite the manifest
+        write_text_atomic(frozen, f.read())
     script = os.path.join(folder, "array.sbatch")
     write_sbatch(script, frozen, os.path.join(folder, "logs"), s.gres)
     print(f"wrote {script} (array task i runs line i of {frozen})")
