@@ -1,0 +1,185 @@
+"""`--advmoe-recipe released` against a hand transcription of the released code's AdvMoE loop (issue 26).
+
+The transcription below is written from shared/reference/README.md ("Training as the reference code does it") in
+plain torch: per batch, (1) the expert step: a TRADES attack from x + 0.001 N(0,1) whose objective is the model's
+KL plus the router's KL, then CE(f(x), y) + beta * KL(f(x) || f(x_adv)) / B on the backbone; (2) the router step: a
+fresh attack of the same kind, then alpha * CE(router(x), y mod N) + beta * KL(router(x) || router(x_adv)) / B on
+the router. No balancing, no logit cap, no clipping. Two of our departures (docs/differences.md) are transcribed
+as ours, because they change numbers: the clean TRADES pass does not move BatchNorm statistics, and the router's
+BatchNorm uses running statistics (it is the same router module on both sides). Inputs lie inside (0.1, 0.9), so
+the random start needs no clamping on either side.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from args import parse_args
+from conftest import seeded
+from utils import advmoe
+from utils.balance import RouterUpkeep
+from utils.errors import UsageError
+from utils.steps import StepConfig
+from utils.update import StepContext
+
+MOE = ["--arch", "resnet18_cifar_moe", "--n-expert", "2", "--dataset", "Digits16"]
+LR = 0.5
+
+
+def _kl_sum(logits_p, logits_q):
+    """KL(softmax(p) || softmax(q)) summed over the batch, as torch's KLDivLoss(sum)(log_softmax(q), softmax(p))."""
+    p = F.softmax(logits_p, dim=1)
+    return (p * (torch.log(p) - F.log_softmax(logits_q, dim=1))).sum()
+
+
+def _released_attack(model, x, noise, eps, step_size, num_steps, router_kl=True):
+    model.eval()
+    with torch.no_grad():
+        p_nat, r_nat = model(x), model.route(x)
+    x_adv = x + 0.001 * noise
+    for _ in range(num_steps):
+        x_adv.requires_grad_(True)
+        loss = _kl_sum(p_nat, model(x_adv))
+        if router_kl:
+            loss = loss + _kl_sum(r_nat, model.route(x_adv))
+        (grad,) = torch.autograd.grad(loss, [x_adv])
+        x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    model.train()
+    return x_adv
+
+
+def _clean_pass_without_statistics(model, x):
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0  # batch statistics as usual; running statistics stay where they are
+    try:
+        return model(x)
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+
+
+def released_batch(model, x, y, noises, hp, breakage=""):
+    """One batch of the released loop; returns (expert loss, router loss, backbone grads, router grads)."""
+    backbone, router = list(model.backbone_parameters()), list(model.router_parameters())
+    opt, router_opt = torch.optim.SGD(backbone, lr=LR), torch.optim.SGD(router, lr=LR)
+    steps = ("router", "expert") if breakage == "order" else ("expert", "router")
+    out = {}
+    for step, noise in zip(steps, noises):
+        x_adv = _released_attack(model, x, noise, hp.eps, hp.step_size, hp.num_steps,
+                                 router_kl=breakage != "no router kl")
+        if step == "expert":
+            opt.zero_grad()
+            logits = _clean_pass_without_statistics(model, x)
+            loss = F.cross_entropy(logits, y) + hp.beta * _kl_sum(logits, model(x_adv)) / len(y)
+            loss.backward()
+            out["expert"] = (loss.detach(), [p.grad.clone() for p in backbone])
+            opt.step()
+        else:
+            router_opt.zero_grad()
+            r_clean = model.route(x)
+            target = y % model.n_expert if breakage != "target" else (y + 1) % model.n_expert
+            loss = hp.alpha * F.cross_entropy(r_clean, target) + hp.beta * _kl_sum(r_clean, model.route(x_adv)) / len(y)
+            loss.backward()
+            out["router"] = (loss.detach(), [p.grad.clone() for p in router])
+            router_opt.step()
+    return out["expert"][0], out["router"][0], out["expert"][1], out["router"][1]
+
+
+def _setup():
+    torch.manual_seed(seeded(0))
+    model = models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=2, num_classes=10)
+    model = model.double().train()
+    g = torch.Generator().manual_seed(seeded(1))
+    x = (0.1 + 0.8 * torch.rand(6, 3, 16, 16, generator=g)).double()
+    y = torch.randint(0, 10, (6,), generator=g)
+    return model, x, y
+
+
+def _recipe_cfg(*extra):
+    a = parse_args(MOE + ["--advmoe-recipe", "released", "--grad-clip", "0", "--epsilon", "0.1",
+                          "--step-size", "0.05", "--num-steps", "2", *extra], script="train_moe")
+    return StepConfig.from_args(a), a
+
+
+def ours_batch(model, x, y, cfg, args, seed):
+    backbone, router = list(model.backbone_parameters()), list(model.router_parameters())
+    ctx = StepContext(torch.optim.SGD(backbone, lr=LR), torch.optim.SGD(router, lr=LR),
+                      generator=torch.Generator().manual_seed(seed))
+    upkeep = RouterUpkeep(cfg.balance, cfg.balance_strength, args.router_logit_cap)
+    out = advmoe.advmoe_step(model, x, y, cfg, ctx, upkeep=upkeep)
+    return out["loss"].detach(), out["router_loss"], [p.grad for p in backbone], [p.grad for p in router]
+
+
+def _close(a, b):
+    return torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-8)
+
+
+def _compare(breakage=""):
+    cfg, args = _recipe_cfg()
+    model, x, y = _setup()
+    twin = models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=2, num_classes=10).double()
+    twin.load_state_dict(model.state_dict())
+    twin.train()
+    seed = seeded(5)
+    g = torch.Generator().manual_seed(seed)
+    noises = [torch.randn(x.shape, generator=g, dtype=x.dtype) for _ in range(2)]
+    want = released_batch(twin, x, y, noises, cfg, breakage)
+    got = ours_batch(model, x, y, cfg, args, seed)
+    same = {"expert loss": _close(got[0], want[0]), "router loss": _close(got[1], want[1]),
+            "backbone grads": all(_close(a, b) for a, b in zip(got[2], want[2])),
+            "router grads": all(_close(a, b) for a, b in zip(got[3], want[3])),
+            "parameters": all(_close(a, b) for a, b in zip(model.parameters(), twin.parameters()))}
+    return same
+
+
+def test_released_recipe_is_the_released_loop():
+    """Same inputs and attack noise: the same expert-step loss and backbone gradients, the same router-step loss
+    and router gradients, and the same parameters after the batch."""
+    same = _compare()
+    assert all(same.values()), same
+
+
+@pytest.mark.parametrize("breakage", ["order", "no router kl", "target"])
+def test_the_transcription_tells_each_ingredient(breakage):
+    """The comparison can fail: a transcription with one ingredient changed (steps swapped, the router's KL left
+    out of the attacks, the router's target shifted) no longer matches the recipe."""
+    same = _compare(breakage)
+    assert not all(same.values()), same
+
+
+def test_released_recipe_settings_and_user_flags_win():
+    cfg, _ = _recipe_cfg()
+    assert (cfg.advmoe_order, cfg.attack_router_kl, cfg.router_objective, cfg.balance, cfg.router_grad_clip) == \
+        ("expert-first", "both", "reference", "none", 0.0)
+    a = parse_args(MOE + ["--advmoe-recipe", "released"], script="train_moe")
+    assert (a.router_logit_cap, a.router_grad_clip, a.grad_clip, a.data_fraction) == (0.0, 0.0, 1.0, 0.9)
+    a = parse_args(MOE + ["--advmoe-recipe", "released", "--balance", "median", "--attack-router-kl", "none",
+                          "--advmoe-order", "router-first"], script="train_moe")
+    assert (a.balance, a.attack_router_kl, a.advmoe_order, a.router_objective) == \
+        ("median", "none", "router-first", "reference")
+    # The paper recipe is today's default, and the reference router loss alone keeps its router-aware attack.
+    assert StepConfig.from_args(parse_args(MOE, script="train_moe")) == dataclasses.replace(StepConfig())
+    a = parse_args(MOE + ["--router-objective", "reference"], script="train_moe")
+    assert (a.attack_router_kl, a.advmoe_order, a.balance) == ("router-step", "router-first", "median")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--advmoe-recipe", "released", "--moe-training", "joint"], "--moe-training advmoe"),
+    (["--advmoe-recipe", "released", "--at", "pgd"], "--at pgd"),
+    (["--attack-router-kl", "both", "--routing", "layer"], "--routing global"),
+    (["--router-targets", "partition"], "needs --router-objective reference or --router-at"),
+    (["--router-at", "-1"], "--router-at must be >= 0"),
+])
+def test_contradictory_ingredients_are_refused(flags, words):
+    with pytest.raises(UsageError, match=words):
+        parse_args(MOE + flags, script="train_moe")
+
+
+def test_released_recipe_refused_for_dense_archs():
+    with pytest.raises(UsageError, match="MoE arch"):
+        parse_args(["--arch", "resnet18_cifar_ori", "--advmoe-recipe", "released"], script="train_ori")
