@@ -183,3 +183,91 @@ def test_contradictory_ingredients_are_refused(flags, words):
 def test_released_recipe_refused_for_dense_archs():
     with pytest.raises(UsageError, match="MoE arch"):
         parse_args(["--arch", "resnet18_cifar_ori", "--advmoe-recipe", "released"], script="train_ori")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Robust-routing methods: what each computes, on constructed states
+# ------------------------------------------------------------------------------------------------------------
+
+class LinearRouterMoE(nn.Module):
+    """A stand-in with a router set by hand: logits (s, -s) with s = <w, x> per image (no backbone)."""
+    n_expert = 2
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def route(self, x):
+        s = (x * self.w).flatten(1).sum(1)
+        return torch.stack([s, -s], dim=1)
+
+
+def test_router_adversarial_loss_attacks_the_decision_and_trains_on_it():
+    """The attack moves every pixel against the target's margin (one step of 2 eps from any start in the ball
+    reaches the corner x - eps * sign(w) for target 0, x + eps * sign(w) for target 1), and the loss is the mean
+    router CE there, with a gradient to the router."""
+    from utils.losses import router_adversarial_loss
+    g = torch.Generator().manual_seed(seeded(2))
+    w = torch.randn(1, 2, 4, 4, generator=g)
+    model = LinearRouterMoE(w)
+    x = 0.2 + 0.6 * torch.rand(3, 2, 4, 4, generator=g)
+    target = torch.tensor([0, 1, 0])
+    eps = 0.1
+    cfg = StepConfig(eps=eps, step_size=2 * eps, num_steps=1)
+    out = router_adversarial_loss(model, x, target, cfg, generator=g)
+    away = torch.where(target == 0, -1.0, 1.0)[:, None, None, None]  # target 0 wants s large: the attack lowers s
+    assert torch.equal(out["x_ra"], x + away * eps * torch.sign(w))
+    want = F.cross_entropy(model.route(out["x_ra"]), target)
+    assert torch.allclose(out["loss"], want)
+    out["loss"].backward()
+    assert model.w.grad is not None and model.w.grad.abs().sum() > 0
+
+
+def test_router_targets_follow_the_partition_or_class_mod_n():
+    y = torch.tensor([0, 1, 2, 3, 4, 5])
+    assert advmoe.router_targets(y, StepConfig(), 2).tolist() == [0, 1, 0, 1, 0, 1]
+    cfg = StepConfig(router_groups=(1, 1, 0, 0, 1, 0))
+    assert advmoe.router_targets(y, cfg, 2).tolist() == [1, 1, 0, 0, 1, 0]
+
+
+def _clusters(sizes, dim=6, seed=3):
+    """Class means in well-separated clusters (cluster c around 10 * e_c): returns (means, cluster per class)."""
+    g = torch.Generator().manual_seed(seeded(seed))
+    cluster = [c for c, n in enumerate(sizes) for _ in range(n)]
+    order = torch.randperm(len(cluster), generator=g).tolist()  # classes of one cluster not adjacent
+    cluster = [cluster[i] for i in order]
+    means = torch.stack([10 * F.one_hot(torch.tensor(c), dim).float() + 0.1 * torch.randn(dim, generator=g)
+                         for c in cluster])
+    return means, cluster
+
+
+@pytest.mark.parametrize("sizes", [(5, 5), (3, 3, 3)])
+def test_class_partition_groups_far_apart_classes_apart(sizes):
+    means, cluster = _clusters(sizes)
+    groups = advmoe.class_partition(means, len(sizes))
+    same = [[groups[i] == groups[j] for j in range(len(groups))] for i in range(len(groups))]
+    assert same == [[cluster[i] == cluster[j] for j in range(len(cluster))] for i in range(len(cluster))]
+
+
+def test_class_partition_is_balanced_when_the_data_is_not():
+    """7 classes near one point and 3 near another: groups of at most ceil(10 / 2) = 5 classes, the 3 of the small
+    cluster together."""
+    means, cluster = _clusters((7, 3))
+    groups = advmoe.class_partition(means, 2)
+    assert sorted(groups.count(g) for g in set(groups)) == [5, 5]
+    assert len({groups[k] for k in range(10) if cluster[k] == 1}) == 1
+    assert advmoe.class_partition(means, 2) == groups  # deterministic
+
+
+def test_class_means_are_over_the_training_split_without_augmentation():
+    """Images of class k are the constant k / 10: the means are exactly that, though the training set shifts its
+    images (padding) and is a subset."""
+    from torch.utils.data import Subset
+    from utils.data import TensorImageDataset, TrainingProbe
+    labels = torch.tensor([k % 4 for k in range(20)])
+    images = (labels.float() / 10)[:, None, None, None].expand(20, 1, 3, 3).clone()
+    train = Subset(TensorImageDataset(images, labels, padding=2), list(range(2, 20)))
+    probe = TrainingProbe(train, TensorImageDataset(images[:2], labels[:2]), n=4)
+    means = probe.class_means(5, batch_size=7)
+    assert torch.allclose(means[:4], (torch.arange(4).double() / 10)[:, None].expand(4, 9))
+    assert torch.equal(means[4], torch.zeros(9, dtype=torch.float64))  # a class without images
