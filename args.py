@@ -150,7 +150,8 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                    help="the defaults of the AdvMoE ingredients below (docs/routing.md): paper: router step first, "
                         "the MoE's robust loss for the router, median balancing, logit cap 2, router clip 1; "
                         "released: the released code's loop (expert step first, router KL in both attacks, its "
-                        "router loss, no balancing, no logit cap, no router clip); a flag given wins over the recipe")
+                        "router loss, no balancing, no logit cap; the router clip kept); a flag given wins over the "
+                        "recipe")
     g.add_argument("--advmoe-order", choices=("router-first", "expert-first"), default=None,
                    help="which AdvMoE step comes first on each batch, each on its own fresh attack (default: the "
                         "recipe's; paper router-first, released expert-first)")
@@ -168,6 +169,9 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g.add_argument("--router-at", type=number, default=0.0, metavar="WEIGHT",
                    help="not in the paper: the router step adds WEIGHT x CE(router(x_ra), target), x_ra a PGD "
                         "attack on that router loss (adversarial training of the routing decision; 0: off)")
+    g.add_argument("--flip-expert-at", type=number, default=0.0, metavar="WEIGHT",
+                   help="not in the paper: the expert step adds WEIGHT x CE(f(x_adv), y) with every image forced to "
+                        "its runner-up expert, the one a routing flip sends it to (flips made harmless; 0: off)")
     g.add_argument("--balance", choices=BALANCE_MODES, default=None,
                    help="expert load balancing, not in the paper (docs/routing.md). median: re-centre the "
                         "router's output bias on un-augmented training images after each router update; bias: a "
@@ -186,7 +190,7 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                         "paper 2, released 0)")
     g.add_argument("--router-grad-clip", type=number, default=None,
                    help="clip the router's gradient norm in the router step (0: off, as the released code; default: "
-                        "the recipe's, paper 1, released 0)")
+                        "1 in both recipes)")
     g.add_argument("--grad-clip", type=number, default=1.0,
                    help="clip the gradient norm in each update (0: off, as the released code): a dense model's "
                         "parameters; an MoE's backbone (experts and shared layers), its router on its own")
@@ -332,8 +336,10 @@ RECIPES = {
     "paper": {"advmoe_order": "router-first", "router_objective": "robust", "balance": "median",
               "router_logit_cap": 2.0, "router_grad_clip": 1.0},
     "released": {"advmoe_order": "expert-first", "attack_router_kl": "both", "router_objective": "reference",
-                 "balance": "none", "router_logit_cap": 0.0, "router_grad_clip": 0.0},
+                 "balance": "none", "router_logit_cap": 0.0, "router_grad_clip": 1.0},
 }
+# The released recipe keeps the router's gradient clip (docs/differences.md): without it the router diverged within
+# 3 batches even with the log-probability KL (Digits16, r=0.125, eps 0.15: router weights 1 -> 1e3 -> 4e10 -> NaN).
 
 
 def apply_recipe(args):
@@ -350,10 +356,14 @@ def apply_recipe(args):
 
 def _check_recipe(args, spec):
     """UsageError for AdvMoE ingredients that cannot act together (each line names the flags)."""
-    given = args.advmoe_recipe != "paper" or args.router_at > 0 or args.router_targets != "mod"
+    given = (args.advmoe_recipe != "paper" or args.router_at > 0 or args.router_targets != "mod"
+             or args.flip_expert_at > 0)
     if given and not (spec.is_moe and args.moe_training == "advmoe"):
-        raise UsageError("--advmoe-recipe released, --router-at and --router-targets partition act on AdvMoE "
-                         "training: they need an MoE arch (*_moe) and --moe-training advmoe")
+        raise UsageError("--advmoe-recipe released, --router-at, --router-targets partition and --flip-expert-at "
+                         "act on AdvMoE training: they need an MoE arch (*_moe) and --moe-training advmoe")
+    if args.flip_expert_at > 0 and (args.routing != "global" or args.top_k != 1 or args.n_expert < 2):
+        raise UsageError("--flip-expert-at forces each image to its runner-up expert: it needs --routing global, "
+                         "--top-k 1 and --n-expert >= 2")
     kl_attack = args.attack_router_kl == "both" or (args.attack_router_kl == "router-step"
                                                     and args.router_objective == "robust")
     if kl_attack and args.at != "trades":  # the reference router loss has its own TRADES-style attack
@@ -382,7 +392,8 @@ def validate_args(args):
     _check(args, ("seed",), lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], "in [0, 2**32 - 1]")
     _check(args, ("momentum",), lambda v: 0 <= v < 1, "in [0, 1)")
     _check(args, ("step_size", "step_size_test", "lr", "router_lr", "wd", "beta", "alpha",
-                  "balance_strength", "router_logit_cap", "router_grad_clip", "grad_clip", "router_at"),
+                  "balance_strength", "router_logit_cap", "router_grad_clip", "grad_clip", "router_at",
+                  "flip_expert_at"),
            lambda v: v >= 0, ">= 0")
     _check(args, ("num_steps", "num_steps_test", "num_workers"), lambda v: v >= 0, ">= 0")
     _check(args, ("epochs", "batch_size", "test_batch_size", "eval_every", "max_batches", "max_test_batches"),

@@ -101,7 +101,7 @@ def _setup():
 
 
 def _recipe_cfg(*extra):
-    a = parse_args(MOE + ["--advmoe-recipe", "released", "--grad-clip", "0", "--epsilon", "0.1",
+    a = parse_args(MOE + ["--advmoe-recipe", "released", "--grad-clip", "0", "--router-grad-clip", "0", "--epsilon", "0.1",
                           "--step-size", "0.05", "--num-steps", "2", *extra], script="train_moe")
     return StepConfig.from_args(a), a
 
@@ -157,7 +157,8 @@ def test_released_recipe_settings_and_user_flags_win():
     assert (cfg.advmoe_order, cfg.attack_router_kl, cfg.router_objective, cfg.balance, cfg.router_grad_clip) == \
         ("expert-first", "both", "reference", "none", 0.0)
     a = parse_args(MOE + ["--advmoe-recipe", "released"], script="train_moe")
-    assert (a.router_logit_cap, a.router_grad_clip, a.grad_clip, a.data_fraction) == (0.0, 0.0, 1.0, 0.9)
+    # our clips stay (docs/differences.md: without the router's the router diverged within 3 batches)
+    assert (a.router_logit_cap, a.router_grad_clip, a.grad_clip, a.data_fraction) == (0.0, 1.0, 1.0, 0.9)
     a = parse_args(MOE + ["--advmoe-recipe", "released", "--balance", "median", "--attack-router-kl", "none",
                           "--advmoe-order", "router-first"], script="train_moe")
     assert (a.balance, a.attack_router_kl, a.advmoe_order, a.router_objective) == \
@@ -174,6 +175,8 @@ def test_released_recipe_settings_and_user_flags_win():
     (["--attack-router-kl", "both", "--routing", "layer"], "--routing global"),
     (["--router-targets", "partition"], "needs --router-objective reference or --router-at"),
     (["--router-at", "-1"], "--router-at must be >= 0"),
+    (["--flip-expert-at", "1", "--routing", "layer"], "--flip-expert-at forces"),
+    (["--flip-expert-at", "1", "--moe-training", "joint"], "--moe-training advmoe"),
 ])
 def test_contradictory_ingredients_are_refused(flags, words):
     with pytest.raises(UsageError, match=words):
@@ -271,3 +274,24 @@ def test_class_means_are_over_the_training_split_without_augmentation():
     means = probe.class_means(5, batch_size=7)
     assert torch.allclose(means[:4], (torch.arange(4).double() / 10)[:, None].expand(4, 9))
     assert torch.equal(means[4], torch.zeros(9, dtype=torch.float64))  # a class without images
+
+
+def test_flip_expert_loss_trains_the_runner_up_expert_on_the_adversarial_image():
+    """Scores set by hand (3 experts, so the runner-up is neither the choice nor a fixed 'other'): the loss is the
+    CE of the MoE forced to each image's second-best expert, and its gradient reaches that expert's weights only."""
+    from utils.losses import flip_expert_loss
+    torch.manual_seed(seeded(4))
+    model = models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=3).train()
+    g = torch.Generator().manual_seed(seeded(6))
+    x_adv, y = torch.rand(3, 3, 16, 16, generator=g), torch.tensor([1, 4, 7])
+    scores = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.3, 0.8], [0.1, 0.7, 0.6]])
+    runner_up = torch.tensor([1, 1, 2])
+    loss = flip_expert_loss(model, x_adv, y, scores)
+    want = F.cross_entropy(model(x_adv, expert=runner_up), y)
+    assert torch.allclose(loss, want)
+    loss.backward()
+    conv = next(m for m in model.modules() if hasattr(m, "n_expert") and isinstance(getattr(m, "weight", None),
+                                                                                   torch.Tensor))
+    w = conv.weight.shape[0] // 3
+    rows = conv.weight.grad.flatten(1).abs().sum(1)  # (N * w,) expert e owns rows e*w .. (e+1)*w - 1
+    assert rows[:w].sum() == 0 and rows[w:].sum() > 0  # expert 0, the choice of image 0 only, gets nothing

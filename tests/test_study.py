@@ -192,8 +192,8 @@ def test_recipe_rows_run_the_grid_the_released_recipe_and_the_methods():
             assert ("reference" in name) == (a.router_objective == "reference"), name
     released = resolved["AdvMoE, released recipe"]
     assert (released.advmoe_order, released.attack_router_kl, released.router_objective, released.balance,
-            released.router_logit_cap, released.router_grad_clip, released.router_at, released.router_targets) == \
-        ("expert-first", "both", "reference", "none", 0.0, 0.0, 0.0, "mod")
+            released.router_logit_cap, released.router_grad_clip, released.router_at, released.router_targets,
+            released.flip_expert_at) == ("expert-first", "both", "reference", "none", 0.0, 1.0, 0.0, "mod", 0.0)
     methods = [name for name in resolved if name.startswith("AdvMoE, released recipe +")]
     assert len(methods) >= 2
     for name in methods:  # each method on top of the released recipe, as its name says
@@ -201,6 +201,7 @@ def test_recipe_rows_run_the_grid_the_released_recipe_and_the_methods():
         assert (a.advmoe_recipe, a.advmoe_order, a.balance) == ("released", "expert-first", "none"), name
         assert ("router AT" in name) == (a.router_at > 0), name
         assert ("partition" in name) == (a.router_targets == "partition"), name
+        assert ("flip-expert AT" in name) == (a.flip_expert_at > 0), name
     # dense r and 2r as in the main rows: the same jobs (same keys)
     main = _jobs("main")
     assert {n: jobs[n].key for n in ("dense r", "dense 2r")} == {n: main[n].key for n in ("dense r", "dense 2r")}

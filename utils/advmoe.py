@@ -10,7 +10,8 @@ The robust loss is TRADES or PGD-AT (`cfg.at`), as in dense training (`utils.ste
 (`reference_router_loss`). The released code's loop (`--advmoe-recipe released`, docs/routing.md) also runs the
 expert step first (`cfg.advmoe_order`) and adds the router's KL to both attacks (`cfg.attack_router_kl`).
 Robust-routing methods, not in the paper: adversarial training of the routing decision (`cfg.router_at`,
-`utils.losses.router_adversarial_loss`) and semantic router targets (`cfg.router_groups`, `class_partition`).
+`utils.losses.router_adversarial_loss`), semantic router targets (`cfg.router_groups`, `class_partition`) and
+training the expert a flip would send an image to (`cfg.flip_expert_at`, `utils.losses.flip_expert_loss`).
 
 What the paper does not have is called from `advmoe_step`, each where it acts, and each can be switched off:
 a load-balancing loss in the router step (`--balance switch|entropy`); after the router update, the router's
@@ -29,7 +30,7 @@ from models.base import backbone_modules, router_modules
 from models.layers.router import at_least_float32
 from .attack import kl_divergence, pgd_attack
 from .balance import RouterUpkeep, add_balance_term, loss_balancing
-from .losses import router_adversarial_loss, trades_attack_loss_fn
+from .losses import flip_expert_loss, router_adversarial_loss, trades_attack_loss_fn
 from .steps import StepConfig, training_loss
 from .update import StepContext, apply_update, check_finite, frozen, running_stats_frozen
 
@@ -119,9 +120,16 @@ def router_step(model, x, y, cfg: StepConfig, ctx: StepContext, balance=None):
 def expert_step(model, x, y, cfg: StepConfig, ctx: StepContext):
     """Update the backbone only (experts and shared layers; router frozen) with `ctx.optimizer`, to lower the
     robust loss on fresh adversarial examples (their attack router-aware with `cfg.attack_router_kl` both); its
-    gradient norm is clipped at `cfg.grad_clip`. Returns the loss dict."""
+    gradient norm is clipped at `cfg.grad_clip`. `cfg.flip_expert_at` > 0 adds that weight times
+    `utils.losses.flip_expert_loss` on the same adversarial examples (not in the paper). Returns the loss dict."""
     with frozen(model.router_parameters()), running_stats_frozen(router_modules(model)):
         out = training_loss(model, x, y, cfg, ctx.generator, router_kl=cfg.attack_router_kl == "both")
+        if cfg.flip_expert_at > 0:  # one more backbone pass; BatchNorm statistics move once per update all the same
+            with torch.no_grad():
+                scores = model.route_scores(x)
+            with running_stats_frozen(backbone_modules(model)):
+                out["flip_expert_loss"] = flip_expert_loss(model, out["x_adv"], y, scores)
+            out["loss"] = out["loss"] + cfg.flip_expert_at * out["flip_expert_loss"]
         check_finite(out["loss"], "expert-step loss", ctx.average)
         apply_update(ctx.optimizer, out["loss"], ctx, clips=[(model.backbone_parameters(), cfg.grad_clip)])
     return out

@@ -73,6 +73,14 @@ def router_adversarial_loss(model, x, target, cfg, generator=None):
     return {"loss": F.cross_entropy(model.route(x_ra), target), "x_ra": x_ra}
 
 
+def flip_expert_loss(model, x_adv, y, router_scores):
+    """Routing flips made harmless (not in the paper; `--flip-expert-at`): mean CE(f(x_adv; e2), y), the MoE forced
+    to send each image to its runner-up expert e2, the second-highest of its clean routing scores `router_scores`
+    (B, N): the expert that an attack flipping its routing sends it to. In the caller's mode."""
+    runner_up = router_scores.topk(2, dim=1).indices[:, 1]  # (B,)
+    return F.cross_entropy(at_least_float32(model(x_adv, expert=runner_up)), y)
+
+
 def robust_loss(model, x, y, cfg, generator=None, router_kl=False):
     """Adversarial training loss of `model` on (x, y): attack, then the objective.
 

@@ -30,6 +30,7 @@ class StepConfig:
     advmoe_order: str = "router-first"
     attack_router_kl: str = "none"  # which AdvMoE attacks add the router's KL: none, router-step, both
     router_at: float = 0.0
+    flip_expert_at: float = 0.0
     router_groups: tuple | None = None  # class -> expert of the router's supervised terms (None: class mod N)
     balance: str = "median"
     balance_strength: float = DEFAULT_STRENGTH["median"]
@@ -42,6 +43,7 @@ class StepConfig:
         return cls(at=args.at, eps=args.epsilon, step_size=args.step_size, num_steps=args.num_steps,
                    beta=args.beta, alpha=args.alpha, router_objective=args.router_objective,
                    advmoe_order=args.advmoe_order, attack_router_kl=args.attack_router_kl, router_at=args.router_at,
+                   flip_expert_at=args.flip_expert_at,
                    balance=args.balance, balance_strength=args.balance_strength,
                    router_grad_clip=args.router_grad_clip, grad_clip=args.grad_clip)
 

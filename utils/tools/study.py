@@ -62,6 +62,7 @@ ROWS = {
 # The grid {router KL in the attacks} x {router loss} keeps the paper recipe's other ingredients (order, balancing).
 RELEASED = ["--advmoe-recipe", "released"]
 ROUTER_AT = "6"  # --router-at's weight in the study: alpha's, so the adversarial router CE weighs as the clean one
+FLIP_EXPERT_AT = "1"  # --flip-expert-at's: the runner-up expert's CE weighs as TRADES' clean CE
 ROWS["recipe"] = [
     ("dense r", "train_ori", DENSE + ["--ratio", "{r}"]),
     ("dense 2r", "train_ori", DENSE + ["--ratio", "{r2}"]),
@@ -77,6 +78,8 @@ ROWS["recipe"] = [
      MOE + ["--ratio", "{r}", *RELEASED, "--router-targets", "partition"]),
     ("AdvMoE, released recipe + router AT + partition targets", "train_moe",
      MOE + ["--ratio", "{r}", *RELEASED, "--router-at", ROUTER_AT, "--router-targets", "partition"]),
+    ("AdvMoE, released recipe + flip-expert AT", "train_moe",
+     MOE + ["--ratio", "{r}", *RELEASED, "--flip-expert-at", FLIP_EXPERT_AT]),
 ]
 COLUMNS = [("sa", "SA"), ("ra", "PGD-10 RA"), ("aa", "AutoAttack RA"), ("router_robustness", "router robustness"),
            ("expert_robustness", "expert RA"), ("load_clean_min", "min clean load"), ("load_adv_min", "min adv load"),
