@@ -295,3 +295,64 @@ def test_flip_expert_loss_trains_the_runner_up_expert_on_the_adversarial_image()
     w = conv.weight.shape[0] // 3
     rows = conv.weight.grad.flatten(1).abs().sum(1)  # (N * w,) expert e owns rows e*w .. (e+1)*w - 1
     assert rows[:w].sum() == 0 and rows[w:].sum() > 0  # expert 0, the choice of image 0 only, gets nothing
+
+
+def _twins():
+    model, x, y = _setup()
+    twin = models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=2, num_classes=10).double()
+    twin.load_state_dict(model.state_dict())
+    return model, twin.train(), x, y
+
+
+def _bn_batches(model):
+    from models.base import backbone_modules
+    return [m.num_batches_tracked.item() for m in backbone_modules(model) if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_router_step_adds_the_router_adversarial_term():
+    """router_step with --router-at w lowers the recipe's router loss + w * router_adversarial_loss, the attacks
+    drawing their starts from one generator in that order: the same loss and router gradients as composing them."""
+    from utils.losses import router_adversarial_loss
+    cfg, _ = _recipe_cfg("--router-at", "2.5")
+    model, twin, x, y = _twins()
+    ctx = StepContext(router_optimizer=torch.optim.SGD(model.router_parameters(), lr=0.0),
+                      generator=torch.Generator().manual_seed(seeded(7)))
+    out = advmoe.router_step(model, x, y, cfg, ctx)
+    g = torch.Generator().manual_seed(seeded(7))
+    for p in twin.backbone_parameters():
+        p.requires_grad_(False)
+    want = advmoe.reference_router_loss(twin, x, y, cfg, g)["loss"]
+    want = want + 2.5 * router_adversarial_loss(twin, x, advmoe.router_targets(y, cfg, 2), cfg, g)["loss"]
+    want.backward()
+    assert _close(out["loss"], want)
+    assert all(_close(a.grad, b.grad) for a, b in zip(model.router_parameters(), twin.router_parameters()))
+
+
+def test_expert_step_adds_the_flip_expert_term_and_moves_batchnorm_once():
+    from utils.losses import flip_expert_loss, robust_loss
+    cfg, _ = _recipe_cfg("--flip-expert-at", "0.5")
+    model, twin, x, y = _twins()
+    before = _bn_batches(model)
+    ctx = StepContext(torch.optim.SGD(model.backbone_parameters(), lr=0.0),
+                      generator=torch.Generator().manual_seed(seeded(8)))
+    out = advmoe.expert_step(model, x, y, cfg, ctx)
+    assert [b + 1 for b in before] == _bn_batches(model)
+    for p in twin.router_parameters():
+        p.requires_grad_(False)
+    base = robust_loss(twin, x, y, cfg, torch.Generator().manual_seed(seeded(8)), router_kl=True)
+    with torch.no_grad():
+        scores = twin.route_scores(x)
+    want = base["loss"] + 0.5 * flip_expert_loss(twin, base["x_adv"], y, scores)
+    want.backward()
+    assert _close(out["loss"], want)
+    assert all(_close(a.grad, b.grad) for a, b in zip(model.backbone_parameters(), twin.backbone_parameters()))
+
+
+def test_reports_name_the_recipe_and_the_methods():
+    from utils.tools.report import method_of
+    base = {"arch": "a_moe", "moe_stages": None, "top_k": 1, "at": "trades"}
+    assert method_of({**base, "advmoe_recipe": "paper", "router_at": 0.0}, "train_moe") == "advmoe"
+    released = {**base, "advmoe_recipe": "released", "router_objective": "reference"}
+    assert method_of(released, "train_moe") == "advmoe-reference released-recipe"
+    assert method_of({**released, "router_at": 6.0, "router_targets": "partition", "flip_expert_at": 1.0},
+                     "train_moe") == "advmoe-reference released-recipe partition router-AT flip-expert-AT"
