@@ -157,11 +157,13 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                         "recipe's; paper router-first, released expert-first)")
     g.add_argument("--attack-router-kl", choices=("none", "router-step", "both"), default=None,
                    help="which AdvMoE training attacks maximise KL(model) + KL(router) instead of KL(model) (TRADES "
-                        "only; default: the recipe's; paper: router-step with --router-objective reference, else "
-                        "none; released: both)")
-    g.add_argument("--router-objective", choices=("robust", "reference"), default=None,
-                   help="router step loss: the MoE's robust loss, or the released code's router loss "
-                        "(default: the recipe's; paper robust, released reference)")
+                        "only; default: the recipe's; paper: router-step with --router-objective released or "
+                        "reference, else none; released: both)")
+    g.add_argument("--router-objective", choices=("robust", "reference", "released"), default=None,
+                   help="router step loss: robust: the MoE's robust loss; reference: alpha x CE(router(x), t) + beta "
+                        "x KL(router(x) || router(x_adv)) / B, as shared/reference/README.md describes the released "
+                        "code; released: CE(router(x), t) + alpha x KL(router(x) || router(x_adv)) / B, as the "
+                        "released code computes it (default: the recipe's; paper robust, released released)")
     g.add_argument("--router-targets", choices=("mod", "partition"), default="mod",
                    help="the expert each class is sent to in the router's supervised terms: mod: class mod N (the "
                         "released code); partition: balanced groups of classes whose mean training images lie "
@@ -206,7 +208,8 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                    help="evaluation PGD step size; default 2/255 (FashionMNIST: 0.025)")
     g.add_argument("--beta", type=number, default=6.0, help="TRADES weight (1/lambda)")
     g.add_argument("--alpha", type=number, default=6.0,
-                   help="weight of the router's supervised term (reference router objective)")
+                   help="--router-objective reference: the weight of the router's supervised CE; released: the "
+                        "weight of its KL term (as the released code uses it)")
     return p
 
 
@@ -335,7 +338,7 @@ def apply_dataset_defaults(args):
 RECIPES = {
     "paper": {"advmoe_order": "router-first", "router_objective": "robust", "balance": "median",
               "router_logit_cap": 2.0, "router_grad_clip": 1.0},
-    "released": {"advmoe_order": "expert-first", "attack_router_kl": "both", "router_objective": "reference",
+    "released": {"advmoe_order": "expert-first", "attack_router_kl": "both", "router_objective": "released",
                  "balance": "none", "router_logit_cap": 0.0, "router_grad_clip": 1.0},
 }
 # The released recipe keeps the router's gradient clip (docs/differences.md): without it the router diverged within
@@ -351,7 +354,7 @@ def apply_recipe(args):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.attack_router_kl is None:
-        args.attack_router_kl = "router-step" if args.router_objective == "reference" else "none"
+        args.attack_router_kl = "none" if args.router_objective == "robust" else "router-step"
 
 
 def _check_recipe(args, spec):
@@ -369,13 +372,13 @@ def _check_recipe(args, spec):
     if kl_attack and args.at != "trades":  # the reference router loss has its own TRADES-style attack
         raise UsageError(f"--attack-router-kl {args.attack_router_kl} adds the router's KL to TRADES' KL attack; "
                          f"--at {args.at} attacks the cross-entropy (use --at trades or --attack-router-kl none)")
-    needs_global = args.attack_router_kl != "none" or args.router_at > 0 or args.router_objective == "reference"
+    needs_global = args.attack_router_kl != "none" or args.router_at > 0 or args.router_objective != "robust"
     if spec.is_moe and needs_global and args.routing == "layer":
-        raise UsageError("--router-objective reference, --attack-router-kl and --router-at train the one global "
-                         "router: they need --routing global")
-    if args.router_targets == "partition" and not (args.router_objective == "reference" or args.router_at > 0):
+        raise UsageError("--router-objective reference|released, --attack-router-kl and --router-at train the one "
+                         "global router: they need --routing global")
+    if args.router_targets == "partition" and args.router_objective == "robust" and not args.router_at > 0:
         raise UsageError("--router-targets partition sets the targets of the router's supervised terms: it needs "
-                         "--router-objective reference or --router-at > 0")
+                         "--router-objective reference|released or --router-at > 0")
 
 
 def _check(args, names, ok, rule):
@@ -404,9 +407,9 @@ def validate_args(args):
         raise UsageError(f"--per-expert applies to MoE archs (*_moe) only; {args.arch} is dense")
     if args.per_expert and not args.evaluate:
         raise UsageError("--per-expert works with --evaluate --resume CHECKPOINT")
-    if args.at == "fast" and args.router_objective == "reference":
-        raise UsageError("--at fast trains with one-step attacks; --router-objective reference has its own "
-                         "multi-step attack (use --router-objective robust)")
+    if args.at == "fast" and args.router_objective != "robust":
+        raise UsageError(f"--at fast trains with one-step attacks; --router-objective {args.router_objective} has its "
+                         f"own multi-step attack (use --router-objective robust)")
     if args.evaluate and not args.resume:
         raise UsageError("--evaluate needs --resume CHECKPOINT (the checkpoint to evaluate)")
     if args.evaluate and args.resume == "auto":
@@ -420,8 +423,9 @@ def validate_args(args):
     if args.compile and spec.is_moe:
         raise UsageError(f"--compile supports dense models only, not the MoE {args.arch}: its data-dependent "
                          f"expert groups break the graph and recompile until torch.compile gives up")
-    if args.routing == "layer" and args.router_objective == "reference":
-        raise UsageError("--router-objective reference needs --routing global (it trains the one global router)")
+    if args.routing == "layer" and args.router_objective != "robust":
+        raise UsageError(f"--router-objective {args.router_objective} needs --routing global (it trains the one "
+                         f"global router)")
     _check_recipe(args, spec)
 
 

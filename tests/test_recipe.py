@@ -3,8 +3,8 @@
 The transcription below is written from shared/reference/README.md ("Training as the reference code does it") in
 plain torch: per batch, (1) the expert step: a TRADES attack from x + 0.001 N(0,1) whose objective is the model's
 KL plus the router's KL, then CE(f(x), y) + beta * KL(f(x) || f(x_adv)) / B on the backbone; (2) the router step: a
-fresh attack of the same kind, then alpha * CE(router(x), y mod N) + beta * KL(router(x) || router(x_adv)) / B on
-the router. No balancing, no logit cap, no clipping. Two of our departures (docs/differences.md) are transcribed
+fresh attack of the same kind, then CE(router(x), y mod N) + alpha * KL(router(x) || router(x_adv)) / B on the
+router (the released train_moe.py's weights; shared/reference/README.md writes alpha * CE + beta * KL). No balancing, no logit cap, no clipping. Two of our departures (docs/differences.md) are transcribed
 as ours, because they change numbers: the clean TRADES pass does not move BatchNorm statistics, and the router's
 BatchNorm uses running statistics (it is the same router module on both sides). Inputs lie inside (0.1, 0.9), so
 the random start needs no clamping on either side.
@@ -83,7 +83,8 @@ def released_batch(model, x, y, noises, hp, breakage=""):
             router_opt.zero_grad()
             r_clean = model.route(x)
             target = y % model.n_expert if breakage != "target" else (y + 1) % model.n_expert
-            loss = hp.alpha * F.cross_entropy(r_clean, target) + hp.beta * _kl_sum(r_clean, model.route(x_adv)) / len(y)
+            w_ce, w_kl = (hp.alpha, hp.beta) if breakage == "readme weights" else (1.0, hp.alpha)
+            loss = w_ce * F.cross_entropy(r_clean, target) + w_kl * _kl_sum(r_clean, model.route(x_adv)) / len(y)
             loss.backward()
             out["router"] = (loss.detach(), [p.grad.clone() for p in router])
             router_opt.step()
@@ -101,8 +102,9 @@ def _setup():
 
 
 def _recipe_cfg(*extra):
-    a = parse_args(MOE + ["--advmoe-recipe", "released", "--grad-clip", "0", "--router-grad-clip", "0", "--epsilon", "0.1",
-                          "--step-size", "0.05", "--num-steps", "2", *extra], script="train_moe")
+    a = parse_args(MOE + ["--advmoe-recipe", "released", "--grad-clip", "0", "--router-grad-clip", "0",
+                          "--epsilon", "0.1", "--step-size", "0.05", "--num-steps", "2", "--alpha", "2", "--beta", "3",
+                          *extra], script="train_moe")
     return StepConfig.from_args(a), a
 
 
@@ -144,10 +146,10 @@ def test_released_recipe_is_the_released_loop():
     assert all(same.values()), same
 
 
-@pytest.mark.parametrize("breakage", ["order", "no router kl", "target"])
+@pytest.mark.parametrize("breakage", ["order", "no router kl", "target", "readme weights"])
 def test_the_transcription_tells_each_ingredient(breakage):
     """The comparison can fail: a transcription with one ingredient changed (steps swapped, the router's KL left
-    out of the attacks, the router's target shifted) no longer matches the recipe."""
+    out of the attacks, the router's target shifted, the README's loss weights) no longer matches the recipe."""
     same = _compare(breakage)
     assert not all(same.values()), same
 
@@ -155,14 +157,14 @@ def test_the_transcription_tells_each_ingredient(breakage):
 def test_released_recipe_settings_and_user_flags_win():
     cfg, _ = _recipe_cfg()
     assert (cfg.advmoe_order, cfg.attack_router_kl, cfg.router_objective, cfg.balance, cfg.router_grad_clip) == \
-        ("expert-first", "both", "reference", "none", 0.0)
+        ("expert-first", "both", "released", "none", 0.0)
     a = parse_args(MOE + ["--advmoe-recipe", "released"], script="train_moe")
     # our clips stay (docs/differences.md: without the router's the router diverged within 3 batches)
     assert (a.router_logit_cap, a.router_grad_clip, a.grad_clip, a.data_fraction) == (0.0, 1.0, 1.0, 0.9)
     a = parse_args(MOE + ["--advmoe-recipe", "released", "--balance", "median", "--attack-router-kl", "none",
                           "--advmoe-order", "router-first"], script="train_moe")
     assert (a.balance, a.attack_router_kl, a.advmoe_order, a.router_objective) == \
-        ("median", "none", "router-first", "reference")
+        ("median", "none", "router-first", "released")
     # The paper recipe is today's default, and the reference router loss alone keeps its router-aware attack.
     assert StepConfig.from_args(parse_args(MOE, script="train_moe")) == dataclasses.replace(StepConfig())
     a = parse_args(MOE + ["--router-objective", "reference"], script="train_moe")
@@ -173,7 +175,8 @@ def test_released_recipe_settings_and_user_flags_win():
     (["--advmoe-recipe", "released", "--moe-training", "joint"], "--moe-training advmoe"),
     (["--advmoe-recipe", "released", "--at", "pgd"], "--at pgd"),
     (["--attack-router-kl", "both", "--routing", "layer"], "--routing global"),
-    (["--router-targets", "partition"], "needs --router-objective reference or --router-at"),
+    (["--router-targets", "partition"], "needs --router-objective reference|released or --router-at"),
+    (["--router-objective", "released", "--at", "fast"], "--at fast"),
     (["--router-at", "-1"], "--router-at must be >= 0"),
     (["--flip-expert-at", "1", "--routing", "layer"], "--flip-expert-at forces"),
     (["--flip-expert-at", "1", "--moe-training", "joint"], "--moe-training advmoe"),
@@ -352,7 +355,8 @@ def test_reports_name_the_recipe_and_the_methods():
     from utils.tools.report import method_of
     base = {"arch": "a_moe", "moe_stages": None, "top_k": 1, "at": "trades"}
     assert method_of({**base, "advmoe_recipe": "paper", "router_at": 0.0}, "train_moe") == "advmoe"
-    released = {**base, "advmoe_recipe": "released", "router_objective": "reference"}
-    assert method_of(released, "train_moe") == "advmoe-reference released-recipe"
+    released = {**base, "advmoe_recipe": "released", "router_objective": "released"}
+    assert method_of(released, "train_moe") == "advmoe-released released-recipe"
     assert method_of({**released, "router_at": 6.0, "router_targets": "partition", "flip_expert_at": 1.0},
-                     "train_moe") == "advmoe-reference released-recipe partition router-AT flip-expert-AT"
+                     "train_moe") == "advmoe-released released-recipe partition router-AT flip-expert-AT"
+    assert method_of({**base, "router_objective": "reference"}, "train_moe") == "advmoe-reference"

@@ -184,16 +184,16 @@ def test_recipe_rows_run_the_grid_the_released_recipe_and_the_methods():
     jobs = _jobs("recipe")
     resolved = {name: parse_args(list(j.argv), script=j.script) for name, j in jobs.items()}
     grid = {(a.attack_router_kl, a.router_objective) for name, a in resolved.items() if "router KL in attacks" in name}
-    assert grid == {(kl, o) for kl in ("none", "both") for o in ("robust", "reference")}
+    assert grid == {(kl, o) for kl in ("none", "both") for o in ("robust", "released")}
     for name, a in resolved.items():
         if "router KL in attacks" in name:  # the grid keeps the paper recipe's other ingredients
             assert (a.advmoe_recipe, a.advmoe_order, a.balance) == ("paper", "router-first", "median"), name
             assert ("yes" in name) == (a.attack_router_kl == "both"), name
-            assert ("reference" in name) == (a.router_objective == "reference"), name
+            assert ("released" in name) == (a.router_objective == "released"), name
     released = resolved["AdvMoE, released recipe"]
     assert (released.advmoe_order, released.attack_router_kl, released.router_objective, released.balance,
             released.router_logit_cap, released.router_grad_clip, released.router_at, released.router_targets,
-            released.flip_expert_at) == ("expert-first", "both", "reference", "none", 0.0, 1.0, 0.0, "mod", 0.0)
+            released.flip_expert_at) == ("expert-first", "both", "released", "none", 0.0, 1.0, 0.0, "mod", 0.0)
     methods = [name for name in resolved if name.startswith("AdvMoE, released recipe +")]
     assert len(methods) >= 2
     for name in methods:  # each method on top of the released recipe, as its name says

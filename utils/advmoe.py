@@ -6,9 +6,10 @@ The paper's bi-level problem, solved by alternation on every batch (`advmoe_step
   2. `expert_step`: fresh adversarial examples against the MoE with the updated router; then only the backbone
      (experts and shared layers) moves (router frozen).
 The robust loss is TRADES or PGD-AT (`cfg.at`), as in dense training (`utils.steps.training_loss`).
-`cfg.router_objective == "reference"` replaces the router step's loss with the released code's
-(`reference_router_loss`). The released code's loop (`--advmoe-recipe released`, docs/routing.md) also runs the
-expert step first (`cfg.advmoe_order`) and adds the router's KL to both attacks (`cfg.attack_router_kl`).
+`cfg.router_objective` "released" (or "reference", the README's weighting) replaces the router step's loss with
+the released code's (`reference_router_loss`). The released code's loop (`--advmoe-recipe released`,
+docs/routing.md) also runs the expert step first (`cfg.advmoe_order`) and adds the router's KL to both attacks
+(`cfg.attack_router_kl`).
 Robust-routing methods, not in the paper: adversarial training of the routing decision (`cfg.router_at`,
 `utils.losses.router_adversarial_loss`), semantic router targets (`cfg.router_groups`, `class_partition`) and
 training the expert a flip would send an image to (`cfg.flip_expert_at`, `utils.losses.flip_expert_loss`).
@@ -78,11 +79,13 @@ def reference_router_loss(model, x, y, cfg: StepConfig, generator=None):
     """The released code's router objective (pure): returns dict(loss, x_adv).
 
     Attack: TRADES-style, maximising KL(model(x)||model(x_adv)), plus KL(router(x)||router(x_adv)) unless
-    `cfg.attack_router_kl` is "none". Loss: alpha * CE(router(x), t) + beta * KL(router(x) || router(x_adv)) / B,
-    t = `router_targets` (class mod N by default), the clean router logits carrying gradient in both terms (as
-    TRADES' clean logits do), both router forwards in the caller's mode; only the adversarial one moves the
-    router's BatchNorm running statistics. KL is computed from log-probabilities, so no NaN on underflow. The
-    attack's clean targets come from the model's own forward (`return_routing`), not from a second router pass.
+    `cfg.attack_router_kl` is "none". Loss: `w_ce * CE(router(x), t) + w_kl * KL(router(x) || router(x_adv)) / B`,
+    t = `router_targets` (class mod N by default): `cfg.router_objective` "released" weighs them (1, alpha), as the
+    released code's router step does; "reference" (alpha, beta), as shared/reference/README.md describes it (the
+    rows run before the released code was read). The clean router logits carry gradient in both terms (as TRADES'
+    clean logits do), both router forwards in the caller's mode; only the adversarial one moves the router's
+    BatchNorm running statistics. KL is computed from log-probabilities, so no NaN on underflow. The attack's
+    clean targets come from the model's own forward (`return_routing`), not from a second router pass.
     """
     attack_loss = trades_attack_loss_fn(model, x, router_kl=cfg.attack_router_kl != "none")
     x_adv = pgd_attack(model, x, attack_loss, eps=cfg.eps, step_size=cfg.step_size,
@@ -90,19 +93,20 @@ def reference_router_loss(model, x, y, cfg: StepConfig, generator=None):
     r_clean, r_adv = model.route(x), model.route(x_adv)  # the router's BatchNorm uses running statistics
     kl = kl_divergence(r_clean, r_adv) / x.shape[0]
     target = router_targets(y, cfg, model.n_expert)
-    loss = cfg.alpha * F.cross_entropy(at_least_float32(r_clean), target) + cfg.beta * kl
+    w_ce, w_kl = (1.0, cfg.alpha) if cfg.router_objective == "released" else (cfg.alpha, cfg.beta)
+    loss = w_ce * F.cross_entropy(at_least_float32(r_clean), target) + w_kl * kl
     return {"loss": loss, "x_adv": x_adv}
 
 
 def router_step(model, x, y, cfg: StepConfig, ctx: StepContext, balance=None):
     """Update the router only (experts frozen) with `ctx.router_optimizer`, to lower the robust loss of the whole
     MoE on adversarial examples against it (`cfg.router_objective` robust; its attack router-aware with
-    `cfg.attack_router_kl` router-step or both) or the released code's router loss (reference); its gradient
-    norm is clipped at `cfg.router_grad_clip`. `balance(router_logits)`, when given, is a load-balancing term
+    `cfg.attack_router_kl` router-step or both) or the released code's router loss (released, reference); its
+    gradient norm is clipped at `cfg.router_grad_clip`. `balance(router_logits)`, when given, is a load-balancing term
     added to the robust loss (not in the paper); `cfg.router_at` > 0 adds that weight times the router's
     adversarial loss (`utils.losses.router_adversarial_loss`, not in the paper). Returns the loss dict."""
     with frozen(model.backbone_parameters()), running_stats_frozen(backbone_modules(model)):
-        if cfg.router_objective == "reference":
+        if cfg.router_objective in ("reference", "released"):
             out = reference_router_loss(model, x, y, cfg, ctx.generator)
         else:
             out = training_loss(model, x, y, cfg, ctx.generator, router_kl=cfg.attack_router_kl != "none")

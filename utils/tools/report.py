@@ -138,8 +138,8 @@ def method_of(args: dict, script: str) -> str:
         method = "dense"
     else:
         method = args.get("moe_training") or "advmoe"
-        if args.get("router_objective") == "reference":
-            method += "-reference"
+        if args.get("router_objective") in ("reference", "released"):
+            method += "-" + args["router_objective"]
         if args.get("advmoe_recipe") == "released":
             method += " released-recipe"
         if args.get("router_targets") == "partition":

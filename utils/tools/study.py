@@ -59,7 +59,8 @@ ROWS = {
           MOE + ["--ratio", "{r}", "--router-objective", "reference"])],
 }
 # Issue 26: which ingredient of the released recipe makes routing robust, and robust-routing methods on top of it.
-# The grid {router KL in the attacks} x {router loss} keeps the paper recipe's other ingredients (order, balancing).
+# The grid {router KL in the attacks} x {router loss: paper, the released code's} keeps the paper recipe's other
+# ingredients (order, balancing).
 RELEASED = ["--advmoe-recipe", "released"]
 ROUTER_AT = "6"  # --router-at's weight in the study: alpha's, so the adversarial router CE weighs as the clean one
 FLIP_EXPERT_AT = "1"  # --flip-expert-at's: the runner-up expert's CE weighs as TRADES' clean CE
@@ -68,9 +69,9 @@ ROWS["recipe"] = [
     ("dense 2r", "train_ori", DENSE + ["--ratio", "{r2}"]),
 ] + [
     (f"AdvMoE, router KL in attacks: {'yes' if kl == 'both' else 'no'}, router loss: "
-     f"{'reference' if objective == 'reference' else 'paper'}", "train_moe",
+     f"{'released' if objective == 'released' else 'paper'}", "train_moe",
      MOE + ["--ratio", "{r}", "--attack-router-kl", kl, "--router-objective", objective])
-    for kl in ("none", "both") for objective in ("robust", "reference")
+    for kl in ("none", "both") for objective in ("robust", "released")
 ] + [
     ("AdvMoE, released recipe", "train_moe", MOE + ["--ratio", "{r}", *RELEASED]),
     ("AdvMoE, released recipe + router AT", "train_moe", MOE + ["--ratio", "{r}", *RELEASED, "--router-at", ROUTER_AT]),
