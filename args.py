@@ -146,25 +146,53 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                         "PGD-AT's loss (Wong et al. 2020; --num-steps and --step-size unused)")
     g.add_argument("--moe-training", choices=("advmoe", "joint"), default="advmoe",
                    help="advmoe: alternating router and expert updates; joint: one AT update of both")
-    g.add_argument("--router-objective", choices=("robust", "reference"), default="robust",
-                   help="router step loss: the MoE's robust loss, or the released code's router loss")
-    g.add_argument("--balance", choices=BALANCE_MODES, default="median",
+    g.add_argument("--advmoe-recipe", choices=tuple(RECIPES), default="paper",
+                   help="the defaults of the AdvMoE ingredients below (docs/routing.md): paper: router step first, "
+                        "the MoE's robust loss for the router, median balancing, logit cap 2, router clip 1; "
+                        "released: the released code's loop (expert step first, router KL in both attacks, its "
+                        "router loss, no balancing, no logit cap; the router clip kept); a flag given wins over the "
+                        "recipe")
+    g.add_argument("--advmoe-order", choices=("router-first", "expert-first"), default=None,
+                   help="which AdvMoE step comes first on each batch, each on its own fresh attack (default: the "
+                        "recipe's; paper router-first, released expert-first)")
+    g.add_argument("--attack-router-kl", choices=("none", "router-step", "both"), default=None,
+                   help="which AdvMoE training attacks maximise KL(model) + KL(router) instead of KL(model) (TRADES "
+                        "only; default: the recipe's; paper: router-step with --router-objective released or "
+                        "reference, else none; released: both)")
+    g.add_argument("--router-objective", choices=("robust", "reference", "released"), default=None,
+                   help="router step loss: robust: the MoE's robust loss; reference: alpha x CE(router(x), t) + beta "
+                        "x KL(router(x) || router(x_adv)) / B, as shared/reference/README.md describes the released "
+                        "code; released: CE(router(x), t) + alpha x KL(router(x) || router(x_adv)) / B, as the "
+                        "released code computes it (default: the recipe's; paper robust, released released)")
+    g.add_argument("--router-targets", choices=("mod", "partition"), default="mod",
+                   help="the expert each class is sent to in the router's supervised terms: mod: class mod N (the "
+                        "released code); partition: balanced groups of classes whose mean training images lie "
+                        "far apart (not in the paper)")
+    g.add_argument("--router-at", type=number, default=0.0, metavar="WEIGHT",
+                   help="not in the paper: the router step adds WEIGHT x CE(router(x_ra), target), x_ra a PGD "
+                        "attack on that router loss (adversarial training of the routing decision; 0: off)")
+    g.add_argument("--flip-expert-at", type=number, default=0.0, metavar="WEIGHT",
+                   help="not in the paper: the expert step adds WEIGHT x CE(f(x_adv), y) with every image forced to "
+                        "its runner-up expert, the one a routing flip sends it to (flips made harmless; 0: off)")
+    g.add_argument("--balance", choices=BALANCE_MODES, default=None,
                    help="expert load balancing, not in the paper (docs/routing.md). median: re-centre the "
                         "router's output bias on un-augmented training images after each router update; bias: a "
                         "selection-only expert bias moved towards equal load (bias-sign: by fixed steps, as "
                         "DeepSeek-V3); switch / entropy: a balancing loss in the router's loss; none: off, as the "
-                        "released code")
+                        "released code (default: the recipe's; paper median, released none)")
     g.add_argument("--balance-strength", type=number, default=None,
                    help="bias: fraction of the balancing shift applied per update; bias-sign: step of the selection "
                         "bias per update; switch/entropy: weight of the loss; median: "
                         "fraction of the re-centring shift applied (default per mode: "
                         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_STRENGTH.items() if k != "none") + ")")
-    g.add_argument("--router-logit-cap", type=number, default=2.0,
+    g.add_argument("--router-logit-cap", type=number, default=None,
                    help="not in the paper: after each router update, scale the router's output layer down (decisions "
                         "unchanged) when the median top-1 minus top-2 logit margin on un-augmented training images "
-                        "exceeds this, so the straight-through gradient stays alive (0: off)")
-    g.add_argument("--router-grad-clip", type=number, default=1.0,
-                   help="clip the router's gradient norm in the router step (0: off, as the released code)")
+                        "exceeds this, so the straight-through gradient stays alive (0: off; default: the recipe's, "
+                        "paper 2, released 0)")
+    g.add_argument("--router-grad-clip", type=number, default=None,
+                   help="clip the router's gradient norm in the router step (0: off, as the released code; default: "
+                        "1 in both recipes)")
     g.add_argument("--grad-clip", type=number, default=1.0,
                    help="clip the gradient norm in each update (0: off, as the released code): a dense model's "
                         "parameters; an MoE's backbone (experts and shared layers), its router on its own")
@@ -180,7 +208,8 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                    help="evaluation PGD step size; default 2/255 (FashionMNIST: 0.025)")
     g.add_argument("--beta", type=number, default=6.0, help="TRADES weight (1/lambda)")
     g.add_argument("--alpha", type=number, default=6.0,
-                   help="weight of the router's supervised term (reference router objective)")
+                   help="--router-objective reference: the weight of the router's supervised CE; released: the "
+                        "weight of its KL term (as the released code uses it)")
     return p
 
 
@@ -279,6 +308,7 @@ def parse_args(argv=None, parser=None, *, script="train_moe"):
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     apply_dataset_defaults(args)
+    apply_recipe(args)
     validate_args(args)
     return args
 
@@ -303,6 +333,54 @@ def apply_dataset_defaults(args):
             setattr(args, name, per_dataset.get(args.dataset, default))
 
 
+# The AdvMoE ingredients each recipe sets (docs/routing.md, "The released recipe"); a flag given on the command
+# line or in --configs wins. --attack-router-kl's paper value depends on --router-objective (`apply_recipe`).
+RECIPES = {
+    "paper": {"advmoe_order": "router-first", "router_objective": "robust", "balance": "median",
+              "router_logit_cap": 2.0, "router_grad_clip": 1.0},
+    "released": {"advmoe_order": "expert-first", "attack_router_kl": "both", "router_objective": "released",
+                 "balance": "none", "router_logit_cap": 0.0, "router_grad_clip": 1.0},
+}
+# The released recipe keeps the router's gradient clip (docs/differences.md): without it the router diverged within
+# 3 batches even with the log-probability KL (Digits16, r=0.125, eps 0.15: router weights 1 -> 1e3 -> 4e10 -> NaN).
+
+
+def apply_recipe(args):
+    """Fill the AdvMoE ingredient flags left unset (None) with the values of --advmoe-recipe. Under `paper`, the
+    reference router loss keeps its own router-aware attack (the behaviour before the flag existed)."""
+    if getattr(args, "advmoe_recipe", None) is None:
+        return
+    for name, value in RECIPES[args.advmoe_recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.attack_router_kl is None:
+        args.attack_router_kl = "none" if args.router_objective == "robust" else "router-step"
+
+
+def _check_recipe(args, spec):
+    """UsageError for AdvMoE ingredients that cannot act together (each line names the flags)."""
+    given = (args.advmoe_recipe != "paper" or args.router_at > 0 or args.router_targets != "mod"
+             or args.flip_expert_at > 0)
+    if given and not (spec.is_moe and args.moe_training == "advmoe"):
+        raise UsageError("--advmoe-recipe released, --router-at, --router-targets partition and --flip-expert-at "
+                         "act on AdvMoE training: they need an MoE arch (*_moe) and --moe-training advmoe")
+    if args.flip_expert_at > 0 and (args.routing != "global" or args.top_k != 1 or args.n_expert < 2):
+        raise UsageError("--flip-expert-at forces each image to its runner-up expert: it needs --routing global, "
+                         "--top-k 1 and --n-expert >= 2")
+    kl_attack = args.attack_router_kl == "both" or (args.attack_router_kl == "router-step"
+                                                    and args.router_objective == "robust")
+    if kl_attack and args.at != "trades":  # the reference router loss has its own TRADES-style attack
+        raise UsageError(f"--attack-router-kl {args.attack_router_kl} adds the router's KL to TRADES' KL attack; "
+                         f"--at {args.at} attacks the cross-entropy (use --at trades or --attack-router-kl none)")
+    needs_global = args.attack_router_kl != "none" or args.router_at > 0 or args.router_objective != "robust"
+    if spec.is_moe and needs_global and args.routing == "layer":
+        raise UsageError("--router-objective reference|released, --attack-router-kl and --router-at train the one "
+                         "global router: they need --routing global")
+    if args.router_targets == "partition" and args.router_objective == "robust" and not args.router_at > 0:
+        raise UsageError("--router-targets partition sets the targets of the router's supervised terms: it needs "
+                         "--router-objective reference|released or --router-at > 0")
+
+
 def _check(args, names, ok, rule):
     for name in names:
         value = getattr(args, name, None)
@@ -317,7 +395,9 @@ def validate_args(args):
     _check(args, ("seed",), lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], "in [0, 2**32 - 1]")
     _check(args, ("momentum",), lambda v: 0 <= v < 1, "in [0, 1)")
     _check(args, ("step_size", "step_size_test", "lr", "router_lr", "wd", "beta", "alpha",
-                  "balance_strength", "router_logit_cap", "router_grad_clip", "grad_clip"), lambda v: v >= 0, ">= 0")
+                  "balance_strength", "router_logit_cap", "router_grad_clip", "grad_clip", "router_at",
+                  "flip_expert_at"),
+           lambda v: v >= 0, ">= 0")
     _check(args, ("num_steps", "num_steps_test", "num_workers"), lambda v: v >= 0, ">= 0")
     _check(args, ("epochs", "batch_size", "test_batch_size", "eval_every", "max_batches", "max_test_batches"),
            lambda v: v >= 1, ">= 1")
@@ -327,9 +407,9 @@ def validate_args(args):
         raise UsageError(f"--per-expert applies to MoE archs (*_moe) only; {args.arch} is dense")
     if args.per_expert and not args.evaluate:
         raise UsageError("--per-expert works with --evaluate --resume CHECKPOINT")
-    if args.at == "fast" and args.router_objective == "reference":
-        raise UsageError("--at fast trains with one-step attacks; --router-objective reference has its own "
-                         "multi-step attack (use --router-objective robust)")
+    if args.at == "fast" and args.router_objective != "robust":
+        raise UsageError(f"--at fast trains with one-step attacks; --router-objective {args.router_objective} has its "
+                         f"own multi-step attack (use --router-objective robust)")
     if args.evaluate and not args.resume:
         raise UsageError("--evaluate needs --resume CHECKPOINT (the checkpoint to evaluate)")
     if args.evaluate and args.resume == "auto":
@@ -343,8 +423,10 @@ def validate_args(args):
     if args.compile and spec.is_moe:
         raise UsageError(f"--compile supports dense models only, not the MoE {args.arch}: its data-dependent "
                          f"expert groups break the graph and recompile until torch.compile gives up")
-    if args.routing == "layer" and args.router_objective == "reference":
-        raise UsageError("--router-objective reference needs --routing global (it trains the one global router)")
+    if args.routing == "layer" and args.router_objective != "robust":
+        raise UsageError(f"--router-objective {args.router_objective} needs --routing global (it trains the one "
+                         f"global router)")
+    _check_recipe(args, spec)
 
 
 # What --balance-strength means per mode, and its range: (low, high, whether low itself is allowed, meaning).

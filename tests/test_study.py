@@ -155,3 +155,54 @@ def _training_child(parent):
         if ppid == parent and b"train_ori.py" in cmd:
             return int(pid)
     return None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 26: the recipe rows (the released recipe's ingredients, robust-routing methods), commands only
+# ------------------------------------------------------------------------------------------------------------
+
+# The job keys of the rows that have results (known answers: a key that changes orphans those results).
+KNOWN_KEYS = {"main": {"dense r": "3d3c754e6f50", "dense 2r": "8efcd2377663", "MoE joint AT": "376b2f467dc8",
+                       "AdvMoE": "a083e8472ea7", "AdvMoE, reference router objective": "aae6bae4804a",
+                       "AdvMoE, layer routing": "d227abb218ac"},
+              "balance": {"AdvMoE, --balance none": "fb6cc7ec2f9f", "AdvMoE, --balance median": "62887893b159"}}
+
+
+def _jobs(rows):
+    a = study.get_args_parser().parse_args(["--rows", rows, "--seeds", "1"])
+    return {j.name: j for j in study.plan(a, [1])}
+
+
+def test_existing_rows_keep_their_job_keys():
+    for rows, keys in KNOWN_KEYS.items():
+        jobs = _jobs(rows)
+        assert {name: jobs[name].key for name in keys} == keys
+
+
+def test_recipe_rows_run_the_grid_the_released_recipe_and_the_methods():
+    from args import parse_args
+    jobs = _jobs("recipe")
+    resolved = {name: parse_args(list(j.argv), script=j.script) for name, j in jobs.items()}
+    grid = {(a.attack_router_kl, a.router_objective) for name, a in resolved.items() if "router KL in attacks" in name}
+    assert grid == {(kl, o) for kl in ("none", "both") for o in ("robust", "released")}
+    for name, a in resolved.items():
+        if "router KL in attacks" in name:  # the grid keeps the paper recipe's other ingredients
+            assert (a.advmoe_recipe, a.advmoe_order, a.balance) == ("paper", "router-first", "median"), name
+            assert ("yes" in name) == (a.attack_router_kl == "both"), name
+            assert ("released" in name) == (a.router_objective == "released"), name
+    released = resolved["AdvMoE, released recipe"]
+    assert (released.advmoe_order, released.attack_router_kl, released.router_objective, released.balance,
+            released.router_logit_cap, released.router_grad_clip, released.router_at, released.router_targets,
+            released.flip_expert_at) == ("expert-first", "both", "released", "none", 0.0, 1.0, 0.0, "mod", 0.0)
+    methods = [name for name in resolved if name.startswith("AdvMoE, released recipe +")]
+    assert len(methods) >= 2
+    for name in methods:  # each method on top of the released recipe, as its name says
+        a = resolved[name]
+        assert (a.advmoe_recipe, a.advmoe_order, a.balance) == ("released", "expert-first", "none"), name
+        assert ("router AT" in name) == (a.router_at > 0), name
+        assert ("partition" in name) == (a.router_targets == "partition"), name
+        assert ("flip-expert AT" in name) == (a.flip_expert_at > 0), name
+    # dense r and 2r as in the main rows: the same jobs (same keys)
+    main = _jobs("main")
+    assert {n: jobs[n].key for n in ("dense r", "dense 2r")} == {n: main[n].key for n in ("dense r", "dense 2r")}
+    assert resolved["dense 2r"].ratio == 2 * resolved["dense r"].ratio

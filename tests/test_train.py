@@ -202,7 +202,7 @@ def test_step_settings_are_the_flags_and_default_to_the_command_lines():
                       script="train_moe")
     assert StepConfig.from_args(args) == StepConfig(
         at="pgd", eps=4 / 255, step_size=1 / 255, num_steps=1, beta=3.0, alpha=2.0, router_objective="reference",
-        balance="switch", balance_strength=0.5, router_grad_clip=0.0, grad_clip=2.0)
+        attack_router_kl="router-step", balance="switch", balance_strength=0.5, router_grad_clip=0.0, grad_clip=2.0)
     del args.grad_clip
     with pytest.raises(AttributeError):
         StepConfig.from_args(args)

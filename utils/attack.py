@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from models.layers.router import at_least_float32
+
 
 @contextmanager
 def eval_mode(*modules):
@@ -72,12 +74,13 @@ def ce_loss_fn(y):
 
 
 def kl_divergence(logits_p, logits_q):
-    """Summed KL(softmax(p) || softmax(q)) from log-probabilities (no NaN when a probability underflows).
+    """Summed KL(softmax(p) || softmax(q)) from log-probabilities (no NaN when a probability underflows), in
+    float32 or wider (float64 logits stay float64: its gradient p - q cancels, and float32 loses digits there).
 
     The reference computed it from softmax targets under xlogy, whose backward is NaN at exact zeros.
     """
-    return F.kl_div(F.log_softmax(logits_q.float(), dim=1), F.log_softmax(logits_p.float(), dim=1),
-                    log_target=True, reduction="sum")
+    log_q, log_p = F.log_softmax(at_least_float32(logits_q), dim=1), F.log_softmax(at_least_float32(logits_p), dim=1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="sum")
 
 
 def trades_kl_loss_fn(logits_clean):

@@ -443,6 +443,18 @@ class TrainingProbe:
         if isinstance(train_ds, Subset):
             plain = Subset(plain, train_ds.indices)
         self.plain = torch.stack([plain[i][0] for i in self.indices])  # (n, C, H, W)
+        self._plain_train = plain
+
+    def class_means(self, num_classes, batch_size=256):
+        """Every class's mean training image without augmentation, over the whole training split: (K, C*H*W)
+        (`--router-targets partition`); a class without images gets zeros."""
+        sums, counts = None, torch.zeros(num_classes, dtype=torch.float64)
+        for images, labels in DataLoader(self._plain_train, batch_size=batch_size):
+            flat = images.flatten(1).double()
+            sums = torch.zeros(num_classes, flat.shape[1], dtype=torch.float64) if sums is None else sums
+            sums.index_add_(0, labels, flat)
+            counts.index_add_(0, labels, torch.ones(len(labels), dtype=torch.float64))
+        return sums / counts.clamp(min=1)[:, None]
 
     def augmented(self):
         """The same images through the training transform (torch's RNG forked: training's draws are unchanged)."""

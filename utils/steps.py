@@ -17,7 +17,8 @@ class StepConfig:
     """Attack and objective of a training step (eps and step size in [0,1] pixel units).
 
     The defaults are the command line's (args.py), so `StepConfig()` is the step a user runs by default;
-    a run builds its settings with `from_args`.
+    a run builds its settings with `from_args`; `router_groups` (`--router-targets partition`) comes from the
+    training data (`utils.advmoe.class_partition`), filled in by the run.
     """
     at: str = "trades"
     eps: float = 8 / 255
@@ -26,6 +27,11 @@ class StepConfig:
     beta: float = 6.0
     alpha: float = 6.0
     router_objective: str = "robust"
+    advmoe_order: str = "router-first"
+    attack_router_kl: str = "none"  # which AdvMoE attacks add the router's KL: none, router-step, both
+    router_at: float = 0.0
+    flip_expert_at: float = 0.0
+    router_groups: tuple | None = None  # class -> expert of the router's supervised terms (None: class mod N)
     balance: str = "median"
     balance_strength: float = DEFAULT_STRENGTH["median"]
     router_grad_clip: float = 1.0
@@ -36,14 +42,17 @@ class StepConfig:
         """The step settings of a run, from its parsed flags (every one of them must be there)."""
         return cls(at=args.at, eps=args.epsilon, step_size=args.step_size, num_steps=args.num_steps,
                    beta=args.beta, alpha=args.alpha, router_objective=args.router_objective,
+                   advmoe_order=args.advmoe_order, attack_router_kl=args.attack_router_kl, router_at=args.router_at,
+                   flip_expert_at=args.flip_expert_at,
                    balance=args.balance, balance_strength=args.balance_strength,
                    router_grad_clip=args.router_grad_clip, grad_clip=args.grad_clip)
 
 
-def training_loss(model, x, y, cfg: StepConfig, generator=None):
-    """The robust loss of a training step (`cfg.at`: TRADES, PGD-AT or fast AT; `utils.losses.robust_loss`); for an
-    MoE the dict also holds `router_logits`, for a load-balancing loss."""
-    return robust_loss(model, x, y, cfg, generator)
+def training_loss(model, x, y, cfg: StepConfig, generator=None, router_kl=False):
+    """The robust loss of a training step (`cfg.at`: TRADES, PGD-AT or fast AT; `utils.losses.robust_loss`; with
+    `router_kl` its TRADES attack adds the router's KL); for an MoE the dict also holds `router_logits`, for a
+    load-balancing loss."""
+    return robust_loss(model, x, y, cfg, generator, router_kl)
 
 
 def joint_step(model, x, y, cfg: StepConfig, ctx: StepContext, upkeep: RouterUpkeep | None = None):

@@ -11,6 +11,7 @@ Where the rest lives: the run's state and checkpoints `utils.run`; the updates `
 `utils.runtime`.
 """
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -196,6 +197,9 @@ def make_step(run: Run):
     """The per-batch update of this run, `step(x, y) -> loss dict`: AdvMoE or dense/joint adversarial training.
     Built once per run: its settings, optimizers and router upkeep hold no per-epoch state."""
     cfg = steps.StepConfig.from_args(run.args)
+    if run.args.router_targets == "partition":  # from the data, the same on every process and on resume
+        means = run.probe.class_means(run.model.spec.num_classes)
+        cfg = dataclasses.replace(cfg, router_groups=advmoe.class_partition(means, run.model.n_expert))
     env = run.env
     ctx = StepContext(run.optimizer, run.router_optimizer, run.precision.scaler,
                       grad_sync=(lambda params: average_gradients(params, env)) if env.enabled else None,

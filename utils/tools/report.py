@@ -141,14 +141,22 @@ def is_evaluation(folder: str, args: dict) -> bool:
 
 def method_of(args: dict, script: str) -> str:
     """dense, joint or advmoe (advmoe-reference when the router is trained on the reference's objective), then
-    what differs from the released code's setting: `fast-AT`, `stages S` (`--moe-stages`), `top-K`."""
+    the recipe and robust-routing methods (`released-recipe`, `partition`, `router-AT`, `flip-expert-AT`) and what
+    differs from the released code's setting: `fast-AT`, `stages S` (`--moe-stages`), `top-K`."""
     arch = str(args.get("arch", ""))
     if script == "train_ori" or (arch and not is_moe(arch)):
         method = "dense"
     else:
         method = args.get("moe_training") or "advmoe"
-        if args.get("router_objective") == "reference":
-            method += "-reference"
+        if args.get("router_objective") in ("reference", "released"):
+            method += "-" + args["router_objective"]
+        if args.get("advmoe_recipe") == "released":
+            method += " released-recipe"
+        if args.get("router_targets") == "partition":
+            method += " partition"
+        for flag, word in (("router_at", "router-AT"), ("flip_expert_at", "flip-expert-AT")):
+            if (_float(args.get(flag)) or 0) > 0:
+                method += f" {word}"
         stages = args.get("moe_stages")
         if stages not in (None, "", []):
             method += f" stages {','.join(map(str, stages)) if isinstance(stages, list) else stages}"

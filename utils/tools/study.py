@@ -2,6 +2,7 @@
 
     python -m utils.tools.study --rows main --seeds 1,2,3 --save-dir results/routing_study [--jobs 2]
     python -m utils.tools.study --rows balance ...  (AdvMoE under each balancing mode, and the reference objective)
+    python -m utils.tools.study --rows recipe ...   (the released recipe's ingredients, robust-routing methods)
     python -m utils.tools.study --report-only ...   (the table from what has finished)
 
 Each (row, seed) is one job: train with `--resume auto` (a finished run is skipped, a killed one resumes), then
@@ -57,6 +58,30 @@ ROWS = {
     ] + [("AdvMoE, reference router objective", "train_moe",
           MOE + ["--ratio", "{r}", "--router-objective", "reference"])],
 }
+# Issue 26: which ingredient of the released recipe makes routing robust, and robust-routing methods on top of it.
+# The grid {router KL in the attacks} x {router loss: paper, the released code's} keeps the paper recipe's other
+# ingredients (order, balancing).
+RELEASED = ["--advmoe-recipe", "released"]
+ROUTER_AT = "6"  # --router-at's weight in the study: alpha's, so the adversarial router CE weighs as the clean one
+FLIP_EXPERT_AT = "1"  # --flip-expert-at's: the runner-up expert's CE weighs as TRADES' clean CE
+ROWS["recipe"] = [
+    ("dense r", "train_ori", DENSE + ["--ratio", "{r}"]),
+    ("dense 2r", "train_ori", DENSE + ["--ratio", "{r2}"]),
+] + [
+    (f"AdvMoE, router KL in attacks: {'yes' if kl == 'both' else 'no'}, router loss: "
+     f"{'released' if objective == 'released' else 'paper'}", "train_moe",
+     MOE + ["--ratio", "{r}", "--attack-router-kl", kl, "--router-objective", objective])
+    for kl in ("none", "both") for objective in ("robust", "released")
+] + [
+    ("AdvMoE, released recipe", "train_moe", MOE + ["--ratio", "{r}", *RELEASED]),
+    ("AdvMoE, released recipe + router AT", "train_moe", MOE + ["--ratio", "{r}", *RELEASED, "--router-at", ROUTER_AT]),
+    ("AdvMoE, released recipe + partition targets", "train_moe",
+     MOE + ["--ratio", "{r}", *RELEASED, "--router-targets", "partition"]),
+    ("AdvMoE, released recipe + router AT + partition targets", "train_moe",
+     MOE + ["--ratio", "{r}", *RELEASED, "--router-at", ROUTER_AT, "--router-targets", "partition"]),
+    ("AdvMoE, released recipe + flip-expert AT", "train_moe",
+     MOE + ["--ratio", "{r}", *RELEASED, "--flip-expert-at", FLIP_EXPERT_AT]),
+]
 COLUMNS = [("sa", "SA"), ("ra", "PGD-10 RA"), ("aa", "AutoAttack RA"), ("ra_minus_aa", "PGD RA - AA RA"),
            ("ra_routing_attack", "RA under routing attack"), ("router_robustness", "router robustness"),
            ("expert_robustness", "expert RA"), ("load_clean_min", "min clean load"), ("load_adv_min", "min adv load"),
@@ -325,7 +350,7 @@ def check_study_args(a):
     for name, value, low in (("--epochs", a.epochs, 1), ("--jobs", a.jobs, 1), ("--aa-n-ex", a.aa_n_ex, 0)):
         if value < low:
             raise UsageError(f"{name} must be >= {low}, got {value}")
-    top = 0.5 if a.rows == "main" else 1.0  # the main rows train a dense model at 2r
+    top = 0.5 if any("{r2}" in flags for _, _, flags in ROWS[a.rows]) else 1.0  # rows with a dense model at 2r
     if not 0 < a.ratio <= top:
         raise UsageError(f"--ratio must be in (0, {top:g}] for --rows {a.rows}, got {a.ratio}")
     names = [slug(name) for name, _, _ in ROWS[a.rows]]
