@@ -181,7 +181,8 @@ def _result(tmp_path, row, seed, **values):
     j = next(j for j in study.plan(a, [1, 2]) if j.name == row and j.seed == seed)
     folder = tmp_path / "main" / os.path.relpath(j.folder(str(tmp_path / "main")), str(tmp_path / "main"))
     folder.mkdir(parents=True)
-    (folder / "result.json").write_text(json.dumps({"row": row, "seed": seed, "n": 360, "aa_n": 360, **values}))
+    (folder / "result.json").write_text(json.dumps({"row": row, "seed": seed, "key": j.key, "n": 360, "aa_n": 360,
+                                                        **values}))
 
 
 def test_the_study_table_shows_the_routing_attack_and_the_pgd_autoattack_gap(tmp_path):
