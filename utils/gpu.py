@@ -37,7 +37,7 @@ class Augmentation:
 # Augmentation of each dataset's training split, as in utils/data.py.
 RESIDENT_AUGMENTATION = {"CIFAR10": Augmentation(4, True), "CIFAR100": Augmentation(4, True),
                          "Digits": Augmentation(2, False), "Digits16": Augmentation(1, False),
-                         "FashionMNIST": Augmentation(2, True)}
+                         "FashionMNIST": Augmentation(2, True), "FashionMNIST16": Augmentation(1, True)}
 
 
 def fits_on_device(name: str) -> bool:
@@ -48,9 +48,9 @@ def fits_on_device(name: str) -> bool:
 def _raw_tensors(dataset):
     """(images (N, C, H, W) uint8 or float in [0, 1], labels (N,) long) of a dataset, without transforms.
 
-    Knows TensorImageDataset (Digits), torchvision's CIFAR10/100 (`.data` (N, H, W, C) uint8, `.targets`),
-    its FashionMNIST (`.data` (N, H, W) uint8 grey, copied to three channels as its transforms do) and Subsets
-    of them.
+    Knows TensorImageDataset (Digits, FashionMNIST16), torchvision's CIFAR10/100 (`.data` (N, H, W, C) uint8,
+    `.targets`), its FashionMNIST (`.data` (N, H, W) uint8 grey, copied to three channels as its transforms do)
+    and Subsets of them.
     """
     if isinstance(dataset, Subset):
         images, labels = _raw_tensors(dataset.dataset)
