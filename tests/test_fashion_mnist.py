@@ -383,7 +383,7 @@ TINY = ["--dataset", "FashionMNIST", "--ratio", "0.125", "--epochs", "1", "--max
 @pytest.mark.parametrize("script,arch,dataset", [
     ("train_ori.py", ["--arch", "resnet18_cifar_ori"], "FashionMNIST"),
     ("train_moe.py", ["--arch", "resnet18_cifar_moe", "--n-expert", "2"], "FashionMNIST"),
-    ("train_moe.py", ["--arch", "resnet18_cifar_moe", "--n-expert", "2"], "FashionMNIST16")])
+    ("train_moe.py", ["--arch", "resnet18_cifar_moe", "--n-expert", "2", "--channels-last"], "FashionMNIST16")])
 def test_a_couple_of_training_batches_on_the_sample(tmp_path, offline_env, script, arch, dataset):
     data = write_fashion_mnist(tmp_path / "data", gz=True)  # the flat, gzipped folder, as Debian ships it
     before = tree(data)
@@ -396,4 +396,5 @@ def test_a_couple_of_training_batches_on_the_sample(tmp_path, offline_env, scrip
     assert rows and 0 <= rows[-1]["ra"] <= rows[-1]["sa"] <= 100
     saved = open(os.path.join(found[0], "args.yaml")).read()
     assert f"dataset: {dataset}\n" in saved and "epsilon: 0.1" in saved
+    assert ("channels_last: true" in saved) == ("--channels-last" in arch)  # recorded with the run
     assert tree(data) == before
