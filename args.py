@@ -113,8 +113,9 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="CIFAR10", choices=_datasets())
     g.add_argument("--data-dir", default="../data/",
-                   help="where the dataset's files are (CIFAR, FashionMNIST: downloaded into it when missing)")
-    g.add_argument("--num-workers", type=int, default=None, help="default 6 (Digits: 0, it is in memory)")
+                   help="where the dataset's files are (CIFAR, FashionMNIST(16): downloaded into it when missing)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="default 6 (Digits, FashionMNIST16: 0, they are in memory)")
     g.add_argument("--batch-size", type=int, default=None, help="default 128 (Digits: 32)")
     g.add_argument("--test-batch-size", type=int, default=128)
     g.add_argument("--data-fraction", type=number, default=0.9,
@@ -133,6 +134,9 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g.add_argument("--router-lr-schedule", choices=("cosine", "step"), default="cosine")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (default: on with CUDA, off on CPU)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory layout of the model (default: on with CUDA, off on CPU; on CPU about "
+                        "10%% faster at 16x16, with other rounding than the default layout)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile a dense model (MoE models: refused, their routing recompiles every batch)")
     g.add_argument("--deterministic", action="store_true",
@@ -197,15 +201,15 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                    help="clip the gradient norm in each update (0: off, as the released code): a dense model's "
                         "parameters; an MoE's backbone (experts and shared layers), its router on its own")
     g.add_argument("--epsilon", type=number, default=None,
-                   help="training L-inf radius; default 8/255 (FashionMNIST: 0.1)")
+                   help="training L-inf radius; default 8/255 (FashionMNIST, FashionMNIST16: 0.1)")
     g.add_argument("--num-steps", type=int, default=2, help="training attack steps")
     g.add_argument("--step-size", type=number, default=None,
-                   help="training attack step size; default 5/255 (FashionMNIST: 0.0625)")
+                   help="training attack step size; default 5/255 (FashionMNIST, FashionMNIST16: 0.0625)")
     g.add_argument("--epsilon-test", type=number, default=None,
-                   help="evaluation PGD radius; default 8/255 (FashionMNIST: 0.1)")
+                   help="evaluation PGD radius; default 8/255 (FashionMNIST, FashionMNIST16: 0.1)")
     g.add_argument("--num-steps-test", type=int, default=10, help="evaluation PGD steps")
     g.add_argument("--step-size-test", type=number, default=None,
-                   help="evaluation PGD step size; default 2/255 (FashionMNIST: 0.025)")
+                   help="evaluation PGD step size; default 2/255 (FashionMNIST, FashionMNIST16: 0.025)")
     g.add_argument("--beta", type=number, default=6.0, help="TRADES weight (1/lambda)")
     g.add_argument("--alpha", type=number, default=6.0,
                    help="--router-objective reference: the weight of the router's supervised CE; released: the "
@@ -318,11 +322,11 @@ def parse_args(argv=None, parser=None, *, script="train_moe"):
 # usual eps 0.1 for it, with the reference's step sizes scaled by the same factor (5/8 and 1/4 of eps).
 DATASET_DEFAULTS = {
     "batch_size": (128, {"Digits": 32, "Digits16": 32}),
-    "num_workers": (6, {"Digits": 0, "Digits16": 0}),
-    "epsilon": (8 / 255, {"FashionMNIST": 0.1}),
-    "step_size": (5 / 255, {"FashionMNIST": 0.0625}),
-    "epsilon_test": (8 / 255, {"FashionMNIST": 0.1}),
-    "step_size_test": (2 / 255, {"FashionMNIST": 0.025}),
+    "num_workers": (6, {"Digits": 0, "Digits16": 0, "FashionMNIST16": 0}),
+    "epsilon": (8 / 255, {"FashionMNIST": 0.1, "FashionMNIST16": 0.1}),
+    "step_size": (5 / 255, {"FashionMNIST": 0.0625, "FashionMNIST16": 0.0625}),
+    "epsilon_test": (8 / 255, {"FashionMNIST": 0.1, "FashionMNIST16": 0.1}),
+    "step_size_test": (2 / 255, {"FashionMNIST": 0.025, "FashionMNIST16": 0.025}),
 }
 
 

@@ -53,7 +53,7 @@ def test_digits16_is_the_same_split_at_16x16_with_its_measured_statistics():
 
 def test_dataset_info_table():
     expected = {"CIFAR10": (10, 32), "CIFAR100": (100, 32), "TinyImageNet": (200, 64), "ImageNet": (1000, 224),
-                "Digits": (10, 32), "Digits16": (10, 16), "FashionMNIST": (10, 28)}
+                "Digits": (10, 32), "Digits16": (10, 16), "FashionMNIST": (10, 28), "FashionMNIST16": (10, 16)}
     assert set(DATASETS) == set(expected)
     for name, (classes, size) in expected.items():
         info = dataset_info(name)

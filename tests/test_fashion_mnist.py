@@ -16,9 +16,11 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from args import parse_args
-from utils import fashion_mnist as fm
+from conftest import seeded
+from utils import data, fashion_mnist as fm
 from utils.data import LoaderConfig, build_datasets, build_loaders, dataset_info
 from utils.errors import UsageError
 
@@ -175,6 +177,79 @@ def test_dataset_facts():
     assert info.mean == (0.2860,) * 3 and info.std == (0.3530,) * 3  # measured on the 60,000 training images
 
 
+# ------------------------------------------------------------------------------------------------ FashionMNIST16
+
+def pil_downsampled(image, size=16):
+    """A 28x28 uint8 image downsampled by PIL's bilinear resize (antialiased: its filter widens with the scale),
+    as float in [0, 1]: an oracle independent of torch's interpolation."""
+    grey = Image.fromarray(image.astype(np.float32) / 255, mode="F").resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(grey, dtype=np.float32).copy())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fashion_mnist16_is_every_image_downsampled_antialiased(tmp_path, no_network, layout):
+    sub, gz = LAYOUTS[layout]
+    write_fashion_mnist(os.path.join(tmp_path, sub), gz=gz)
+    train, test = build_datasets("FashionMNIST16", str(tmp_path), download=True)
+    assert (len(train), len(test)) == (N_TRAIN, N_TEST)
+    assert train.targets == SPLITS[True][1].tolist() and test.targets == SPLITS[False][1].tolist()
+    assert (train.padding, train.flip) == (1, True) and (test.padding, test.flip) == (0, False)
+    for i in range(N_TEST):
+        x, y = test[i]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == int(SPLITS[False][1][i])
+        expected = pil_downsampled(SPLITS[False][0][i])
+        assert torch.allclose(x, expected.expand(3, 16, 16), atol=2e-5)  # grey copied to 3 channels, no augmentation
+    flat = np.full((N_TEST, 28, 28), 200, dtype=np.uint8)  # a constant image stays that constant
+    write_idx(os.path.join(tmp_path, sub, "t10k-images-idx3-ubyte" + (".gz" if gz else "")), flat)
+    _, constant = build_datasets("FashionMNIST16", str(tmp_path), download=False)
+    assert torch.allclose(constant[0][0], torch.full((3, 16, 16), 200 / 255))
+
+
+def test_fashion_mnist16_training_images_are_shifted_flipped_copies_and_validation_is_not(tmp_path, no_network):
+    """Training (CPU DataLoader and the device-resident loader, run here on CPU): each image is its source shifted by
+    at most 1 pixel and maybe flipped; the validation split and the test set are the plain images, the same batches
+    from both loaders."""
+    import torch.nn.functional as F
+    from utils.gpu import Augmentation, _raw_tensors, resident_loaders
+    write_fashion_mnist(tmp_path / "FashionMNIST" / "raw")
+    cfg = LoaderConfig("FashionMNIST16", str(tmp_path), batch_size=8, test_batch_size=5, num_workers=0, seed=1,
+                       data_fraction=0.75)
+    loaders = build_loaders(cfg, "cpu")[:3]
+    assert loaders[0].dataset.dataset.flip and not loaders[1].dataset.dataset.flip
+    resident = resident_loaders("FashionMNIST16", loaders, "cpu", seed=0)
+    assert resident[0].augmentation == Augmentation(1, True)
+    for cpu, res in ((loaders[1], resident[1]), (loaders[2], resident[2])):  # unaugmented: identical batches
+        batches = list(zip(cpu, res))
+        assert len(batches) == len(cpu) == len(res)
+        for (x0, y0), (x1, y1) in batches:
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    sources, _ = _raw_tensors(loaders[0].dataset)
+    torch.manual_seed(seeded(3))
+    for loader in (loaders[0], resident[0]):
+        loader.sampler.set_epoch(0)
+        order = list(loader.sampler)
+        xs = torch.cat([x for x, _ in loader])
+        assert xs.shape == (30, 3, 16, 16)
+        kinds = set()
+        for x, i in zip(xs, order):
+            padded = F.pad(sources[i], (1, 1, 1, 1))
+            crops = {(t, l, f): padded[:, t:t + 16, l:l + 16].flip(-1) if f else padded[:, t:t + 16, l:l + 16]
+                     for t in range(3) for l in range(3) for f in (False, True)}
+            matches = [k for k, c in crops.items() if torch.equal(x, c)]
+            assert matches, "a training image is not a shifted (and maybe flipped) copy of its source"
+            kinds.update(k[2] for k in matches)
+        assert kinds == {False, True}  # 30 images: some flipped, some not (the chance of not seeing both: 2**-29)
+
+
+@pytest.mark.skipif(fm.missing_files(fm.DEBIAN_FOLDER) != [], reason="needs the package dataset-fashion-mnist")
+def test_fashion_mnist16_statistics_are_those_of_the_real_training_images():
+    x, _, x_test, _ = data.fashion_mnist_tensors(fm.DEBIAN_FOLDER, 16)
+    assert x.shape == (60000, 3, 16, 16) and x_test.shape == (10000, 3, 16, 16)
+    info = dataset_info("FashionMNIST16")
+    assert (info.num_classes, info.image_size) == (10, 16)
+    assert abs(x.mean().item() - info.mean[0]) < 1e-3 and abs(x.std().item() - info.std[0]) < 1e-3
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 def test_missing_without_download_names_the_places_and_writes_nothing(tmp_path, no_network):
@@ -261,6 +336,9 @@ def test_eps_defaults_to_0_1_on_fashion_mnist_only():
         args = parse_args(base + ["--dataset", dataset], script="train_ori")
         assert (args.epsilon, args.step_size, args.epsilon_test, args.step_size_test) == \
             (8 / 255, 5 / 255, 8 / 255, 2 / 255)
+    args = parse_args(base + ["--dataset", "FashionMNIST16"], script="train_ori")
+    assert (args.epsilon, args.step_size, args.epsilon_test, args.step_size_test) == (0.1, 0.0625, 0.1, 0.025)
+    assert (args.batch_size, args.num_workers) == (128, 0)  # in memory: no loader processes
 
 
 # ------------------------------------------------------------------------------------------------ entry scripts
@@ -302,18 +380,21 @@ TINY = ["--dataset", "FashionMNIST", "--ratio", "0.125", "--epochs", "1", "--max
         "--no-progress", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("script,arch", [("train_ori.py", ["--arch", "resnet18_cifar_ori"]),
-                                         ("train_moe.py", ["--arch", "resnet18_cifar_moe", "--n-expert", "2"])])
-def test_a_couple_of_training_batches_on_the_sample(tmp_path, offline_env, script, arch):
+@pytest.mark.parametrize("script,arch,dataset", [
+    ("train_ori.py", ["--arch", "resnet18_cifar_ori"], "FashionMNIST"),
+    ("train_moe.py", ["--arch", "resnet18_cifar_moe", "--n-expert", "2"], "FashionMNIST"),
+    ("train_moe.py", ["--arch", "resnet18_cifar_moe", "--n-expert", "2", "--channels-last"], "FashionMNIST16")])
+def test_a_couple_of_training_batches_on_the_sample(tmp_path, offline_env, script, arch, dataset):
     data = write_fashion_mnist(tmp_path / "data", gz=True)  # the flat, gzipped folder, as Debian ships it
     before = tree(data)
-    out = _run(script, arch + TINY + ["--data-dir", str(data), "--save-dir", str(tmp_path / "runs")],
-               offline_env, tmp_path)
+    out = _run(script, arch + TINY + ["--dataset", dataset, "--data-dir", str(data),
+                                      "--save-dir", str(tmp_path / "runs")], offline_env, tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     found = [d for d, _, files in os.walk(tmp_path / "runs") if "metrics.jsonl" in files]
     assert len(found) == 1
     rows = [json.loads(line) for line in open(os.path.join(found[0], "metrics.jsonl"))]
     assert rows and 0 <= rows[-1]["ra"] <= rows[-1]["sa"] <= 100
     saved = open(os.path.join(found[0], "args.yaml")).read()
-    assert "dataset: FashionMNIST" in saved and "epsilon: 0.1" in saved
+    assert f"dataset: {dataset}\n" in saved and "epsilon: 0.1" in saved
+    assert ("channels_last: true" in saved) == ("--channels-last" in arch)  # recorded with the run
     assert tree(data) == before

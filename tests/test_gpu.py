@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import models
+from conftest import seeded
 from utils.data import EpochSampler, LoaderConfig, TensorImageDataset, build_loaders
 from utils.gpu import (Augmentation, BackendConfig, ResidentLoader, configure_backends, crop_flip, fits_on_device,
                        maybe_compile, resident_loader, resident_loaders)
@@ -159,6 +160,24 @@ def test_backends_untouched_on_cpu():
     assert cfg == BackendConfig() and torch.backends.cudnn.benchmark == before
     assert model.conv1.weight.is_contiguous()
     assert maybe_compile(model, False) is model
+
+
+def test_channels_last_on_cpu_only_when_asked():
+    """--channels-last on CPU: the model's 4-D weights in channels-last, the same function (other rounding only);
+    without it (None or False) the model stays as it was."""
+    torch.manual_seed(seeded(0))
+    model = models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=2).eval()
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    for flag in (None, False):
+        assert configure_backends(torch.device("cpu"), model, channels_last=flag) == BackendConfig()
+        assert model.conv1.weight.is_contiguous()
+    cfg = configure_backends(torch.device("cpu"), model, channels_last=True)
+    assert cfg == BackendConfig(channels_last=True)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
 
 
 def test_maybe_compile_in_place_keeps_keys_and_outputs():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+from conftest import seeded
 from models.layers import LayerRouter, MoEConv2d, Routing, hard_top1
 
 RATIO, CLASSES = 0.125, 5
@@ -360,3 +361,24 @@ def test_global_routing_info_single_entry():
     out, info = model(x, return_routing=True)
     assert info.logits.shape == (5, 4) and info.expert.shape == (5,)
     torch.testing.assert_close(info.expert, info.logits.argmax(1))
+
+
+def test_sparse_moe_conv_of_a_sorted_batch_equals_one_conv_per_slice_with_its_gradients():
+    """The sparse path of a batch sorted by expert (global routing) splits it into the expert groups: its output and
+    its gradients w.r.t. the input and the weight equal, bit for bit, the old transcription (each group a slice of
+    the batch through its expert's rows, outputs concatenated)."""
+    torch.manual_seed(seeded(0))
+    n_expert, w, c_in = 3, 4, 5
+    conv = MoEConv2d(c_in, w, 3, 1, 1, n_expert=n_expert)
+    groups = [(0, 2, 0), (2, 7, 2), (7, 8, 1)]  # sorted batch: 2 images of expert 0, 5 of expert 2, 1 of expert 1
+    expert = torch.tensor([0, 0, 2, 2, 2, 2, 2, 1])
+    x = torch.randn(8, c_in, 6, 6, requires_grad=True)
+    grad_out = torch.randn(8, w, 6, 6)
+    y = conv(x, Routing(n_expert, True, expert, None, groups))
+    gx, gw = torch.autograd.grad(y, [x, conv.weight], grad_out)
+    x0 = x.detach().clone().requires_grad_(True)
+    y0 = torch.cat([F.conv2d(x0[s:t], conv.weight[e * w:(e + 1) * w], None, 1, 1) for s, t, e in groups])
+    gx0, gw0 = torch.autograd.grad(y0, [x0, conv.weight], grad_out)
+    assert torch.equal(y, y0) and torch.equal(gx, gx0) and torch.equal(gw, gw0)
+    one = conv(x[2:7], Routing(n_expert, True, expert[2:7], None, [(0, 5, 2)]))  # one group: its expert's rows
+    assert torch.equal(one, F.conv2d(x[2:7], conv.weight[2 * w:3 * w], None, 1, 1))

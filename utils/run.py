@@ -22,7 +22,8 @@ CHECKPOINT_FORMAT = "advmoe-tool/1"
 # stretch to the new length from where it stopped); the others say where files are, how the run is watched, or
 # which kernels compute it, not what is computed. Every other flag must equal what the checkpoint recorded.
 RESUME_MAY_CHANGE = ("epochs", "resume", "configs", "evaluate", "per_expert", "save_dir", "exp_identifier",
-                     "data_dir", "device", "no_progress", "tensorboard", "deterministic", "compile")
+                     "data_dir", "device", "no_progress", "tensorboard", "deterministic", "compile",
+                     "channels_last")
 
 
 @dataclass
@@ -129,8 +130,8 @@ def build_run(args, script, device, env=DistEnv()):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     broadcast_module(model, env)
-    # cudnn/TF32/channels_last (and --deterministic) on CUDA, nothing on CPU
-    backends = configure_backends(device, model, deterministic=args.deterministic)
+    # cudnn/TF32/channels_last (and --deterministic) on CUDA; on CPU channels_last only with --channels-last
+    backends = configure_backends(device, model, channels_last=args.channels_last, deterministic=args.deterministic)
     if device.type == "cuda" and fits_on_device(args.dataset):  # whole dataset on the GPU, augmented there
         memory_format = torch.channels_last if backends.channels_last else torch.contiguous_format
         train_loader, val_loader, test_loader = resident_loaders(

@@ -103,8 +103,12 @@ class MoEConv2d(nn.Module):
             return out[torch.argsort(perm)]
         if not groups:  # empty batch
             return self._conv(x, *self._expert_slice(0))
-        outs = [self._conv(x[s:t], *self._expert_slice(e)) for s, t, e in groups]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        if len(groups) == 1:
+            return self._conv(x, *self._expert_slice(groups[0][2]))
+        # One split into the groups, not a slice per group: a slice's backward writes its gradient into a zeroed
+        # tensor of the whole batch (one per group, then summed); the split's is one concatenation. Same values.
+        parts = x.split([t - s for s, t, _ in groups])
+        return torch.cat([self._conv(part, *self._expert_slice(e)) for part, (_, _, e) in zip(parts, groups)])
 
     def _dense_masked(self, x, expert):
         y = self._conv(x, self.weight, self.bias)  # (B, N*w, H, W): every expert computed

@@ -3,6 +3,14 @@
     python -m utils.tools.benchmark                # CPU: batch-16 training steps, 3 repeats, a few minutes
     python -m utils.tools.benchmark --device cuda  # GPU: AMP, channels_last, cudnn flags of utils.gpu; add --compile
     python -m utils.tools.benchmark --quick        # tiny sizes, seconds: checks that it runs (sh/gpu_check.sh)
+    python -m utils.tools.benchmark --steps --image-size 16 --against /work/main   # s/batch, main vs this tree
+
+--steps times only training steps (s/batch; TRADES for dense rows, AdvMoE for MoE rows; `--rows`, default the
+Fashion-MNIST study's rows of issue 27) at --image-size, batch --train-batch (128), one thread unless --threads.
+With --against DIR the same steps of the source tree DIR (a git worktree of main) run beside this tree's, each
+tree in its own process (utils/tools/step_worker.py) with its own code, alternating step by step (ABAB, the order
+swapped every round), so the machine's load hits both alike; it prints both medians and the speed-ups, and the
+per-FLOP check of AdvMoE against dense TRADES (s/batch ratio over training-step GFLOPs ratio).
 
 ResNet-18 CIFAR (32x32, 10 classes), MoE at --ratio with N in --experts, against dense at --ratio and 1.0:
  (a) eval forward time at --batch, sparse and dense-masked MoE (the reference's computation);
@@ -34,6 +42,10 @@ ARCH = "resnet18_cifar"
 # The reference's own figures (shared/reference/README.md), GFLOPs per image, for comparison in (b).
 REFERENCE_GFLOPS = {("moe", 2): 0.68, ("moe", 4): 1.26}
 REFERENCE_STEP_GFLOPS = {("moe", 2): 13.3, ("moe", 4): 23.8, ("dense", 1.0): 14.4}
+# --steps' default rows: issue 27's Fashion-MNIST study (dense 2r, the dense ratio cost-matched to the MoE at 16x16,
+# the MoE at r = 0.25 with 2 experts).
+STUDY_ROWS = ("dense:0.5", "dense:0.390625", "moe:0.25:2")
+SPEEDUP_GOAL, PER_FLOP_GOAL = 1.5, 1.2  # issue 27, item 6
 
 
 def get_args_parser():
@@ -55,7 +67,15 @@ def get_args_parser():
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes (batch 8, training batch 4, one timed run, no (b)): checks the script runs")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: the machine's); 1 gives steadier ratios on a loaded machine")
+                   help="CPU threads (default: the machine's; --steps: 1); 1 gives steadier ratios on a loaded machine")
+    p.add_argument("--steps", action="store_true", help="only training steps, s/batch per row (see above)")
+    p.add_argument("--rows", nargs="+", default=list(STUDY_ROWS), metavar="ROW",
+                   help="--steps: dense:RATIO or moe:RATIO:N (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=32, help="--steps: image side in pixels (FashionMNIST16: 16)")
+    p.add_argument("--against", default=None, metavar="DIR",
+                   help="--steps: also time the source tree DIR (a git worktree of main), interleaved")
+    p.add_argument("--channels-last", action="store_true",
+                   help="--steps: this tree's models in channels-last (what --channels-last does on CPU)")
     return p
 
 
@@ -67,7 +87,7 @@ def check_args(args):
     if not args.experts or min(args.experts) < 1:
         raise UsageError(f"--experts must be whole numbers >= 1, got {' '.join(map(str, args.experts))}")
     for name, low in (("batch", 1), ("train_batch", 1), ("num_steps", 0), ("repeats", 1), ("warmup", 0),
-                      ("train_repeats", 1), ("threads", 1)):
+                      ("train_repeats", 1), ("threads", 1), ("image_size", 8)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
@@ -188,9 +208,152 @@ def train_throughput(args, configs, prepared, precision, device, warmup, train_b
     return rates
 
 
+def parse_row(text):
+    """'dense:0.5' -> ('dense', 0.5, None); 'moe:0.25:2' -> ('moe', 0.25, 2); UsageError otherwise."""
+    from utils.errors import UsageError
+    parts = text.split(":")
+    try:
+        if parts[0] == "dense" and len(parts) == 2:
+            row = ("dense", float(parts[1]), None)
+        elif parts[0] == "moe" and len(parts) == 3:
+            row = ("moe", float(parts[1]), int(parts[2]))
+        else:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--rows: {text!r} is not dense:RATIO or moe:RATIO:N") from None
+    if not 0 < row[1] <= 1 or (row[2] is not None and row[2] < 1):
+        raise UsageError(f"--rows: {text!r}: the ratio must be in (0, 1] and N >= 1")
+    return row
+
+
+def row_label(row):
+    kind, ratio, n = row
+    return f"dense r={ratio:g} TRADES" if kind == "dense" else f"MoE r={ratio:g} N={n} AdvMoE"
+
+
+class StepWorker:
+    """A `step_worker.py` process timing the training steps of the rows with the code of source tree `tree`."""
+
+    def __init__(self, tree, cfg):
+        import json
+        import subprocess
+        worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "step_worker.py")
+        env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), PYTHONPATH=tree)
+        self.proc = subprocess.Popen([sys.executable, worker, tree, json.dumps(cfg)], cwd=tree, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.close()
+            raise RuntimeError(f"the step worker of {tree} did not start (its stderr is above)")
+
+    def time(self, i):
+        """(wall seconds, CPU seconds of the worker process) of one training step of row `i`."""
+        self.proc.stdin.write(f"{i}\n")
+        self.proc.stdin.flush()
+        wall, cpu = self.proc.stdout.readline().split()
+        return float(wall), float(cpu)
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            self.proc.wait(timeout=60)
+
+
+def step_times(args, rows):
+    """{side: [[(wall, CPU) seconds of each repeat] per row]} for 'this' tree and, with --against, 'main';
+    interleaved ABAB."""
+    from utils.errors import UsageError
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if args.against is not None and not os.path.isfile(os.path.join(args.against, "utils", "flops.py")):
+        raise UsageError(f"--against {args.against}: not a source tree of this project (no utils/flops.py)")
+    cfg = dict(rows=[list(r) for r in rows], image_size=args.image_size, batch=args.train_batch,
+               num_steps=args.num_steps, threads=args.threads, warmup=args.warmup)
+    sides = {"this": (here, args.channels_last)}
+    if args.against is not None:
+        sides = {"main": (os.path.abspath(args.against), False), **sides}
+    workers = {}
+    try:
+        for side, (tree, channels_last) in sides.items():
+            workers[side] = StepWorker(tree, dict(cfg, channels_last=channels_last))
+        times = {side: [[] for _ in rows] for side in workers}
+        order = list(workers)
+        for r in range(args.train_repeats):
+            for i in range(len(rows)):
+                for side in (order if (r + i) % 2 == 0 else order[::-1]):
+                    times[side][i].append(workers[side].time(i))
+    finally:
+        for w in workers.values():
+            w.close()
+    return times
+
+
+def steps_main(args):
+    """--steps: s/batch of each row (this tree, and main with --against), speed-ups, the per-FLOP check."""
+    args.threads = args.threads or 1
+    args.train_batch = args.train_batch or 128
+    args.train_repeats = args.train_repeats or 5
+    args.warmup = 1 if args.warmup is None else args.warmup
+    rows = [parse_row(r) for r in args.rows]
+    load0, cores = os.getloadavg()[0], os.cpu_count()
+    print(f"# training steps, ResNet-18 CIFAR rows at {args.image_size}x{args.image_size}, batch {args.train_batch}, "
+          f"{args.num_steps}-step attacks (TRADES dense, AdvMoE MoE), random images; CPU, {args.threads} thread(s); "
+          f"torch {torch.__version__}; median of {args.train_repeats} after {args.warmup} warm-up"
+          f"{', interleaved step by step with --against ' + args.against if args.against else ''}; this tree "
+          f"{'channels-last' if args.channels_last else 'default layout'}; load average {load0:.1f} on {cores} cores")
+    times = step_times(args, rows)
+    load1 = os.getloadavg()[0]
+    from ..flops import train_step_gflops
+    gflops = []
+    for kind, ratio, n in rows:
+        torch.manual_seed(0)
+        model = (models.build_model(f"{ARCH}_ori", ratio=ratio) if kind == "dense" else
+                 models.build_model(f"{ARCH}_moe", ratio=ratio, n_expert=n))
+        gflops.append(train_step_gflops(model, "auto", image_size=args.image_size, batch=8,
+                                        num_steps=args.num_steps))
+    med = {side: [statistics.median(w for w, _ in t) for t in per_row] for side, per_row in times.items()}
+    cpu = {side: [statistics.median(c for _, c in t) for t in per_row] for side, per_row in times.items()}
+    head = f"{'row':<26} {'GF/image':>9}"
+    head += f" {'main s/batch':>13}" if "main" in med else ""
+    head += f" {'this s/batch':>13}" + (f" {'speed-up':>9}" if "main" in med else "")
+    print(head + "   (wall; CPU seconds of the step's process in brackets)")
+    for i, row in enumerate(rows):
+        line = f"{row_label(row):<26} {gflops[i]:9.3f}"
+        if "main" in med:
+            line += f" {med['main'][i]:6.3f} ({cpu['main'][i]:5.3f})"
+        line += f" {med['this'][i]:6.3f} ({cpu['this'][i]:5.3f})"
+        if "main" in med:
+            line += f" {med['main'][i] / med['this'][i]:5.2f}x ({cpu['main'][i] / cpu['this'][i]:.2f}x)"
+        print(line)
+    print(f"# load average {load1:.1f} at the end; every wall time of each side: "
+          + "; ".join(f"{side} {row_label(rows[i])}: {' '.join(f'{w:.2f}' for w, _ in ts)}"
+                      for side, per_row in times.items() for i, ts in enumerate(per_row)))
+    dense = next((i for i, r in enumerate(rows) if r[0] == "dense"), None)
+    for i, row in enumerate(rows):
+        if row[0] != "moe" or dense is None:
+            continue
+        for side in med:
+            for what, t in (("wall", med[side]), ("CPU", cpu[side])):
+                per_flop = (t[i] / t[dense]) / (gflops[i] / gflops[dense])
+                print(f"per FLOP ({side}, {what}): {row_label(row)} over {row_label(rows[dense])}: s/batch ratio "
+                      f"{t[i] / t[dense]:.2f} / GFLOPs ratio {gflops[i] / gflops[dense]:.2f} = "
+                      f"{per_flop:.2f} (goal <= {PER_FLOP_GOAL}: {_met(per_flop <= PER_FLOP_GOAL)})")
+    if "main" in med:
+        for what, t in (("wall", med), ("CPU", cpu)):
+            speedups = [m / n for m, n in zip(t["main"], t["this"])]
+            print(f"speed-up over main >= {SPEEDUP_GOAL}x on every row ({what}): "
+                  f"{_met(min(speedups) >= SPEEDUP_GOAL)} (smallest {min(speedups):.2f}x)")
+    return 0
+
+
 def main(args):
     from utils.runtime import resolve_device
     check_args(args)
+    if args.steps:
+        return steps_main(args)
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
