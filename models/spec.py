@@ -3,8 +3,8 @@ input normalisation). Built from the flags once (`utils.run.model_spec`), valida
 the one argument of every family's builder (`models.build_model`), recorded in every checkpoint
 (`ModelSpec.record`, the reference's flat keys) and compared with a checkpoint's record here (`contradiction`).
 
-Also the one answer to "is this arch an MoE?" (`is_moe`): the registry's naming convention, `*_ori` dense and
-`*_moe` Mixture-of-Experts.
+Also the one answer to "is this arch, or this model, an MoE?" (`is_moe`): the registry's naming convention, `*_ori`
+dense and `*_moe` Mixture-of-Experts.
 """
 from dataclasses import dataclass, replace
 
@@ -17,9 +17,12 @@ COMPARED = {"arch": "--arch", "ratio": "--ratio", "n_expert": "--n-expert", "rou
 RECORDED_FLAGS = {**COMPARED, "normalize": "--normalize", "dataset": "--dataset"}
 
 
-def is_moe(arch: str) -> bool:
-    """True for a Mixture-of-Experts arch (`*_moe`), False for a dense one (`*_ori`)."""
-    return arch.endswith("_moe")
+def is_moe(arch_or_model) -> bool:
+    """True for a Mixture-of-Experts arch name (`*_moe`) or model (a `RoutedNet` of such an arch); False for a
+    dense one (`*_ori`) and for any other module (a test's plain network, a wrapper that hides the model)."""
+    if isinstance(arch_or_model, str):
+        return arch_or_model.endswith("_moe")
+    return bool(getattr(arch_or_model, "is_moe", False))
 
 
 def base_arch(arch: str) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Subset
 
+from models.spec import is_moe
 from .data import TensorImageDataset
 from .errors import UsageError
 from .runtime import augment_seed
@@ -169,7 +170,7 @@ class BackendConfig:
 
 
 def _has_sparse_moe(model) -> bool:
-    return bool(getattr(model, "is_moe", False) and getattr(model, "sparse", False))
+    return is_moe(model) and bool(getattr(model, "sparse", False))
 
 
 def deterministic_backends():
@@ -248,7 +249,7 @@ def maybe_compile(model, enabled, **compile_kwargs):
     """
     if not enabled:
         return model
-    if getattr(model, "is_moe", False):
+    if is_moe(model):
         raise ValueError("torch.compile supports dense models only here: an MoE's routing recompiles every batch")
     import torch._dynamo
     config = torch._dynamo.config

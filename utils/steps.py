@@ -7,6 +7,7 @@ in `utils.update`; load balancing (a loss term, and the router upkeep that follo
 """
 from dataclasses import dataclass
 
+from models.spec import is_moe
 from .balance import DEFAULT_STRENGTH, RouterUpkeep, add_balance_term, loss_balancing
 from .losses import robust_loss
 from .update import StepContext, apply_update, check_finite
@@ -53,7 +54,7 @@ def joint_step(model, x, y, cfg: StepConfig, ctx: StepContext, upkeep: RouterUpk
     the load-balancing loss of `cfg.balance` (if any) joins the loss, and `upkeep` follows the update (not in
     the paper, as in AdvMoE). Returns the loss dict."""
     out = training_loss(model, x, y, cfg, ctx.generator)
-    moe = getattr(model, "is_moe", False)
+    moe = is_moe(model)
     balance = loss_balancing(cfg, model.n_expert) if moe else None
     if balance is not None:
         add_balance_term(out, balance)
