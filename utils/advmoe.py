@@ -5,7 +5,7 @@ The paper's bi-level problem, solved by alternation on every batch (`advmoe_step
      lower the robust loss of the whole MoE on them (experts frozen);
   2. `expert_step`: fresh adversarial examples against the MoE with the updated router; then only the backbone
      (experts and shared layers) moves (router frozen).
-The robust loss is TRADES or PGD-AT (`cfg.at`), as in dense training (`utils.steps.training_loss`).
+The robust loss is TRADES or PGD-AT (`cfg.at`), as in dense training (`utils.losses.robust_loss`).
 `cfg.router_objective == "reference"` replaces the router step's loss with the released code's
 (`reference_router_loss`).
 
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from models.base import backbone_modules, router_modules
 from .attack import attack_precision, eval_mode, kl_divergence, pgd_attack
 from .balance import RouterUpkeep, add_balance_term, loss_balancing
-from .steps import StepConfig, training_loss
+from .losses import robust_loss
+from .steps import StepConfig
 from .update import StepContext, apply_update, check_finite, frozen, running_stats_frozen
 
 
@@ -63,7 +64,7 @@ def router_step(model, x, y, cfg: StepConfig, ctx: StepContext, balance=None):
         if cfg.router_objective == "reference":
             out = reference_router_loss(model, x, y, cfg, ctx.generator)
         else:
-            out = training_loss(model, x, y, cfg, ctx.generator)
+            out = robust_loss(model, x, y, cfg, ctx.generator)
             if balance is not None:
                 add_balance_term(out, balance)
         check_finite(out["loss"], "router-step loss", ctx.average)
@@ -76,7 +77,7 @@ def expert_step(model, x, y, cfg: StepConfig, ctx: StepContext):
     the robust loss on fresh adversarial examples; its gradient norm is clipped at `cfg.grad_clip`. Returns the
     loss dict."""
     with frozen(model.router_parameters()), running_stats_frozen(router_modules(model)):
-        out = training_loss(model, x, y, cfg, ctx.generator)
+        out = robust_loss(model, x, y, cfg, ctx.generator)
         check_finite(out["loss"], "expert-step loss", ctx.average)
         apply_update(ctx.optimizer, out["loss"], ctx, clips=[(model.backbone_parameters(), cfg.grad_clip)])
     return out

@@ -96,22 +96,18 @@ def make_train_step(model, kind="auto", *, num_steps=2, at="trades", lr=0.0, sca
     router upkeep of training follows each router update; its balancing pass runs on the batch itself (training
     draws 64 un-augmented training images per update instead).
     """
-    from .advmoe import advmoe_step
     from .balance import RouterUpkeep
-    from .steps import StepConfig, joint_step
+    from .steps import StepConfig, make_step
     from .update import StepContext
     if kind == "auto":
         kind = "advmoe" if is_moe(model) else "joint"
     step_cfg = StepConfig(at=at, num_steps=num_steps, **cfg)
-    upkeep = RouterUpkeep(step_cfg.balance, step_cfg.balance_strength)
     if kind == "advmoe":
         ctx = StepContext(torch.optim.SGD(model.backbone_parameters(), lr=lr),
                           torch.optim.SGD(model.router_parameters(), lr=lr), scaler)
-        return lambda x, y: advmoe_step(model, x, y, step_cfg, ctx, upkeep=upkeep)
-    if kind == "joint":
+    else:
         ctx = StepContext(torch.optim.SGD(model.parameters(), lr=lr), scaler=scaler)
-        return lambda x, y: joint_step(model, x, y, step_cfg, ctx, upkeep=upkeep)
-    raise ValueError(f"unknown training step kind {kind!r} (advmoe, joint, auto)")
+    return make_step(model, step_cfg, ctx, kind, RouterUpkeep(step_cfg.balance, step_cfg.balance_strength))
 
 
 def train_step_gflops(model, kind="auto", *, image_size=32, batch=8, num_classes=10, device="cpu", **cfg) -> float:
