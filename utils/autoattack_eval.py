@@ -38,7 +38,7 @@ from .distributed import gather_objects, init_distributed, shutdown
 from .errors import UsageError
 from .lock import hold
 from .runlog import check_can_create
-from .runtime import chunk_seed, resolve_device, seed_everything, write_json_atomic
+from .runtime import STOP_SIGNALS, StopFlag, chunk_seed, resolve_device, seed_everything, write_json_atomic
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 PACKAGE = ("pyautoattack", pyautoattack.__version__)
@@ -51,7 +51,6 @@ _FLIPPED = re.compile(r"(?P<attack>[a-z-]+) - \d+/\d+ - (?P<n>\d+) out of \d+ su
 _DEFAULT_DATASET = "CIFAR10"  # the reference's --dataset, for checkpoints that do not record it
 # How long a process that finished its chunks waits for the others under torchrun (chunks are shared unevenly).
 BARRIER_TIMEOUT = timedelta(days=2)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass(frozen=True)
@@ -92,19 +91,14 @@ class Stopped(Exception):
                 f"from the finished chunks")
 
 
-def _raise_stopped(signum, frame):
+def _stop(signum):
     raise Stopped(signum)
 
 
-@contextlib.contextmanager
 def stop_on_signals():
-    """SIGTERM, SIGINT and SIGUSR1 raise `Stopped` (main thread only)."""
-    old = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    """Inside the block SIGTERM, SIGINT and SIGUSR1 raise `Stopped` (main thread only): the one stop flag,
+    `utils.runtime.StopFlag`, which raises."""
+    return StopFlag(STOP_SIGNALS, then=_stop).installed()
 
 
 class _LibraryLog(logging.Handler):
