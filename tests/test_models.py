@@ -309,3 +309,20 @@ def test_every_variant_registers_once_under_both_names():
     assert all(registry._BUILDERS[f"{b}_ori"] is registry._BUILDERS[f"{b}_moe"] for b in bases)
     with pytest.raises(ValueError, match="registered twice"):
         registry.register_variant(registry._BUILDERS["vgg16_bn_ori"])
+
+
+@pytest.mark.parametrize("spec", [
+    ModelSpec("resnet18_cifar_ori", ratio=0.5, num_classes=100),
+    ModelSpec("resnet18_cifar_moe", ratio=0.25, n_expert=4, routing="layer", sparse=False, moe_stages=(4, 3),
+              top_k=2, normalize=((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))),
+    ModelSpec("vgg16_bn_moe", ratio=0.125, num_classes=200, n_expert=2),
+], ids=["dense", "moe-every-field", "vgg-moe"])
+def test_from_record_is_the_inverse_of_record(spec):
+    """The one way back from a checkpoint's record: `from_record(record())` is the spec (validated: stages sorted),
+    given what a record cannot hold (the dataset's mean and std, sparse), and its record is the same record."""
+    spec = spec.validate()
+    back = ModelSpec.from_record(spec.record(), normalize=spec.normalize, sparse=spec.sparse)
+    assert back == spec and back.record() == spec.record()
+    assert ModelSpec.from_record({**spec.record(), "normalize": False}).normalize is None
+    with pytest.raises(ValueError, match="--ratio"):
+        ModelSpec.from_record({**spec.record(), "ratio": None})

@@ -31,8 +31,8 @@ from pyautoattack import AutoAttack, checks
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import models
-from .checkpoint import check_recorded, load_checkpoint, load_model_weights
+from . import checkpoint
+from .checkpoint import load_checkpoint
 from .data import build_datasets, dataset_info
 from .distributed import gather_objects, init_distributed, shutdown
 from .errors import UsageError
@@ -40,10 +40,8 @@ from .lock import hold
 from .runlog import check_can_create
 from .runtime import STOP_SIGNALS, StopFlag, chunk_seed, resolve_device, seed_everything, write_json_atomic
 
-ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 PACKAGE = ("pyautoattack", pyautoattack.__version__)
 CHUNK_FORMAT = "advmoe-autoattack-chunk/2"  # "after": robust count per attack
-_FORMAT_1 = "advmoe-autoattack-chunk/1"  # "after": per-point flags per attack; still read
 # Sub-attacks whose settings `attack_params` may change (as the authors' README does: adversary.apgd.n_restarts = 1).
 _COMPONENTS = ("apgd", "apgd_targeted", "fab", "square")
 _LOGGER = "auto-attack"  # the logger every pyautoattack object writes to
@@ -192,8 +190,6 @@ def attack_chunk(model, x, y, settings: AttackSettings, seed=0) -> dict:
 
 def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
     """[(start, stop)) index ranges covering range(n) in order, each of at most chunk_size points."""
-    if chunk_size < 1:
-        raise UsageError(f"--chunk-size must be >= 1, got {chunk_size}")
     return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
 
 
@@ -218,9 +214,8 @@ def chunk_path(folder: str, index: int) -> str:
 
 
 def _chunk_problem(rec, index, start, stop, key) -> str | None:
-    """What makes `rec` unusable as chunk `index` (points start..stop-1) of the evaluation `key`, or None.
-    Converts a format-1 record's per-point flags after each attack into counts."""
-    if not isinstance(rec, dict) or rec.get("format") not in (CHUNK_FORMAT, _FORMAT_1):
+    """What makes `rec` unusable as chunk `index` (points start..stop-1) of the evaluation `key`, or None."""
+    if not isinstance(rec, dict) or rec.get("format") != CHUNK_FORMAT:
         return "is not an AutoAttack chunk of this tool"
     if [rec.get(k) for k in ("fingerprint", "index", "start", "stop")] != [key, index, start, stop]:
         return f"is not chunk {index} (points {start}-{stop - 1}) of the settings {key}"
@@ -231,8 +226,6 @@ def _chunk_problem(rec, index, start, stop, key) -> str | None:
         return "counts an image as robust that is not clean-correct"
     if not (isinstance(attacks, list) and attacks and isinstance(after, dict) and list(after) == attacks):
         return "does not give the robust count after each of its attacks"
-    if rec["format"] == _FORMAT_1:
-        after = rec["after"] = {a: f.count("1") if isinstance(f, str) else f for a, f in after.items()}
     counts = [clean.count("1"), *after.values(), robust.count("1")]
     if not all(type(c) is int for c in counts) or counts != sorted(counts, reverse=True) or counts[-2] != counts[-1]:
         return f"has robust counts that do not fall from clean to robust ({counts})"
@@ -258,45 +251,19 @@ def load_chunk(folder, index, start, stop, key):
     return rec
 
 
-def on_chunk_done(index: int, record: dict):
-    """Called after each chunk is stored (a hook: tests interrupt here, a scheduler could report here)."""
-
-
 def model_from_checkpoint(ckpt: dict, source: str, args, device):
-    """The network `ckpt` holds, on `device` and ready to be attacked, and the spec it was built from.
+    """The network `ckpt` holds, on `device` and ready to be attacked, and its spec (part of the fingerprint).
 
     Each setting (arch, ratio, n_expert, normalize, dataset, routing) is what the checkpoint records; a flag
     of `args` fills in what it does not record (reference checkpoints record only the arch) and may not
-    contradict it (`check_recorded`, as for training). `args.sparse`: MoE layers compute each image's expert
-    only, or every expert masked (the same function). Returns (model, spec dict; the spec is part of the
-    fingerprint).
+    contradict it (`utils.checkpoint.model_from_checkpoint`, as for `--evaluate`). `args.sparse`: MoE layers
+    compute each image's expert only, or every expert masked (the same function).
     """
     flags = {key: getattr(args, key) for key in ("arch", "ratio", "n_expert", "normalize", "dataset", "routing")}
-    check_recorded(ckpt, flags, source)
-    spec = {key: ckpt.get(key) if flag is None else flag for key, flag in flags.items()}
-    arch, n_expert = spec["arch"], spec["n_expert"]
-    if arch is None:
-        raise UsageError(f"--arch is required: {source} does not record its architecture")
-    if spec["ratio"] is None:
-        raise UsageError(f"--ratio is required: {source} (reference layout) does not record its width ratio")
-    moe = models.is_moe(arch)
-    dataset = spec["dataset"] = spec["dataset"] or _DEFAULT_DATASET
-    info = dataset_info(dataset)
-    if ckpt.get("num_classes") not in (None, info.num_classes):
-        raise UsageError(f"{source} has {ckpt['num_classes']} classes but {dataset} has {info.num_classes}")
-    stages = ckpt.get("moe_stages") if moe else None
-    if n_expert == 1 and not moe:
-        n_expert = None  # one expert is the dense layer; ModelSpec refuses any other number for a dense arch
-    spec.update(ratio=float(spec["ratio"]), n_expert=None if n_expert is None else int(n_expert),
-                normalize=bool(spec["normalize"]), routing=spec["routing"] or "global", num_classes=info.num_classes,
-                moe_stages=None if stages is None else tuple(stages), top_k=int(ckpt.get("top_k") or 1) if moe else 1)
-    fields = {key: spec[key] for key in ("ratio", "num_classes", "n_expert", "routing", "moe_stages", "top_k")}
-    try:  # ModelSpec.validate names what is missing or wrong (an MoE without experts, experts for a dense arch)
-        model = models.build_model(arch, sparse=args.sparse, normalize=(info.mean, info.std) if spec["normalize"]
-                                   else None, **fields)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    load_model_weights(model, ckpt, source=source)
+    dataset = flags["dataset"] or ckpt.get("dataset") or _DEFAULT_DATASET
+    model = checkpoint.model_from_checkpoint(ckpt, flags, dataset_info(dataset), sparse=args.sparse, source=source)
+    # A dense model's routing as the first reports recorded it ('global'): the fingerprint of their chunks.
+    spec = {**model.spec.record(), "routing": model.spec.routing, "dataset": dataset}
     return prepare_model(model.to(device)), spec
 
 
@@ -378,7 +345,6 @@ def run_evaluation(model, dataset, settings: AttackSettings, plan: ChunkPlan, *,
                 "format": CHUNK_FORMAT, "fingerprint": plan.key, "index": c, "start": start, "stop": stop,
                 "seed": seed, **result, "seconds": time.time() - t0})
             records[c] = load_chunk(plan.folder, c, start, stop, plan.key)  # what a resumed run will read
-            on_chunk_done(c, records[c])
             bar.update(1)
             bar.set_postfix(chunk_robust=f"{100.0 * result['robust'].count('1') / (stop - start):.1f}%")
     except Stopped as e:
@@ -439,30 +405,9 @@ def format_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def check_flags(args):
-    """UsageError for flags that are wrong whatever the checkpoint and the data."""
-    if not args.source_net:
-        raise UsageError("--source-net is required (the checkpoint to evaluate)")
-    if args.version != "custom" and args.attacks:
-        raise UsageError(f"--attacks only applies to --version custom (version {args.version} fixes its attacks)")
-    if args.version == "custom" and not args.attacks:
-        raise UsageError("--version custom needs --attacks (e.g. --attacks apgd-ce apgd-t)")
-    unknown = [a for a in args.attacks or [] if a not in ATTACKS]
-    if unknown:
-        raise UsageError(f"--attacks: unknown {', '.join(unknown)}; valid: {', '.join(ATTACKS)}")
-    if not args.epsilon > 0 or (args.norm == "Linf" and args.epsilon > 255):
-        raise UsageError(f"--epsilon must be > 0{' and <= 255' if args.norm == 'Linf' else ''} (in 1/255 "
-                         f"units), got {args.epsilon:g}")
-    if not 0 <= args.seed <= 2**32 - 1:  # the training parser's range (numpy's seeds)
-        raise UsageError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
-    if args.num_workers < 0:
-        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-
-
 def evaluate_checkpoint(args, *, attack_params=None, progress=None) -> dict | None:
-    """The whole `auto_attack_eval.py` run; returns the report also written to `--out`.
+    """The whole `auto_attack_eval.py` run on its checked flags (`args.parse_autoattack_args`); returns the report
+    also written to `--out`.
 
     Everything that can fail on user input (checkpoint, flags, data, chunks on disk) is checked before any
     attack runs, and all but the chunks before anything is written. attack_params: overrides of AutoAttack's
@@ -479,7 +424,6 @@ def evaluate_checkpoint(args, *, attack_params=None, progress=None) -> dict | No
 
 def _evaluate_checkpoint(args, device, env, attack_params, progress):
     t_start = time.time()
-    check_flags(args)
     source = args.source_net
     ckpt = load_checkpoint(source)
     model, spec = model_from_checkpoint(ckpt, source, args, device)
@@ -487,7 +431,7 @@ def _evaluate_checkpoint(args, device, env, attack_params, progress):
     n_ex = len(test_ds) if args.n_ex is None else args.n_ex
     if not 1 <= n_ex <= len(test_ds):
         raise UsageError(f"--n-ex must be between 1 and {len(test_ds)} (the {spec['dataset']} test set), got {n_ex}")
-    n_chunks = len(chunk_ranges(n_ex, args.chunk_size))  # validates --chunk-size before anything is written
+    n_chunks = len(chunk_ranges(n_ex, args.chunk_size))
     eps = args.epsilon / 255.0
     attacks = list(args.attacks) if args.version == "custom" else None
     out = args.out or default_out_path(source, args.version, args.norm, args.epsilon, n_ex)
