@@ -6,6 +6,7 @@ settings on 8-16 test images, so the file runs in seconds on two CPU cores.
 """
 import functools
 import json
+import logging
 import os
 import re
 import signal
@@ -180,6 +181,34 @@ def test_flags_are_the_librarys_own():
                                                            batch_size=5, attack_params=CHEAP), seed=3)
     assert res["after"] == {"apgd-ce": first["robust"].count("1"), "apgd-t": res["robust"].count("1")}
     assert res["clean"].count("1") > res["after"]["apgd-ce"] > res["after"]["apgd-t"]  # each attack flipped some
+
+
+class _Margins(torch.nn.Module):
+    """Class 0 against class 1 on the sum of 16 pixels (classes 2-9 never win): logit_1 - logit_0 = sum(x) - 8. An
+    L-inf perturbation of eps moves the sum by 16 eps at most, so a point of label 0 and margin m = 8 - sum(x) > 0
+    is flipped exactly when m < 16 eps: which points any attack flips is known."""
+
+    def forward(self, x):
+        s = x.flatten(1).sum(1)  # (B,)
+        return torch.stack([torch.zeros_like(s), s - 8, *[torch.full_like(s, -1e3)] * 8], dim=1)  # (B, 10)
+
+
+def test_per_attack_counts_do_not_depend_on_the_librarys_log_wording(monkeypatch):
+    """The library's log reworded (every message reversed): the counts after each attack are still the known
+    ones. Pixels 0.49 (margin 0.16 < 16 eps = 0.8): flipped by the first attack; 0.3 (margin 3.2): robust to any;
+    0.55: wrong already."""
+    values = [0.49, 0.3, 0.49, 0.55, 0.3, 0.3]
+    x = torch.tensor(values).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    y = torch.zeros(len(values), dtype=torch.long)
+    logger = logging.getLogger("auto-attack")
+    for level in ("debug", "info", "warning"):
+        monkeypatch.setattr(logger, level, functools.partial(
+            lambda real, msg, *a, **k: real(str(msg)[::-1], *a, **k), getattr(logger, level)))
+    settings = aa.AttackSettings(eps=0.05, version="custom", attacks=("apgd-ce", "apgd-t"), batch_size=4,
+                                 attack_params=CHEAP)
+    res = aa.attack_chunk(aa.prepare_model(_Margins()), x, y, settings, seed=0)
+    assert (res["clean"], res["robust"]) == ("111011", "010011")
+    assert res["after"] == {"apgd-ce": 3, "apgd-t": 3}
 
 
 class _Killed(Exception):

@@ -8,8 +8,9 @@ covers what changes a chunk, not the device, data folder or worker count. Under 
 r, r + K, ...; rank 0 writes the report.
 
 Per point: `clean` is the model's prediction, batched as the library batches it; `robust` is `y_adv == y` on
-the labels the library returns. The robust count after each attack is the clean count less the points the
-library logs as flipped. The library's warnings (randomised or dynamic defence, probability outputs, zero
+the labels the library returns. The attacks run one after another through the library's own API, each on the
+points the ones before it left robust, so the robust count after each attack is counted between them, never
+read from the library's log text. The library's warnings (randomised or dynamic defence, probability outputs, zero
 gradients, target classes, Square beating the white-box attacks) come from its logger, per chunk; the Square
 check is rerun on the whole evaluation. A damaged or self-contradicting chunk file is refused, named.
 """
@@ -19,7 +20,6 @@ import io
 import json
 import logging
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass
@@ -45,7 +45,6 @@ CHUNK_FORMAT = "advmoe-autoattack-chunk/2"  # "after": robust count per attack
 # Sub-attacks whose settings `attack_params` may change (as the authors' README does: adversary.apgd.n_restarts = 1).
 _COMPONENTS = ("apgd", "apgd_targeted", "fab", "square")
 _LOGGER = "auto-attack"  # the logger every pyautoattack object writes to
-_FLIPPED = re.compile(r"(?P<attack>[a-z-]+) - \d+/\d+ - (?P<n>\d+) out of \d+ successfully perturbed")
 _DEFAULT_DATASET = "CIFAR10"  # the reference's --dataset, for checkpoints that do not record it
 # How long a process that finished its chunks waits for the others under torchrun (chunks are shared unevenly).
 BARRIER_TIMEOUT = timedelta(days=2)
@@ -100,27 +99,23 @@ def stop_on_signals():
 
 
 class _LibraryLog(logging.Handler):
-    """Keeps the library's warnings and the points each attack flipped (its per-batch debug lines)."""
+    """Keeps the library's warnings, once each, in the order they came."""
 
     def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.warnings, self.flipped = [], {}
+        super().__init__(logging.WARNING)
+        self.warnings = {}
 
     def emit(self, record):
-        text = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            self.warnings.append(text)
-        elif m := _FLIPPED.fullmatch(text):
-            self.flipped[m["attack"]] = self.flipped.get(m["attack"], 0) + int(m["n"])
+        self.warnings.setdefault(record.getMessage())
 
 
 @contextlib.contextmanager
 def _library_log():
-    """Collect what pyautoattack logs (and prints) instead of showing it."""
+    """Collect the warnings pyautoattack logs, and swallow the rest of what it logs and prints."""
     logger, log = logging.getLogger(_LOGGER), _LibraryLog()
     level, propagate = logger.level, logger.propagate
     logger.addHandler(log)
-    logger.setLevel(logging.DEBUG)
+    logger.setLevel(logging.WARNING)
     logger.propagate = False
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -164,6 +159,10 @@ def _bits(flags: torch.Tensor) -> str:
 def attack_chunk(model, x, y, settings: AttackSettings, seed=0) -> dict:
     """Run AutoAttack on the points (x, y): what a chunk file stores about them.
 
+    The attacks run one after another, each through the library's own `run_standard_evaluation` on the points
+    that every attack before it left robust, and each count is read from the labels the library returns. The
+    library runs them the same way within one call (each attack on the robust points left, in index order, in
+    batches of `batch_size`, every batch seeded with `seed`), so each count is what that attack leaves there.
     model: maps [0,1] images (B, C, H, W) to logits (see `prepare_model`); x, y on the CPU (the library moves
     each batch to `settings.device`); seed: AutoAttack's seed and the global one.
     Returns {"attacks": the attacks in order, "clean", "robust": one '1'/'0' per point, "after": {attack: robust
@@ -172,20 +171,28 @@ def attack_chunk(model, x, y, settings: AttackSettings, seed=0) -> dict:
     seed_everything(seed)
     with _library_log() as log:
         adversary = make_adversary(model, settings, seed)
-        _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=settings.batch_size)
-    with torch.no_grad():  # the library's clean pass again: same batches on the same device, same predictions
-        clean = torch.cat([model(xb.to(settings.device)).max(dim=1)[1].cpu()
-                           for xb in x.split(settings.batch_size)]) == y
-    robust = y_adv.cpu() == y
-    attacks, left, after = list(adversary.attacks_to_run), int(clean.sum()), {}
-    for attack in attacks:
-        left -= log.flipped.get(attack, 0)
-        after[attack] = left
-    if (robust & ~clean).any() or left != int(robust.sum()):
-        raise RuntimeError(f"pyautoattack {PACKAGE[1]}: its labels, its log and a second clean pass disagree "
-                           "(a model that is not deterministic, or the library changed)")
+        attacks, after = list(adversary.attacks_to_run), {}
+        with torch.no_grad():  # the library's clean pass: the same batches on the same device
+            clean = torch.cat([model(xb.to(settings.device)).max(dim=1)[1].cpu()
+                               for xb in x.split(settings.batch_size)]) == y
+        # The first call gets every point: the library's checks and its clean pass see them all, as in one call.
+        left = torch.arange(len(y))  # (R,) indices of the points still robust
+        for attack in attacks:
+            if len(left):  # as the library, which stops once no point is left
+                adversary.attacks_to_run = [attack]
+                _, y_adv = adversary.run_standard_evaluation(x[left], y[left], batch_size=settings.batch_size)
+                left = left[y_adv.cpu() == y[left]]
+            after[attack] = len(left)
+        # The library's check of Square beating the white-box attacks, which one call would have run on these.
+        checks.check_square_sr({"clean": clean.float().mean().item(), **{a: n / len(y) for a, n in after.items()}},
+                               logger=logging.getLogger(_LOGGER))
+    robust = torch.zeros_like(clean)
+    robust[left] = True
+    if (robust & ~clean).any():
+        raise RuntimeError(f"pyautoattack {PACKAGE[1]}: its clean pass and ours disagree (a model that is not "
+                           "deterministic, or the library changed)")
     return {"attacks": attacks, "clean": _bits(clean), "robust": _bits(robust), "after": after,
-            "warnings": log.warnings}
+            "warnings": list(log.warnings)}
 
 
 def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
