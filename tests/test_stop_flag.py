@@ -3,8 +3,7 @@ import os
 import signal
 import threading
 
-from utils import autoattack_eval
-from utils.runtime import STOP_SIGNALS, StopFlag
+from utils.runtime import STOP_SIGNALS, StopFlag, stop_on_signals
 from utils.tools import jobs
 
 
@@ -34,6 +33,6 @@ def test_outside_the_main_thread_nothing_is_installed():
 
 
 def test_autoattack_and_the_job_runner_install_the_stop_flag():
-    for block in (autoattack_eval.stop_on_signals(), jobs.Runner()._signals()):
+    for block in (stop_on_signals(), jobs.Runner()._signals()):
         with block:
             assert all(isinstance(signal.getsignal(s), StopFlag) for s in STOP_SIGNALS)

@@ -192,3 +192,24 @@ class StopFlag:
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+
+
+class Stopped(Exception):
+    """A stop signal arrived inside `stop_on_signals`: exit code 128 + signal. `where`: how far the work got."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum, self.where = signum, ""
+
+    def __str__(self):
+        return f"stopped by {signal.Signals(self.signum).name}{self.where}"
+
+
+def _raise_stopped(signum):
+    raise Stopped(signum)
+
+
+def stop_on_signals():
+    """Inside the block SIGTERM, SIGINT and SIGUSR1 raise `Stopped` (main thread only; auto_attack_eval.py): the
+    stop flag, raising."""
+    return StopFlag(STOP_SIGNALS, then=_raise_stopped).installed()
