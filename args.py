@@ -521,6 +521,36 @@ def get_autoattack_parser() -> argparse.ArgumentParser:
     return p
 
 
+AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")  # pyautoattack's names
+
+
+def parse_autoattack_args(argv=None):
+    """auto_attack_eval.py's command line, parsed and checked (`validate_autoattack_args`)."""
+    args = get_autoattack_parser().parse_args(argv)
+    validate_autoattack_args(args)
+    return args
+
+
+def validate_autoattack_args(args):
+    """UsageError for auto_attack_eval.py flags that are wrong whatever the checkpoint and the data (what depends
+    on them, such as --n-ex against the test set, is checked once they are loaded)."""
+    if not args.source_net:
+        raise UsageError("--source-net is required (the checkpoint to evaluate)")
+    if args.version != "custom" and args.attacks:
+        raise UsageError(f"--attacks only applies to --version custom (version {args.version} fixes its attacks)")
+    if args.version == "custom" and not args.attacks:
+        raise UsageError("--version custom needs --attacks (e.g. --attacks apgd-ce apgd-t)")
+    unknown = [a for a in args.attacks or [] if a not in AUTOATTACK_ATTACKS]
+    if unknown:
+        raise UsageError(f"--attacks: unknown {', '.join(unknown)}; valid: {', '.join(AUTOATTACK_ATTACKS)}")
+    if not args.epsilon > 0 or (args.norm == "Linf" and args.epsilon > 255):
+        raise UsageError(f"--epsilon must be > 0{' and <= 255' if args.norm == 'Linf' else ''} (in 1/255 "
+                         f"units), got {args.epsilon:g}")
+    _check(args, ("seed",), lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], "in [0, 2**32 - 1]")
+    _check(args, ("num_workers",), lambda v: v >= 0, ">= 0")
+    _check(args, ("batch_size", "chunk_size", "n_ex"), lambda v: v >= 1, ">= 1")
+
+
 def flags_table(parser=None) -> str:
     """docs/flags.md's table (markdown) of the training parser, generated from it:
     `python -c "import args; print(args.flags_table())"`; tests/test_args.py checks docs/flags.md against it."""

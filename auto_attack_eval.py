@@ -11,13 +11,14 @@ SIGUSR1 stops it with one line saying how far it got, and exit code 128 + the si
 """
 import sys
 
-from args import get_autoattack_parser
-from utils.autoattack_eval import Stopped, evaluate_checkpoint, stop_on_signals
+from args import parse_autoattack_args
+from utils.autoattack_eval import evaluate_checkpoint
 from utils.cli import run_main
+from utils.runtime import Stopped, stop_on_signals
 
 
 def main(argv=None):
-    args = get_autoattack_parser().parse_args(argv)
+    args = parse_autoattack_args(argv)
     try:
         with stop_on_signals():
             evaluate_checkpoint(args)

@@ -7,9 +7,9 @@ import importlib
 
 from .spec import ModelSpec, is_moe
 
-_LAZY = {"build_model": "registry", "list_models": "registry", "register_model": "registry",
+_LAZY = {"build_model": "registry", "list_models": "registry", "register_variant": "registry",
          "RoutedNet": "base", "RoutingInfo": "base"}
-__all__ = ["build_model", "list_models", "is_moe", "register_model", "ModelSpec", "RoutedNet", "RoutingInfo"]
+__all__ = ["build_model", "list_models", "is_moe", "register_variant", "ModelSpec", "RoutedNet", "RoutingInfo"]
 
 
 def __getattr__(name):

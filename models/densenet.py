@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import RoutedNet, call, init_weights, require_channels
-from .registry import register_model
+from .registry import register_variant
 from .spec import ModelSpec
 
 _CIFAR = dict(growth=12, blocks=(6, 6, 6), stem=24, bottleneck=48, imagenet_stem=False)
@@ -123,22 +123,12 @@ class _DenseNet(RoutedNet):
         return self.classifier(x)  # (B, classes)
 
 
-# Builders take the model's ModelSpec; `_ori` and `_moe` differ by the spec's experts.
-@register_model
-def densenet_cifar_ori(spec):
+# One builder per variant, registered as `<name>_ori` (dense) and `<name>_moe` (the spec's experts decide).
+@register_variant
+def densenet_cifar(spec):
     return _DenseNet(spec, **_CIFAR)
 
 
-@register_model
-def densenet_cifar_moe(spec):
-    return _DenseNet(spec, **_CIFAR)
-
-
-@register_model
-def densenet_imagenet_ori(spec):
-    return _DenseNet(spec, **_IMAGENET)
-
-
-@register_model
-def densenet_imagenet_moe(spec):
+@register_variant
+def densenet_imagenet(spec):
     return _DenseNet(spec, **_IMAGENET)

@@ -7,12 +7,14 @@ from .spec import ModelSpec
 _BUILDERS: dict[str, Callable] = {}
 
 
-def register_model(fn: Callable) -> Callable:
-    """Decorator: register a builder `fn(spec) -> model` under its function name (names are unique)."""
-    name = fn.__name__
-    if name in _BUILDERS:
-        raise ValueError(f"model {name!r} is registered twice")
-    _BUILDERS[name] = fn
+def register_variant(fn: Callable) -> Callable:
+    """Decorator: register a builder `fn(spec) -> model` under its dense and MoE names, `<fn name>_ori` and
+    `<fn name>_moe` (one class builds both: the spec's experts make the difference). Names are unique."""
+    names = (f"{fn.__name__}_ori", f"{fn.__name__}_moe")
+    for name in names:
+        if name in _BUILDERS:
+            raise ValueError(f"model {name!r} is registered twice")
+    _BUILDERS.update(dict.fromkeys(names, fn))
     return fn
 
 

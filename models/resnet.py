@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import RoutedNet, call, init_weights, require_channels
-from .registry import register_model
+from .registry import register_variant
 from .spec import ModelSpec
 
 _STAGE_PLANES = (64, 128, 256, 512)
@@ -154,102 +154,52 @@ _B, _BN = _BasicBlock, _Bottleneck
 _D18, _D34, _D50, _D101, _D152 = (2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
 
 
-# Builders take the model's ModelSpec; `_ori` and `_moe` differ by the spec's experts.
-@register_model
-def resnet18_cifar_ori(spec):
+# One builder per variant, registered as `<name>_ori` (dense) and `<name>_moe` (the spec's experts decide).
+@register_variant
+def resnet18_cifar(spec):
     return _ResNet(spec, _B, _D18, "cifar")
 
 
-@register_model
-def resnet18_cifar_moe(spec):
-    return _ResNet(spec, _B, _D18, "cifar")
-
-
-@register_model
-def resnet34_cifar_ori(spec):
+@register_variant
+def resnet34_cifar(spec):
     return _ResNet(spec, _B, _D34, "cifar")
 
 
-@register_model
-def resnet34_cifar_moe(spec):
-    return _ResNet(spec, _B, _D34, "cifar")
-
-
-@register_model
-def resnet50_cifar_ori(spec):
+@register_variant
+def resnet50_cifar(spec):
     return _ResNet(spec, _BN, _D50, "cifar")
 
 
-@register_model
-def resnet50_cifar_moe(spec):
-    return _ResNet(spec, _BN, _D50, "cifar")
-
-
-@register_model
-def resnet101_cifar_ori(spec):
+@register_variant
+def resnet101_cifar(spec):
     return _ResNet(spec, _BN, _D101, "cifar")
 
 
-@register_model
-def resnet101_cifar_moe(spec):
-    return _ResNet(spec, _BN, _D101, "cifar")
-
-
-@register_model
-def resnet152_cifar_ori(spec):
+@register_variant
+def resnet152_cifar(spec):
     return _ResNet(spec, _BN, _D152, "cifar")
 
 
-@register_model
-def resnet152_cifar_moe(spec):
-    return _ResNet(spec, _BN, _D152, "cifar")
-
-
-@register_model
-def resnet18_imagenet_ori(spec):
+@register_variant
+def resnet18_imagenet(spec):
     return _ResNet(spec, _B, _D18, "imagenet")
 
 
-@register_model
-def resnet18_imagenet_moe(spec):
-    return _ResNet(spec, _B, _D18, "imagenet")
-
-
-@register_model
-def resnet34_imagenet_ori(spec):
+@register_variant
+def resnet34_imagenet(spec):
     return _ResNet(spec, _B, _D34, "imagenet")
 
 
-@register_model
-def resnet34_imagenet_moe(spec):
-    return _ResNet(spec, _B, _D34, "imagenet")
-
-
-@register_model
-def resnet50_imagenet_ori(spec):
+@register_variant
+def resnet50_imagenet(spec):
     return _ResNet(spec, _BN, _D50, "imagenet")
 
 
-@register_model
-def resnet50_imagenet_moe(spec):
-    return _ResNet(spec, _BN, _D50, "imagenet")
-
-
-@register_model
-def resnet101_imagenet_ori(spec):
+@register_variant
+def resnet101_imagenet(spec):
     return _ResNet(spec, _BN, _D101, "imagenet")
 
 
-@register_model
-def resnet101_imagenet_moe(spec):
-    return _ResNet(spec, _BN, _D101, "imagenet")
-
-
-@register_model
-def resnet152_imagenet_ori(spec):
-    return _ResNet(spec, _BN, _D152, "imagenet")
-
-
-@register_model
-def resnet152_imagenet_moe(spec):
+@register_variant
+def resnet152_imagenet(spec):
     return _ResNet(spec, _BN, _D152, "imagenet")

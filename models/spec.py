@@ -1,10 +1,11 @@
 """What a model is, as one value: `ModelSpec` (arch, width ratio, classes, experts, routing, placement, top-k,
 input normalisation). Built from the flags once (`utils.run.model_spec`), validated here (`ModelSpec.validate`),
 the one argument of every family's builder (`models.build_model`), recorded in every checkpoint
-(`ModelSpec.record`, the reference's flat keys) and compared with a checkpoint's record here (`contradiction`).
+(`ModelSpec.record`, the reference's flat keys), rebuilt from a checkpoint's record (`ModelSpec.from_record`, its
+inverse) and compared with a checkpoint's record here (`contradiction`).
 
-Also the one answer to "is this arch an MoE?" (`is_moe`): the registry's naming convention, `*_ori` dense and
-`*_moe` Mixture-of-Experts.
+Also the one answer to "is this arch, or this model, an MoE?" (`is_moe`): the registry's naming convention, `*_ori`
+dense and `*_moe` Mixture-of-Experts.
 """
 from dataclasses import dataclass, replace
 
@@ -17,9 +18,12 @@ COMPARED = {"arch": "--arch", "ratio": "--ratio", "n_expert": "--n-expert", "rou
 RECORDED_FLAGS = {**COMPARED, "normalize": "--normalize", "dataset": "--dataset"}
 
 
-def is_moe(arch: str) -> bool:
-    """True for a Mixture-of-Experts arch (`*_moe`), False for a dense one (`*_ori`)."""
-    return arch.endswith("_moe")
+def is_moe(arch_or_model) -> bool:
+    """True for a Mixture-of-Experts arch name (`*_moe`) or model (a `RoutedNet` of such an arch); False for a
+    dense one (`*_ori`) and for any other module (a test's plain network, a wrapper that hides the model)."""
+    if isinstance(arch_or_model, str):
+        return arch_or_model.endswith("_moe")
+    return bool(getattr(arch_or_model, "is_moe", False))
 
 
 def base_arch(arch: str) -> str:
@@ -98,6 +102,22 @@ class ModelSpec:
         return {"arch": self.arch, "ratio": self.ratio, "n_expert": self.n_expert, "num_classes": self.num_classes,
                 "normalize": self.normalize is not None, "routing": self.routing if self.is_moe else None,
                 "moe_stages": None if self.moe_stages is None else list(self.moe_stages), "top_k": self.top_k}
+
+    @classmethod
+    def from_record(cls, record: dict, *, normalize: tuple | None = None, sparse: bool = True) -> "ModelSpec":
+        """The inverse of `record()`: the validated spec a checkpoint's record describes (ValueError naming the
+        flag when the record is incomplete or inconsistent). A record keeps only whether the model normalises:
+        `normalize` is the dataset's (mean, std), used when it does; `sparse` is not recorded (the same function
+        either way). A dense model's routing is 'global'."""
+        for key, flag in (("arch", "--arch"), ("ratio", "--ratio"), ("num_classes", "the number of classes")):
+            if record.get(key) is None:
+                raise ValueError(f"{flag} is required: the checkpoint does not record it")
+        stages, n_expert = record.get("moe_stages"), record.get("n_expert")
+        return cls(str(record["arch"]), ratio=float(record["ratio"]), num_classes=int(record["num_classes"]),
+                   n_expert=None if n_expert is None else int(n_expert), routing=record.get("routing") or "global",
+                   sparse=sparse, moe_stages=None if stages is None else tuple(stages),
+                   top_k=int(record.get("top_k") or 1), normalize=normalize if record.get("normalize") else None
+                   ).validate()
 
     def compared(self) -> dict:
         """The fields a checkpoint's record must agree with to load into this model (None: not compared)."""

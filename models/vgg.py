@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .base import RoutedNet, call, init_weights, require_channels
-from .registry import register_model
+from .registry import register_variant
 from .spec import ModelSpec
 
 _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -79,22 +79,12 @@ class _VGG(RoutedNet):
         return self.classifier(x)  # (B, classes)
 
 
-# Builders take the model's ModelSpec; `_ori` and `_moe` differ by the spec's experts.
-@register_model
-def vgg16_ori(spec):
+# One builder per variant, registered as `<name>_ori` (dense) and `<name>_moe` (the spec's experts decide).
+@register_variant
+def vgg16(spec):
     return _VGG(spec, _VGG16, batch_norm=False)
 
 
-@register_model
-def vgg16_moe(spec):
-    return _VGG(spec, _VGG16, batch_norm=False)
-
-
-@register_model
-def vgg16_bn_ori(spec):
-    return _VGG(spec, _VGG16, batch_norm=True)
-
-
-@register_model
-def vgg16_bn_moe(spec):
+@register_variant
+def vgg16_bn(spec):
     return _VGG(spec, _VGG16, batch_norm=True)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import RoutedNet, call, init_weights, require_channels
-from .registry import register_model
+from .registry import register_variant
 from .spec import ModelSpec
 
 
@@ -114,62 +114,32 @@ class _WideResNet(RoutedNet):
         return self.fc(out)  # (B, classes)
 
 
-# Builders take the model's ModelSpec; `_ori` and `_moe` differ by the spec's experts.
-@register_model
-def wrn_28_4_cifar_ori(spec):
+# One builder per variant, registered as `<name>_ori` (dense) and `<name>_moe` (the spec's experts decide).
+@register_variant
+def wrn_28_4_cifar(spec):
     return _WideResNet(spec, 28, 4, "cifar")
 
 
-@register_model
-def wrn_28_4_cifar_moe(spec):
-    return _WideResNet(spec, 28, 4, "cifar")
-
-
-@register_model
-def wrn_28_10_cifar_ori(spec):
+@register_variant
+def wrn_28_10_cifar(spec):
     return _WideResNet(spec, 28, 10, "cifar")
 
 
-@register_model
-def wrn_28_10_cifar_moe(spec):
-    return _WideResNet(spec, 28, 10, "cifar")
-
-
-@register_model
-def wrn_34_10_cifar_ori(spec):
+@register_variant
+def wrn_34_10_cifar(spec):
     return _WideResNet(spec, 34, 10, "cifar")
 
 
-@register_model
-def wrn_34_10_cifar_moe(spec):
-    return _WideResNet(spec, 34, 10, "cifar")
-
-
-@register_model
-def wrn_28_4_imagenet_ori(spec):
+@register_variant
+def wrn_28_4_imagenet(spec):
     return _WideResNet(spec, 28, 4, "imagenet")
 
 
-@register_model
-def wrn_28_4_imagenet_moe(spec):
-    return _WideResNet(spec, 28, 4, "imagenet")
-
-
-@register_model
-def wrn_28_10_imagenet_ori(spec):
+@register_variant
+def wrn_28_10_imagenet(spec):
     return _WideResNet(spec, 28, 10, "imagenet")
 
 
-@register_model
-def wrn_28_10_imagenet_moe(spec):
-    return _WideResNet(spec, 28, 10, "imagenet")
-
-
-@register_model
-def wrn_34_10_imagenet_ori(spec):
-    return _WideResNet(spec, 34, 10, "imagenet")
-
-
-@register_model
-def wrn_34_10_imagenet_moe(spec):
+@register_variant
+def wrn_34_10_imagenet(spec):
     return _WideResNet(spec, 34, 10, "imagenet")

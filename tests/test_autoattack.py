@@ -6,6 +6,7 @@ settings on 8-16 test images, so the file runs in seconds on two CPU cores.
 """
 import functools
 import json
+import logging
 import os
 import re
 import signal
@@ -26,7 +27,8 @@ from utils.lock import hold
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import auto_attack_eval  # noqa: E402  (the entry script: its parser is the one users get)
+import auto_attack_eval  # noqa: E402  (the entry script)
+from args import parse_autoattack_args  # noqa: E402  (its parser and checks are the ones users get)
 from conftest import TINY_RATIO as RATIO, ours, train_tiny  # noqa: E402
 
 # AutoAttack's own settings for the cheap runs (the authors' README customises attacks the same way).
@@ -34,7 +36,7 @@ CHEAP = {"apgd": {"n_restarts": 1, "n_iter": 10}, "apgd_targeted": {"n_iter": 10
 
 
 def parse(*argv):
-    return auto_attack_eval.get_autoattack_parser().parse_args([str(a) for a in argv])
+    return parse_autoattack_args([str(a) for a in argv])
 
 
 def evaluate(ckpt, out, *extra, attack_params=CHEAP):
@@ -60,6 +62,19 @@ def cli(argv, capsys, monkeypatch):
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr().err
+
+
+def before_chunk(monkeypatch, n, action):
+    """Run `action()` just before the `n`-th chunk attacked (0-based) is attacked: the ones before it are on disk."""
+    real, calls = aa.attack_chunk, []
+
+    def attack(*a, **k):
+        calls.append(1)
+        if len(calls) == n + 1:
+            action()
+        return real(*a, **k)
+    monkeypatch.setattr(aa, "attack_chunk", attack)
+    return real
 
 
 def digits_test():
@@ -168,6 +183,34 @@ def test_flags_are_the_librarys_own():
     assert res["clean"].count("1") > res["after"]["apgd-ce"] > res["after"]["apgd-t"]  # each attack flipped some
 
 
+class _Margins(torch.nn.Module):
+    """Class 0 against class 1 on the sum of 16 pixels (classes 2-9 never win): logit_1 - logit_0 = sum(x) - 8. An
+    L-inf perturbation of eps moves the sum by 16 eps at most, so a point of label 0 and margin m = 8 - sum(x) > 0
+    is flipped exactly when m < 16 eps: which points any attack flips is known."""
+
+    def forward(self, x):
+        s = x.flatten(1).sum(1)  # (B,)
+        return torch.stack([torch.zeros_like(s), s - 8, *[torch.full_like(s, -1e3)] * 8], dim=1)  # (B, 10)
+
+
+def test_per_attack_counts_do_not_depend_on_the_librarys_log_wording(monkeypatch):
+    """The library's log reworded (every message reversed): the counts after each attack are still the known
+    ones. Pixels 0.49 (margin 0.16 < 16 eps = 0.8): flipped by the first attack; 0.3 (margin 3.2): robust to any;
+    0.55: wrong already."""
+    values = [0.49, 0.3, 0.49, 0.55, 0.3, 0.3]
+    x = torch.tensor(values).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    y = torch.zeros(len(values), dtype=torch.long)
+    logger = logging.getLogger("auto-attack")
+    for level in ("debug", "info", "warning"):
+        monkeypatch.setattr(logger, level, functools.partial(
+            lambda real, msg, *a, **k: real(str(msg)[::-1], *a, **k), getattr(logger, level)))
+    settings = aa.AttackSettings(eps=0.05, version="custom", attacks=("apgd-ce", "apgd-t"), batch_size=4,
+                                 attack_params=CHEAP)
+    res = aa.attack_chunk(aa.prepare_model(_Margins()), x, y, settings, seed=0)
+    assert (res["clean"], res["robust"]) == ("111011", "010011")
+    assert res["after"] == {"apgd-ce": 3, "apgd-t": 3}
+
+
 class _Killed(Exception):
     pass
 
@@ -176,17 +219,14 @@ def test_killed_and_resumed_equals_uninterrupted(ckpts, tmp_path, monkeypatch):
     argv = ("--n-ex", 12, "--chunk-size", 4, "--epsilon", 4, "--version", "custom", "--attacks", "apgd-ce")
     whole = evaluate(ckpts["dense"], tmp_path / "whole.json", *argv)
 
-    def kill_after_chunk_1(index, record):
-        if index == 1:
-            raise _Killed
+    def kill():
+        raise _Killed
 
-    monkeypatch.setattr(aa, "on_chunk_done", kill_after_chunk_1)
+    real = before_chunk(monkeypatch, 2, kill)  # chunks 0 and 1 done
     with pytest.raises(_Killed):
         evaluate(ckpts["dense"], tmp_path / "resumed.json", *argv)
     assert not (tmp_path / "resumed.json").exists()
-    monkeypatch.setattr(aa, "on_chunk_done", lambda index, record: None)
     attacked = []
-    real = aa.attack_chunk
     monkeypatch.setattr(aa, "attack_chunk", lambda *a, **k: attacked.append(k["seed"]) or real(*a, **k))
     resumed = evaluate(ckpts["dense"], tmp_path / "resumed.json", *argv)
     assert attacked == [1234 + 2]  # only the last chunk was left, with its own seed
@@ -199,13 +239,14 @@ def test_killed_and_resumed_equals_uninterrupted(ckpts, tmp_path, monkeypatch):
         assert (a["clean"], a["robust"], a["after"]) == (b["clean"], b["robust"], b["after"])
 
 
-def test_format_1_chunks_are_still_read(tmp_path):
-    """Chunks written before the per-attack flags became counts resume as counts."""
+def test_chunks_of_the_retired_format_1_are_refused(tmp_path):
+    """Chunks of format 1 (per-point flags after each attack) are no longer read: named, to be attacked again."""
     rec = {"format": "advmoe-autoattack-chunk/1", "fingerprint": "k", "index": 0, "start": 0, "stop": 4, "seed": 1,
            "attacks": ["apgd-ce", "apgd-t"], "clean": "1101", "robust": "0100",
            "after": {"apgd-ce": "1100", "apgd-t": "0100"}, "warnings": [], "seconds": 1.0}
     (tmp_path / "chunk_00000.json").write_text(json.dumps(rec))
-    assert aa.load_chunk(tmp_path, 0, 0, 4, "k")["after"] == {"apgd-ce": 2, "apgd-t": 1}
+    with pytest.raises(UsageError, match="is not an AutoAttack chunk of this tool: delete it"):
+        aa.load_chunk(tmp_path, 0, 0, 4, "k")
 
 
 def _edit(rec):
@@ -257,12 +298,11 @@ def test_damaged_or_edited_chunks_are_refused(ckpts, tmp_path, capsys, monkeypat
     assert {p: open(p, "rb").read() for p in files} == files
 
 
-def _signal_after_chunk(signum, at=0):
-    def hook(index, record):
-        if index == at:
-            os.kill(os.getpid(), signum)
-            time.sleep(5)  # the handler runs before this ends
-    return hook
+def _signal(signum):
+    def send():
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler runs before this ends
+    return send
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -271,7 +311,7 @@ def test_stop_signal_says_where_and_the_same_command_resumes(ckpts, tmp_path, ca
             "--device", "cpu", "--num-workers", 0, "--n-ex", 12, "--chunk-size", 4, "--epsilon", 4,
             "--version", "custom", "--attacks", "apgd-ce"]
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    monkeypatch.setattr(aa, "on_chunk_done", _signal_after_chunk(signum))
+    real = before_chunk(monkeypatch, 1, _signal(signum))  # chunk 0 done
     code, err = cli(argv, capsys, monkeypatch)
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back
     lines = err.strip().splitlines()
@@ -280,7 +320,7 @@ def test_stop_signal_says_where_and_the_same_command_resumes(ckpts, tmp_path, ca
     assert f"stopped by {name} with 1 of 3 chunks finished in {tmp_path}" in lines[0], lines[0]
     assert "rerunning the same command resumes" in lines[0], lines[0]
     assert not (tmp_path / "aa.json").exists()
-    monkeypatch.setattr(aa, "on_chunk_done", lambda index, record: None)
+    monkeypatch.setattr(aa, "attack_chunk", real)
     code, err = cli(argv, capsys, monkeypatch)
     assert code == 0, err
     assert json.loads((tmp_path / "aa.json").read_text())["resumed_chunks"] == 1
@@ -467,6 +507,8 @@ def test_chunks_cover_every_point_once_and_split_across_ranks():
     ["--version", "standard", "--attacks", "apgd-ce"],
     ["--version", "custom"],
     ["--version", "custom", "--attacks", "pgd"],
+    ["--chunk-size", 0],
+    ["--epsilon", 300],
 ])
 def test_bad_flags_are_usage_errors_before_anything_is_written(ckpts, tmp_path, argv):
     with pytest.raises(UsageError):

@@ -144,3 +144,29 @@ def test_table_and_cli(capsys):
     assert f"{resnet18_cifar_gflops(0.5):.3f}" in out and f"{resnet18_cifar_gflops(1.0):.3f}" in out
     assert main(get_args_parser().parse_args(["--arch", "resnet18_cifar_moe"])) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_the_flop_counter_and_training_build_their_step_in_one_place(monkeypatch):
+    """`utils.steps.make_step` is the one step builder: the FLOP counter's step and a training run's step are
+    the closures it returns, with the kind each asks for."""
+    from types import SimpleNamespace
+
+    from utils import flops, steps, train
+    built = []
+    real = steps.make_step
+    monkeypatch.setattr(steps, "make_step", lambda model, cfg, ctx, kind, upkeep=None:
+                        built.append(kind) or real(model, cfg, ctx, kind, upkeep))
+    moe = _build("resnet18_cifar_moe", ratio=0.125, n_expert=2)
+    flops.make_train_step(moe)
+    flops.make_train_step(_build("resnet18_cifar_ori", ratio=0.125))
+    args = SimpleNamespace(at="pgd", epsilon=0.1, step_size=0.05, num_steps=1, beta=6.0, alpha=6.0,
+                           router_objective="robust", balance="none", balance_strength=0.0, router_grad_clip=1.0,
+                           grad_clip=1.0, router_logit_cap=0.0, moe_training="joint")
+    run = SimpleNamespace(args=args, model=moe, env=SimpleNamespace(enabled=False), device="cpu",
+                          optimizer=torch.optim.SGD(moe.parameters(), lr=0.0), router_optimizer=None,
+                          precision=SimpleNamespace(scaler=None),
+                          probe=SimpleNamespace(plain=torch.zeros(1, 3, 32, 32)))
+    train.make_step(run)
+    assert built == ["advmoe", "joint", "joint"]
+    with pytest.raises(ValueError, match="unknown training step kind"):
+        real(moe, steps.StepConfig(), None, "sideways")

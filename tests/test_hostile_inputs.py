@@ -17,6 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import auto_attack_eval  # noqa: E402  (the entry scripts: their `main` is what users run)
+from args import parse_autoattack_args  # noqa: E402
 import train_ori  # noqa: E402
 from utils import autoattack_eval as aa  # noqa: E402
 from utils import train as train_mod  # noqa: E402
@@ -65,7 +66,7 @@ def test_autoattack_overwrite_and_reruns_replace_reports(finished, tmp_path):
     argv = ["--source-net", finished[2], "--out", other] + AA_FLAGS
 
     def evaluate(*extra):
-        args = auto_attack_eval.get_autoattack_parser().parse_args([str(a) for a in argv + list(extra)])
+        args = parse_autoattack_args([str(a) for a in argv + list(extra)])
         return aa.evaluate_checkpoint(args, attack_params=CHEAP_AA, progress=False)
     first = evaluate("--overwrite")
     assert json.loads(other.read_text())["robust_accuracy"] == first["robust_accuracy"]

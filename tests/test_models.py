@@ -291,3 +291,38 @@ def test_moe_and_dense_names():
     assert models.is_moe("vgg16_bn_moe") and not models.is_moe("vgg16_bn_ori")
     assert base_arch("wrn_28_10_cifar_moe") == base_arch("wrn_28_10_cifar_ori") == "wrn_28_10_cifar"
     assert dense_arch("densenet_cifar_moe") == dense_arch("densenet_cifar_ori") == "densenet_cifar_ori"
+
+
+def test_is_moe_answers_for_names_and_models_alike():
+    """One answer to "is this an MoE": a registry name, a built model, or any other module (a plain network,
+    a wrapper that hides the model) asked through `models.is_moe`."""
+    assert models.is_moe(models.build_model("vgg16_bn_moe", ratio=0.125, n_expert=2))
+    assert not models.is_moe(models.build_model("vgg16_bn_ori", ratio=0.125))
+    assert not models.is_moe(torch.nn.Linear(2, 2)) and not models.is_moe(None)
+
+
+def test_every_variant_registers_once_under_both_names():
+    from models import registry
+    names = models.list_models()
+    bases = sorted({base_arch(a) for a in names})
+    assert names == sorted(n for b in bases for n in (f"{b}_ori", f"{b}_moe"))
+    assert all(registry._BUILDERS[f"{b}_ori"] is registry._BUILDERS[f"{b}_moe"] for b in bases)
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register_variant(registry._BUILDERS["vgg16_bn_ori"])
+
+
+@pytest.mark.parametrize("spec", [
+    ModelSpec("resnet18_cifar_ori", ratio=0.5, num_classes=100),
+    ModelSpec("resnet18_cifar_moe", ratio=0.25, n_expert=4, routing="layer", sparse=False, moe_stages=(4, 3),
+              top_k=2, normalize=((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))),
+    ModelSpec("vgg16_bn_moe", ratio=0.125, num_classes=200, n_expert=2),
+], ids=["dense", "moe-every-field", "vgg-moe"])
+def test_from_record_is_the_inverse_of_record(spec):
+    """The one way back from a checkpoint's record: `from_record(record())` is the spec (validated: stages sorted),
+    given what a record cannot hold (the dataset's mean and std, sparse), and its record is the same record."""
+    spec = spec.validate()
+    back = ModelSpec.from_record(spec.record(), normalize=spec.normalize, sparse=spec.sparse)
+    assert back == spec and back.record() == spec.record()
+    assert ModelSpec.from_record({**spec.record(), "normalize": False}).normalize is None
+    with pytest.raises(ValueError, match="--ratio"):
+        ModelSpec.from_record({**spec.record(), "ratio": None})

@@ -304,3 +304,13 @@ def test_benchmark_bad_sizes_are_one_line(argv, named):
     p = subprocess.run([sys.executable, "-m", "utils.tools.benchmark", "--quick", *argv], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=300)
     assert_one_line(p.returncode, p.stderr, named)
+
+
+def test_evaluate_builds_the_checkpoints_model_and_refuses_other_normalisation(finished, tmp_path, capsys):
+    """--evaluate goes from the checkpoint to its model as auto_attack_eval.py does (the checkpoint's record, the
+    flags checked against it): a model evaluated with another input normalisation than it was trained with would
+    give meaningless accuracies."""
+    argv = TWO_EPOCHS + ["--save-dir", tmp_path / "ev", "--evaluate", "--resume", finished[2], "--normalize"]
+    code, err = cli(train_ori.main, argv, capsys)
+    assert_one_line(code, err, "trained with --no-normalize", "--normalize")
+    assert not (tmp_path / "ev").exists()

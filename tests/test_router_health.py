@@ -11,7 +11,7 @@ import train
 from args import parse_args
 from conftest import MOE, run_dir, run_script
 from models.layers import hard_top1
-from utils import advmoe, balance, steps, update
+from utils import advmoe, balance, losses, steps, update
 from utils.evaluate import routing_report
 from utils.update import StepContext
 
@@ -181,11 +181,11 @@ def test_balancing_losses_are_zero_or_one_when_balanced_and_grow_with_collapse()
 @pytest.mark.parametrize("mode", ["switch", "entropy"])
 def test_loss_balancing_enters_the_router_loss(mode):
     model, x, y = _collapsed()
-    plain = steps.training_loss(copy.deepcopy(model), x, y, steps.StepConfig(num_steps=1, balance="none"),
-                                torch.Generator().manual_seed(1))  # a copy: its pass moves BatchNorms
+    plain = losses.robust_loss(copy.deepcopy(model), x, y, steps.StepConfig(num_steps=1, balance="none"),
+                               torch.Generator().manual_seed(1))  # a copy: its pass moves BatchNorms
     assert balance.loss_balancing(steps.StepConfig(balance="none"), 2) is None
     cfg = steps.StepConfig(num_steps=1, balance=mode, balance_strength=0.5)
-    out = steps.training_loss(model, x, y, cfg, torch.Generator().manual_seed(1))
+    out = losses.robust_loss(model, x, y, cfg, torch.Generator().manual_seed(1))
     torch.testing.assert_close(out["loss"], plain["loss"])
     balance.add_balance_term(out, balance.loss_balancing(cfg, 2))
     term = balance.balance_loss(mode, out["router_logits"], 2)

@@ -5,7 +5,7 @@ The paper's bi-level problem, solved by alternation on every batch (`advmoe_step
      lower the robust loss of the whole MoE on them (experts frozen);
   2. `expert_step`: fresh adversarial examples against the MoE with the updated router; then only the backbone
      (experts and shared layers) moves (router frozen).
-The robust loss is TRADES or PGD-AT (`cfg.at`), as in dense training (`utils.steps.training_loss`).
+The robust loss is TRADES or PGD-AT (`cfg.at`), as in dense training (`utils.losses.robust_loss`).
 `cfg.router_objective` "released" (or "reference", the README's weighting) replaces the router step's loss with
 the released code's (`reference_router_loss`). The released code's loop (`--advmoe-recipe released`,
 docs/routing.md) also runs the expert step first (`cfg.advmoe_order`) and adds the router's KL to both attacks
@@ -31,8 +31,8 @@ from models.base import backbone_modules, router_modules
 from models.layers.router import at_least_float32
 from .attack import kl_divergence, pgd_attack
 from .balance import RouterUpkeep, add_balance_term, loss_balancing
-from .losses import flip_expert_loss, router_adversarial_loss, trades_attack_loss_fn
-from .steps import StepConfig, training_loss
+from .losses import flip_expert_loss, robust_loss, router_adversarial_loss, trades_attack_loss_fn
+from .steps import StepConfig
 from .update import StepContext, apply_update, check_finite, frozen, running_stats_frozen
 
 
@@ -109,7 +109,7 @@ def router_step(model, x, y, cfg: StepConfig, ctx: StepContext, balance=None):
         if cfg.router_objective in ("reference", "released"):
             out = reference_router_loss(model, x, y, cfg, ctx.generator)
         else:
-            out = training_loss(model, x, y, cfg, ctx.generator, router_kl=cfg.attack_router_kl != "none")
+            out = robust_loss(model, x, y, cfg, ctx.generator, router_kl=cfg.attack_router_kl != "none")
             if balance is not None:
                 add_balance_term(out, balance)
         if cfg.router_at > 0:
@@ -127,7 +127,7 @@ def expert_step(model, x, y, cfg: StepConfig, ctx: StepContext):
     gradient norm is clipped at `cfg.grad_clip`. `cfg.flip_expert_at` > 0 adds that weight times
     `utils.losses.flip_expert_loss` on the same adversarial examples (not in the paper). Returns the loss dict."""
     with frozen(model.router_parameters()), running_stats_frozen(router_modules(model)):
-        out = training_loss(model, x, y, cfg, ctx.generator, router_kl=cfg.attack_router_kl == "both")
+        out = robust_loss(model, x, y, cfg, ctx.generator, router_kl=cfg.attack_router_kl == "both")
         if cfg.flip_expert_at > 0:  # one more backbone pass; BatchNorm statistics move once per update all the same
             with torch.no_grad():
                 scores = model.route_scores(x)

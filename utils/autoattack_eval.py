@@ -1,26 +1,23 @@
 """AutoAttack robust accuracy of a dense or MoE checkpoint, computed by the official `pyautoattack` package.
 
 `evaluate_checkpoint` rebuilds the model (`model_from_checkpoint`), splits the first `n_ex` test points into
-chunks and runs `AutoAttack.run_standard_evaluation` on chunk c with seed `chunk_seed(seed, c)`. Each chunk's
-flags go atomically to `<out>.chunks/<fingerprint>/chunk_NNNNN.json`, and a rerun with the same settings skips
-finished chunks: a killed and resumed evaluation reports what an uninterrupted one would. The fingerprint
-covers what changes a chunk, not the device, data folder or worker count. Under torchrun rank r takes chunks
-r, r + K, ...; rank 0 writes the report.
+chunks and runs AutoAttack on chunk c with seed `chunk_seed(seed, c)`. Each chunk's flags go atomically to
+`<out>.chunks/<fingerprint>/chunk_NNNNN.json`, and a rerun with the same settings skips finished chunks: a killed
+and resumed evaluation reports what an uninterrupted one would. The fingerprint covers what changes a chunk, not
+the device, data folder or worker count. Under torchrun rank r takes chunks r, r + K, ...; rank 0 writes the
+report. The chunk files, the points each takes and the report's place are `utils.chunks`.
 
 Per point: `clean` is the model's prediction, batched as the library batches it; `robust` is `y_adv == y` on
-the labels the library returns. The robust count after each attack is the clean count less the points the
-library logs as flipped. The library's warnings (randomised or dynamic defence, probability outputs, zero
-gradients, target classes, Square beating the white-box attacks) come from its logger, per chunk; the Square
-check is rerun on the whole evaluation. A damaged or self-contradicting chunk file is refused, named.
+the labels the library returns. The attacks run one after another through the library's own API, each on the
+points the ones before it left robust, so the robust count after each attack is counted between them, never
+read from the library's log text. The library's warnings (randomised or dynamic defence, probability outputs,
+zero gradients, target classes, Square beating the white-box attacks) come from its logger, per chunk; the
+Square check is rerun on the whole evaluation.
 """
 import contextlib
-import hashlib
 import io
-import json
 import logging
 import os
-import re
-import signal
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,30 +25,25 @@ from datetime import timedelta
 import pyautoattack
 import torch
 from pyautoattack import AutoAttack, checks
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import models
-from .checkpoint import check_recorded, load_checkpoint, load_model_weights
+from . import checkpoint
+from .checkpoint import load_checkpoint
+from .chunks import (CHUNK_FORMAT, ChunkPlan, check_out_path, checkpoint_identity, chunk_path, chunk_points,
+                     chunk_ranges, chunks_for_rank, default_out_path, fingerprint, format_summary, load_chunk)
 from .data import build_datasets, dataset_info
 from .distributed import gather_objects, init_distributed, shutdown
 from .errors import UsageError
 from .lock import hold
-from .runlog import check_can_create
-from .runtime import chunk_seed, resolve_device, seed_everything, write_json_atomic
+from .runtime import Stopped, chunk_seed, resolve_device, seed_everything, write_json_atomic
 
-ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 PACKAGE = ("pyautoattack", pyautoattack.__version__)
-CHUNK_FORMAT = "advmoe-autoattack-chunk/2"  # "after": robust count per attack
-_FORMAT_1 = "advmoe-autoattack-chunk/1"  # "after": per-point flags per attack; still read
 # Sub-attacks whose settings `attack_params` may change (as the authors' README does: adversary.apgd.n_restarts = 1).
 _COMPONENTS = ("apgd", "apgd_targeted", "fab", "square")
 _LOGGER = "auto-attack"  # the logger every pyautoattack object writes to
-_FLIPPED = re.compile(r"(?P<attack>[a-z-]+) - \d+/\d+ - (?P<n>\d+) out of \d+ successfully perturbed")
 _DEFAULT_DATASET = "CIFAR10"  # the reference's --dataset, for checkpoints that do not record it
 # How long a process that finished its chunks waits for the others under torchrun (chunks are shared unevenly).
 BARRIER_TIMEOUT = timedelta(days=2)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass(frozen=True)
@@ -68,67 +60,24 @@ class AttackSettings:
     attack_params: dict | None = None
 
 
-@dataclass(frozen=True)
-class ChunkPlan:
-    """The first `n_ex` test points in chunks of `chunk_size`, chunk c attacked with `chunk_seed(seed, c)` and
-    stored in `folder` under the settings' fingerprint `key`; `num_workers` load the next chunk."""
-    n_ex: int
-    chunk_size: int
-    folder: str
-    key: str
-    seed: int
-    num_workers: int = 0
-
-
-class Stopped(Exception):
-    """A stop signal arrived during the evaluation; the finished chunks are on disk. Exit code 128 + signal."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum, self.where = signum, ""
-
-    def __str__(self):
-        return (f"stopped by {signal.Signals(self.signum).name}{self.where}; rerunning the same command resumes "
-                f"from the finished chunks")
-
-
-def _raise_stopped(signum, frame):
-    raise Stopped(signum)
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM, SIGINT and SIGUSR1 raise `Stopped` (main thread only)."""
-    old = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
 class _LibraryLog(logging.Handler):
-    """Keeps the library's warnings and the points each attack flipped (its per-batch debug lines)."""
+    """Keeps the library's warnings, once each, in the order they came."""
 
     def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.warnings, self.flipped = [], {}
+        super().__init__(logging.WARNING)
+        self.warnings = {}
 
     def emit(self, record):
-        text = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            self.warnings.append(text)
-        elif m := _FLIPPED.fullmatch(text):
-            self.flipped[m["attack"]] = self.flipped.get(m["attack"], 0) + int(m["n"])
+        self.warnings.setdefault(record.getMessage())
 
 
 @contextlib.contextmanager
 def _library_log():
-    """Collect what pyautoattack logs (and prints) instead of showing it."""
+    """Collect the warnings pyautoattack logs, and swallow the rest of what it logs and prints."""
     logger, log = logging.getLogger(_LOGGER), _LibraryLog()
     level, propagate = logger.level, logger.propagate
     logger.addHandler(log)
-    logger.setLevel(logging.DEBUG)
+    logger.setLevel(logging.WARNING)
     logger.propagate = False
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -172,6 +121,10 @@ def _bits(flags: torch.Tensor) -> str:
 def attack_chunk(model, x, y, settings: AttackSettings, seed=0) -> dict:
     """Run AutoAttack on the points (x, y): what a chunk file stores about them.
 
+    The attacks run one after another, each through the library's own `run_standard_evaluation` on the points
+    that every attack before it left robust, and each count is read from the labels the library returns. The
+    library runs them the same way within one call (each attack on the robust points left, in index order, in
+    batches of `batch_size`, every batch seeded with `seed`), so each count is what that attack leaves there.
     model: maps [0,1] images (B, C, H, W) to logits (see `prepare_model`); x, y on the CPU (the library moves
     each batch to `settings.device`); seed: AutoAttack's seed and the global one.
     Returns {"attacks": the attacks in order, "clean", "robust": one '1'/'0' per point, "after": {attack: robust
@@ -180,187 +133,44 @@ def attack_chunk(model, x, y, settings: AttackSettings, seed=0) -> dict:
     seed_everything(seed)
     with _library_log() as log:
         adversary = make_adversary(model, settings, seed)
-        _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=settings.batch_size)
-    with torch.no_grad():  # the library's clean pass again: same batches on the same device, same predictions
-        clean = torch.cat([model(xb.to(settings.device)).max(dim=1)[1].cpu()
-                           for xb in x.split(settings.batch_size)]) == y
-    robust = y_adv.cpu() == y
-    attacks, left, after = list(adversary.attacks_to_run), int(clean.sum()), {}
-    for attack in attacks:
-        left -= log.flipped.get(attack, 0)
-        after[attack] = left
-    if (robust & ~clean).any() or left != int(robust.sum()):
-        raise RuntimeError(f"pyautoattack {PACKAGE[1]}: its labels, its log and a second clean pass disagree "
-                           "(a model that is not deterministic, or the library changed)")
+        attacks, after = list(adversary.attacks_to_run), {}
+        with torch.no_grad():  # the library's clean pass: the same batches on the same device
+            clean = torch.cat([model(xb.to(settings.device)).max(dim=1)[1].cpu()
+                               for xb in x.split(settings.batch_size)]) == y
+        # The first call gets every point: the library's checks and its clean pass see them all, as in one call.
+        left = torch.arange(len(y))  # (R,) indices of the points still robust
+        for attack in attacks:
+            if len(left):  # as the library, which stops once no point is left
+                adversary.attacks_to_run = [attack]
+                _, y_adv = adversary.run_standard_evaluation(x[left], y[left], batch_size=settings.batch_size)
+                left = left[y_adv.cpu() == y[left]]
+            after[attack] = len(left)
+        # The library's check of Square beating the white-box attacks, which one call would have run on these.
+        checks.check_square_sr({"clean": clean.float().mean().item(), **{a: n / len(y) for a, n in after.items()}},
+                               logger=logging.getLogger(_LOGGER))
+    robust = torch.zeros_like(clean)
+    robust[left] = True
+    if (robust & ~clean).any():
+        raise RuntimeError(f"pyautoattack {PACKAGE[1]}: its clean pass and ours disagree (a model that is not "
+                           "deterministic, or the library changed)")
     return {"attacks": attacks, "clean": _bits(clean), "robust": _bits(robust), "after": after,
-            "warnings": log.warnings}
-
-
-def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
-    """[(start, stop)) index ranges covering range(n) in order, each of at most chunk_size points."""
-    if chunk_size < 1:
-        raise UsageError(f"--chunk-size must be >= 1, got {chunk_size}")
-    return [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-
-
-def chunks_for_rank(n_chunks: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    """The chunk indices process `rank` of `world_size` evaluates: every world_size-th one."""
-    return list(range(rank, n_chunks, world_size))
-
-
-def fingerprint(settings: dict) -> str:
-    """Short stable hash of the settings that determine every chunk's result."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def checkpoint_identity(path: str) -> dict:
-    """What identifies a checkpoint file without hashing it: absolute path, size, modification time."""
-    st = os.stat(path)
-    return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def chunk_path(folder: str, index: int) -> str:
-    return os.path.join(folder, f"chunk_{index:05d}.json")
-
-
-def _chunk_problem(rec, index, start, stop, key) -> str | None:
-    """What makes `rec` unusable as chunk `index` (points start..stop-1) of the evaluation `key`, or None.
-    Converts a format-1 record's per-point flags after each attack into counts."""
-    if not isinstance(rec, dict) or rec.get("format") not in (CHUNK_FORMAT, _FORMAT_1):
-        return "is not an AutoAttack chunk of this tool"
-    if [rec.get(k) for k in ("fingerprint", "index", "start", "stop")] != [key, index, start, stop]:
-        return f"is not chunk {index} (points {start}-{stop - 1}) of the settings {key}"
-    clean, robust, attacks, after = (rec.get(k) for k in ("clean", "robust", "attacks", "after"))
-    if not all(isinstance(b, str) and len(b) == stop - start and not b.strip("01") for b in (clean, robust)):
-        return f"does not hold {stop - start} clean and robust flags"
-    if any(r == "1" and c == "0" for c, r in zip(clean, robust)):
-        return "counts an image as robust that is not clean-correct"
-    if not (isinstance(attacks, list) and attacks and isinstance(after, dict) and list(after) == attacks):
-        return "does not give the robust count after each of its attacks"
-    if rec["format"] == _FORMAT_1:
-        after = rec["after"] = {a: f.count("1") if isinstance(f, str) else f for a, f in after.items()}
-    counts = [clean.count("1"), *after.values(), robust.count("1")]
-    if not all(type(c) is int for c in counts) or counts != sorted(counts, reverse=True) or counts[-2] != counts[-1]:
-        return f"has robust counts that do not fall from clean to robust ({counts})"
-    if not isinstance(rec.get("warnings"), list) or not isinstance(rec.get("seconds"), (int, float)):
-        return "lacks its warnings or its time"
-    return None
-
-
-def load_chunk(folder, index, start, stop, key):
-    """A finished chunk's record, or None when it is not on disk; UsageError naming the file when it cannot
-    be this chunk of this evaluation (damaged, edited, inconsistent)."""
-    path = chunk_path(folder, index)
-    if not os.path.lexists(path):
-        return None
-    try:
-        with open(path) as f:
-            rec = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path} is damaged ({type(e).__name__}): delete it to attack that chunk again") from None
-    problem = _chunk_problem(rec, index, start, stop, key)
-    if problem:
-        raise UsageError(f"{path} {problem}: delete it to attack that chunk again")
-    return rec
-
-
-def on_chunk_done(index: int, record: dict):
-    """Called after each chunk is stored (a hook: tests interrupt here, a scheduler could report here)."""
+            "warnings": list(log.warnings)}
 
 
 def model_from_checkpoint(ckpt: dict, source: str, args, device):
-    """The network `ckpt` holds, on `device` and ready to be attacked, and the spec it was built from.
+    """The network `ckpt` holds, on `device` and ready to be attacked, and its spec (part of the fingerprint).
 
     Each setting (arch, ratio, n_expert, normalize, dataset, routing) is what the checkpoint records; a flag
     of `args` fills in what it does not record (reference checkpoints record only the arch) and may not
-    contradict it (`check_recorded`, as for training). `args.sparse`: MoE layers compute each image's expert
-    only, or every expert masked (the same function). Returns (model, spec dict; the spec is part of the
-    fingerprint).
+    contradict it (`utils.checkpoint.model_from_checkpoint`, as for `--evaluate`). `args.sparse`: MoE layers
+    compute each image's expert only, or every expert masked (the same function).
     """
     flags = {key: getattr(args, key) for key in ("arch", "ratio", "n_expert", "normalize", "dataset", "routing")}
-    check_recorded(ckpt, flags, source)
-    spec = {key: ckpt.get(key) if flag is None else flag for key, flag in flags.items()}
-    arch, n_expert = spec["arch"], spec["n_expert"]
-    if arch is None:
-        raise UsageError(f"--arch is required: {source} does not record its architecture")
-    if spec["ratio"] is None:
-        raise UsageError(f"--ratio is required: {source} (reference layout) does not record its width ratio")
-    moe = models.is_moe(arch)
-    dataset = spec["dataset"] = spec["dataset"] or _DEFAULT_DATASET
-    info = dataset_info(dataset)
-    if ckpt.get("num_classes") not in (None, info.num_classes):
-        raise UsageError(f"{source} has {ckpt['num_classes']} classes but {dataset} has {info.num_classes}")
-    stages = ckpt.get("moe_stages") if moe else None
-    if n_expert == 1 and not moe:
-        n_expert = None  # one expert is the dense layer; ModelSpec refuses any other number for a dense arch
-    spec.update(ratio=float(spec["ratio"]), n_expert=None if n_expert is None else int(n_expert),
-                normalize=bool(spec["normalize"]), routing=spec["routing"] or "global", num_classes=info.num_classes,
-                moe_stages=None if stages is None else tuple(stages), top_k=int(ckpt.get("top_k") or 1) if moe else 1)
-    fields = {key: spec[key] for key in ("ratio", "num_classes", "n_expert", "routing", "moe_stages", "top_k")}
-    try:  # ModelSpec.validate names what is missing or wrong (an MoE without experts, experts for a dense arch)
-        model = models.build_model(arch, sparse=args.sparse, normalize=(info.mean, info.std) if spec["normalize"]
-                                   else None, **fields)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    load_model_weights(model, ckpt, source=source)
+    dataset = flags["dataset"] or ckpt.get("dataset") or _DEFAULT_DATASET
+    model = checkpoint.model_from_checkpoint(ckpt, flags, dataset_info(dataset), sparse=args.sparse, source=source)
+    # A dense model's routing as the first reports recorded it ('global'): the fingerprint of their chunks.
+    spec = {**model.spec.record(), "routing": model.spec.routing, "dataset": dataset}
     return prepare_model(model.to(device)), spec
-
-
-def default_out_path(source: str, version: str, norm: str, epsilon_255: float, n_ex: int) -> str:
-    """`<checkpoint without extension>.autoattack-<version>-<norm>-eps<e>-n<N>.json`, next to the checkpoint."""
-    stem = os.path.basename(source)
-    for ext in (".pth.tar", ".pth", ".pt", ".tar"):
-        if stem.endswith(ext):
-            stem = stem[:-len(ext)]
-            break
-    return os.path.join(os.path.dirname(os.path.abspath(source)),
-                        f"{stem}.autoattack-{version}-{norm}-eps{epsilon_255:g}-n{n_ex}.json")
-
-
-def _is_rebuildable_report(path, folder) -> bool:
-    """True when `path` is a report of this tool for the same --out whose chunks are still on disk: replacing
-    it loses nothing, since rerunning its settings resumes every chunk and rewrites it."""
-    if os.path.getsize(path) > 2**24:  # reports are kilobytes; do not read a checkpoint to find out
-        return False
-    try:
-        with open(path) as f:
-            report = json.load(f)
-    except (OSError, ValueError):
-        return False
-    chunks = report.get("chunks_dir") if isinstance(report, dict) else None
-    return (isinstance(chunks, str) and os.path.isdir(chunks)
-            and os.path.dirname(os.path.abspath(chunks)) == os.path.dirname(os.path.abspath(folder)))
-
-
-def check_out_path(out, source, folder, *, overwrite=False, default=False):
-    """UsageError unless the report can go to `out` and the chunks to `folder` without losing anything.
-    An existing `out` is replaced only when it is a report of this tool (`_is_rebuildable_report`) or with
-    `overwrite`, and never when it is the checkpoint. default: `out` was not given (the message names --out)."""
-    flag = f"the report {out} (next to the checkpoint; --out PATH writes elsewhere)" if default else f"--out {out}"
-    if os.path.lexists(out):
-        if os.path.exists(out) and os.path.samefile(out, source):
-            raise UsageError(f"{flag} is the checkpoint being evaluated: name another file")
-        if os.path.isdir(out):
-            raise UsageError(f"{flag} is a folder: name the JSON file to write")
-        if not os.path.isfile(out) or os.path.islink(out):
-            raise UsageError(f"{flag} exists and is not a regular file: name another file")
-        if not overwrite and not _is_rebuildable_report(out, folder):
-            raise UsageError(f"{flag} exists and is not a report of this tool: name another file, or pass "
-                             f"--overwrite to replace it")
-    check_can_create(folder, flag)  # the chunks' folder is beside `out`: the same nearest existing folder
-
-
-def _ignore_stop_signals(worker_id):
-    """In a data-loading worker: the main process answers stop signals and then shuts its workers down."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def _chunk_points(dataset, ranges, num_workers):
-    """Yield (x, y) holding all points of each (start, stop) range in index order (workers load the next chunk
-    while this one is attacked; a generator, so that nothing starts when no chunk is left)."""
-    yield from DataLoader(dataset, batch_sampler=[list(range(s, e)) for s, e in ranges], num_workers=num_workers,
-                          worker_init_fn=_ignore_stop_signals)
 
 
 def run_evaluation(model, dataset, settings: AttackSettings, plan: ChunkPlan, *, rank=0, world_size=1,
@@ -376,7 +186,7 @@ def run_evaluation(model, dataset, settings: AttackSettings, plan: ChunkPlan, *,
     bar = tqdm(total=len(mine), initial=resumed, unit="chunk", disable=not progress, dynamic_ncols=True,
                desc="AutoAttack chunks" + (f" (rank {rank})" if world_size > 1 else ""))
     try:
-        for c, (x, y) in zip(todo, _chunk_points(dataset, [ranges[c] for c in todo], plan.num_workers)):
+        for c, (x, y) in zip(todo, chunk_points(dataset, [ranges[c] for c in todo], plan.num_workers)):
             t0, seed = time.time(), chunk_seed(plan.seed, c)
             result = attack_chunk(model, x, y, settings, seed=seed)
             start, stop = ranges[c]
@@ -384,12 +194,12 @@ def run_evaluation(model, dataset, settings: AttackSettings, plan: ChunkPlan, *,
                 "format": CHUNK_FORMAT, "fingerprint": plan.key, "index": c, "start": start, "stop": stop,
                 "seed": seed, **result, "seconds": time.time() - t0})
             records[c] = load_chunk(plan.folder, c, start, stop, plan.key)  # what a resumed run will read
-            on_chunk_done(c, records[c])
             bar.update(1)
             bar.set_postfix(chunk_robust=f"{100.0 * result['robust'].count('1') / (stop - start):.1f}%")
     except Stopped as e:
         done = sum(r is not None for r in records.values())
-        e.where = f" with {done} of {len(mine)} chunks finished in {plan.folder}"
+        e.where = (f" with {done} of {len(mine)} chunks finished in {plan.folder}; rerunning the same command "
+                   f"resumes from the finished chunks")
         raise
     finally:
         bar.close()
@@ -420,55 +230,9 @@ def summarize(records: list) -> dict:
             "n_robust": robust, "seconds": sum(r["seconds"] for r in records), "warnings": warning_lines}
 
 
-def format_summary(report: dict) -> str:
-    """The lines printed at the end: accuracies in %, then the library's warnings."""
-    eps = report["eps"]
-    resumed = ""
-    if report["resumed_chunks"]:
-        resumed = f" ({report['resumed_chunks']} of {report['n_chunks']} chunks resumed)"
-    lines = [f"AutoAttack {report['version']} ({report['package']['name']} {report['package']['version']}): "
-             f"{', '.join(report['attacks'])}",
-             f"{report['checkpoint']}  [{report['arch']}, ratio {report['ratio']:g}"
-             + (f", {report['n_expert']} experts" if report["n_expert"] else "") + f", {report['dataset']}]",
-             f"{report['norm']} eps {eps:.5f} ({eps * 255:g}/255), first {report['n_ex']} test points, "
-             f"{report['seconds']:.1f} s on {report['device']}{resumed}",
-             f"  clean accuracy   {report['clean_accuracy']:6.2f}%"]
-    for attack, acc in report["robust_accuracy_after"].items():
-        lines.append(f"  after {attack:<10} {acc:6.2f}%")
-    lines.append(f"  robust accuracy  {report['robust_accuracy']:6.2f}%")
-    if report["warnings"]:
-        lines.append(f"AutoAttack warnings ({len(report['warnings'])}):")
-        lines += [f"  - {w}" for w in report["warnings"]]
-    else:
-        lines.append("AutoAttack warnings: none")
-    lines.append(f"wrote {report['out']}")
-    return "\n".join(lines)
-
-
-def check_flags(args):
-    """UsageError for flags that are wrong whatever the checkpoint and the data."""
-    if not args.source_net:
-        raise UsageError("--source-net is required (the checkpoint to evaluate)")
-    if args.version != "custom" and args.attacks:
-        raise UsageError(f"--attacks only applies to --version custom (version {args.version} fixes its attacks)")
-    if args.version == "custom" and not args.attacks:
-        raise UsageError("--version custom needs --attacks (e.g. --attacks apgd-ce apgd-t)")
-    unknown = [a for a in args.attacks or [] if a not in ATTACKS]
-    if unknown:
-        raise UsageError(f"--attacks: unknown {', '.join(unknown)}; valid: {', '.join(ATTACKS)}")
-    if not args.epsilon > 0 or (args.norm == "Linf" and args.epsilon > 255):
-        raise UsageError(f"--epsilon must be > 0{' and <= 255' if args.norm == 'Linf' else ''} (in 1/255 "
-                         f"units), got {args.epsilon:g}")
-    if not 0 <= args.seed <= 2**32 - 1:  # the training parser's range (numpy's seeds)
-        raise UsageError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
-    if args.num_workers < 0:
-        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-
-
 def evaluate_checkpoint(args, *, attack_params=None, progress=None) -> dict | None:
-    """The whole `auto_attack_eval.py` run; returns the report also written to `--out`.
+    """The whole `auto_attack_eval.py` run on its checked flags (`args.parse_autoattack_args`); returns the report
+    also written to `--out`.
 
     Everything that can fail on user input (checkpoint, flags, data, chunks on disk) is checked before any
     attack runs, and all but the chunks before anything is written. attack_params: overrides of AutoAttack's
@@ -485,7 +249,6 @@ def evaluate_checkpoint(args, *, attack_params=None, progress=None) -> dict | No
 
 def _evaluate_checkpoint(args, device, env, attack_params, progress):
     t_start = time.time()
-    check_flags(args)
     source = args.source_net
     ckpt = load_checkpoint(source)
     model, spec = model_from_checkpoint(ckpt, source, args, device)
@@ -493,7 +256,7 @@ def _evaluate_checkpoint(args, device, env, attack_params, progress):
     n_ex = len(test_ds) if args.n_ex is None else args.n_ex
     if not 1 <= n_ex <= len(test_ds):
         raise UsageError(f"--n-ex must be between 1 and {len(test_ds)} (the {spec['dataset']} test set), got {n_ex}")
-    n_chunks = len(chunk_ranges(n_ex, args.chunk_size))  # validates --chunk-size before anything is written
+    n_chunks = len(chunk_ranges(n_ex, args.chunk_size))
     eps = args.epsilon / 255.0
     attacks = list(args.attacks) if args.version == "custom" else None
     out = args.out or default_out_path(source, args.version, args.norm, args.epsilon, n_ex)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers.router import selection_scores
+from models.spec import is_moe
 
 BALANCE_MODES = ("bias", "bias-sign", "switch", "entropy", "median", "none")
 # Defaults of --balance-strength per mode. The default mode is `median` with the whole shift (1): the README's
@@ -208,7 +209,7 @@ def init_router(model, x):
     A freshly initialised router sends nearly every image to one expert (the logits are dominated by a
     component shared by all images), and the straight-through gradient then only ever sees that expert.
     """
-    if not getattr(model, "is_moe", False) or model.n_expert < 2:
+    if not is_moe(model) or model.n_expert < 2:
         return
     if model.routing_mode == "global":
         calibrate_router_statistics(model, x)
@@ -266,13 +267,13 @@ class RouterUpkeep:
     @torch.no_grad()
     def track_statistics(self, model, x):
         """The global router's BatchNorm running statistics follow its update (on the training batch `x`)."""
-        if getattr(model, "is_moe", False) and model.routing_mode == "global":
+        if is_moe(model) and model.routing_mode == "global":
             track_router_statistics(model, x, self.average)
 
     @torch.no_grad()
     def balance(self, model, x):
         """Cap the routers' logit scale and balance their load (`mode`), measured on the probe images (else `x`)."""
-        if not getattr(model, "is_moe", False):
+        if not is_moe(model):
             return
         balancing = self.mode in ("bias", "bias-sign", "median") and self.strength > 0
         if model.n_expert < 2 or not (balancing or self.logit_cap > 0):

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-from models.spec import contradiction
+from models.spec import ModelSpec, contradiction, is_moe
 from .errors import UsageError
 from .writes import atomic_file
 
@@ -225,6 +225,38 @@ def load_model_weights(model, ckpt: dict, *, arch=None, ratio=None, source=""):
             model.load_balance_state(balance)
         except (KeyError, AttributeError, RuntimeError) as e:
             raise UsageError(f"{where}: its router balance state does not fit the model ({e})") from None
+
+
+def checkpoint_spec(ckpt: dict, flags: dict, info, *, sparse=True, source="") -> ModelSpec:
+    """The spec of the model `ckpt` holds (`ModelSpec.from_record`): what the checkpoint records, a flag of `flags`
+    (record keys: arch, ratio, n_expert, routing, moe_stages, top_k, normalize, dataset; None: not given) filling
+    in what it does not record (checkpoints of the released code record only the arch) and never contradicting
+    it (`check_recorded`). info: the dataset's facts (classes, mean and std). UsageError naming the flag."""
+    check_recorded(ckpt, flags, source)
+    record = {**ckpt, **{key: value for key, value in flags.items() if value is not None}}
+    if record.get("arch") is None:
+        raise UsageError(f"--arch is required: {source} does not record its architecture")
+    if record.get("ratio") is None:
+        raise UsageError(f"--ratio is required: {source} (reference layout) does not record its width ratio")
+    if ckpt.get("num_classes") not in (None, info.num_classes):
+        raise UsageError(f"{source} has {ckpt['num_classes']} classes but {info.name} has {info.num_classes}")
+    if not is_moe(record["arch"]):  # one expert is the dense layer; a dense arch takes no MoE setting
+        record.update(n_expert=None if record.get("n_expert") == 1 else record.get("n_expert"), moe_stages=None,
+                      top_k=1)
+    try:
+        return ModelSpec.from_record({**record, "num_classes": info.num_classes}, normalize=(info.mean, info.std),
+                                     sparse=sparse)
+    except ValueError as e:  # an MoE without experts, experts for a dense arch, ...
+        raise UsageError(str(e)) from None
+
+
+def model_from_checkpoint(ckpt: dict, flags: dict, info, *, sparse=True, source=""):
+    """The network `ckpt` holds, on the CPU: built from `checkpoint_spec(ckpt, flags, info, ...)`, its weights
+    loaded (`load_model_weights`). The one way from a checkpoint to a model (`--evaluate`, auto_attack_eval.py)."""
+    from models import build_model  # the registry imports every model family
+    model = build_model(checkpoint_spec(ckpt, flags, info, sparse=sparse, source=source))
+    load_model_weights(model, ckpt, source=source)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------

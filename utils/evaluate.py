@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.layers import MoEConv2d, selection_scores
+from models.spec import is_moe
 from .attack import ce_loss_fn, eval_mode, pgd_attack
 from .balance import router_logits_on
 from .distributed import all_reduce_sum
@@ -168,7 +169,7 @@ def attack_batch(model, x, y, cfg: EvalConfig, generator_seed: int, moe_metrics:
     straight-through attack and the routing attack alone; with `moe_metrics`, the dissection (router robustness,
     expert robustness, loads). The attacks draw their random starts in turn from one generator seeded with
     `generator_seed` (straight-through, fixed routing, routing attack: the dissection adds no draw)."""
-    routed = getattr(model, "is_moe", False)
+    routed = is_moe(model)
     generator = torch.Generator(device=x.device).manual_seed(generator_seed)
 
     def attack(loss_fn):
@@ -215,7 +216,7 @@ def evaluate(model, loader, cfg: EvalConfig, device, *, moe_metrics=None, shard=
     """SA and PGD RA of `model` on `loader` (this process's batches, see `Shard`), and for an MoE the
     dissection (`moe_metrics`, default: when the model is an MoE). Returns percentages, `n` and the summed
     `counts` (a `Counts`)."""
-    routed = getattr(model, "is_moe", False)
+    routed = is_moe(model)
     moe = routed if moe_metrics is None else moe_metrics and routed
     total = Counts(**{f.name: torch.zeros(model.n_expert if moe else 1, dtype=torch.float64)
                       for f in fields(Counts) if f.name.startswith("load")})

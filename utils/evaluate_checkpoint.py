@@ -3,14 +3,14 @@ import os
 import time
 from contextlib import nullcontext
 
-from .checkpoint import load_checkpoint, load_model_weights
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import LoaderConfig, build_loaders
 from .distributed import DistEnv
 from .errors import UsageError
 from .evaluate import EvalConfig, Shard, evaluate, evaluate_per_expert, moe_row
 from .lock import hold
 from .runfiles import read_args, read_json, read_metrics
-from .run import build_model_from_args
+from .run import model_spec
 from .runlog import RunLogger, check_can_create, record_unexpected_stop, run_dir
 from .runtime import seed_everything
 from .scalars import ScalarLog, summary_writer_class
@@ -23,8 +23,10 @@ def evaluate_checkpoint(args, script, device, env=DistEnv()):
     ckpt = load_checkpoint(args.resume)
     _, _, test_loader, info = build_loaders(LoaderConfig.from_args(args, data_fraction=1.0), device, env.rank,
                                             env.world_size)
-    model = build_model_from_args(args, info).to(device)
-    load_model_weights(model, ckpt, source=args.resume)
+    # The checkpoint's model as the flags describe it (they must agree with what it records: arch, ratio, experts,
+    # routing, MoE stages, top-k, normalisation).
+    flags = {**model_spec(args, info).compared(), "normalize": bool(args.normalize)}
+    model = model_from_checkpoint(ckpt, flags, info, sparse=args.sparse, source=args.resume).to(device)
     folder = run_dir(args, script, evaluate=True)
     check_can_create(folder, f"--save-dir {args.save_dir}")
     writer_class = summary_writer_class() if args.tensorboard else None  # before anything is written

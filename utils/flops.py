@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils import flop_counter
 from torch.utils._pytree import tree_map
 
+from models.spec import is_moe
 from .attack import eval_mode
 
 
@@ -73,7 +74,7 @@ def inference_gflops(model, image_size=32, batch=8, device="cpu") -> dict:
     with eval_mode(model), torch.no_grad():
         total = count_flops(lambda: model(x)) / batch / 1e9
         out = {"total": total}
-        if getattr(model, "is_moe", False) and model.routing_mode == "global":
+        if is_moe(model) and model.routing_mode == "global":
             router = count_flops(lambda: model.route(x)) / batch / 1e9
             out.update(router=router, backbone=total - router)
     return out
@@ -95,22 +96,18 @@ def make_train_step(model, kind="auto", *, num_steps=2, at="trades", lr=0.0, sca
     router upkeep of training follows each router update; its balancing pass runs on the batch itself (training
     draws 64 un-augmented training images per update instead).
     """
-    from .advmoe import advmoe_step
     from .balance import RouterUpkeep
-    from .steps import StepConfig, joint_step
+    from .steps import StepConfig, make_step
     from .update import StepContext
     if kind == "auto":
-        kind = "advmoe" if getattr(model, "is_moe", False) else "joint"
+        kind = "advmoe" if is_moe(model) else "joint"
     step_cfg = StepConfig(at=at, num_steps=num_steps, **cfg)
-    upkeep = RouterUpkeep(step_cfg.balance, step_cfg.balance_strength)
     if kind == "advmoe":
         ctx = StepContext(torch.optim.SGD(model.backbone_parameters(), lr=lr),
                           torch.optim.SGD(model.router_parameters(), lr=lr), scaler)
-        return lambda x, y: advmoe_step(model, x, y, step_cfg, ctx, upkeep=upkeep)
-    if kind == "joint":
+    else:
         ctx = StepContext(torch.optim.SGD(model.parameters(), lr=lr), scaler=scaler)
-        return lambda x, y: joint_step(model, x, y, step_cfg, ctx, upkeep=upkeep)
-    raise ValueError(f"unknown training step kind {kind!r} (advmoe, joint, auto)")
+    return make_step(model, step_cfg, ctx, kind, RouterUpkeep(step_cfg.balance, step_cfg.balance_strength))
 
 
 def train_step_gflops(model, kind="auto", *, image_size=32, batch=8, num_classes=10, device="cpu", **cfg) -> float:

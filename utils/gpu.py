@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Subset
 
+from models.spec import is_moe
 from .data import TensorImageDataset
 from .errors import UsageError
 from .runtime import augment_seed
@@ -170,7 +171,7 @@ class BackendConfig:
 
 
 def _has_sparse_moe(model) -> bool:
-    return bool(getattr(model, "is_moe", False) and getattr(model, "sparse", False))
+    return is_moe(model) and bool(getattr(model, "sparse", False))
 
 
 def deterministic_backends():
@@ -255,7 +256,7 @@ def maybe_compile(model, enabled, **compile_kwargs):
     """
     if not enabled:
         return model
-    if getattr(model, "is_moe", False):
+    if is_moe(model):
         raise ValueError("torch.compile supports dense models only here: an MoE's routing recompiles every batch")
     import torch._dynamo
     config = torch._dynamo.config

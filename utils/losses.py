@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from models.layers.router import at_least_float32
+from models.spec import is_moe
 
 from .attack import attack_precision, ce_loss_fn, eval_mode, kl_divergence, pgd_attack, trades_kl_loss_fn
 from .update import running_stats_frozen
@@ -33,7 +34,7 @@ def pgd_at_objective(logits_adv, y):
 def _train_forward(model, x):
     """Training-mode logits of `model` on `x`, and what its routing did when it is an MoE (a `RoutingInfo`; else
     None)."""
-    if not getattr(model, "is_moe", False):
+    if not is_moe(model):
         return model(x), None
     return model(x, return_routing=True)
 

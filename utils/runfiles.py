@@ -16,29 +16,40 @@ def read_json(path: str):
         return None
 
 
+CUT = object()  # a last line cut short by a killed writer (no newline, not JSON): a resume redoes that row
+
+
+def metrics_lines(lines: list):
+    """(line number, line, value) for each non-blank line of a metrics.jsonl: the JSON value the line holds, `CUT`
+    for a last line cut short by a killed writer, None for any other line that is not JSON. The one parse of the
+    file: `read_metrics` (lenient) and `utils.runlog.metrics_rows` (strict) differ only in what they make of it."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, line, json.loads(line)
+        except ValueError:
+            yield n, line, CUT if n == len(lines) and not line.endswith("\n") else None
+
+
 def read_metrics(path: str, problems: list | None = None) -> list[dict]:
     """Rows of a metrics.jsonl. A last line cut short by a killed writer is skipped; any other line that is not
     a JSON object, or a file that is not UTF-8, is skipped too and described in `problems` (when given)."""
-    rows = []
+    problems = [] if problems is None else problems
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except UnicodeDecodeError as e:
         lines = []
-        if problems is not None:
-            problems.append(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})")
+        problems.append(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})")
     except OSError:
         lines = []
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line) if line.strip() else None
-        except ValueError:
-            row = "cut" if n == len(lines) and not line.endswith("\n") else "bad"
+    rows = []
+    for n, _, row in metrics_lines(lines):
         if isinstance(row, dict):
             rows.append(row)
-        elif row == "bad" or (row is not None and row != "cut"):
-            if problems is not None:
-                problems.append(f"{path} line {n} is not a metrics row")
+        elif row is not CUT:
+            problems.append(f"{path} line {n} is not a metrics row")
     return rows
 
 

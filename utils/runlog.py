@@ -26,6 +26,7 @@ import yaml
 from .checkpoint import args_to_dict, load_checkpoint
 from .errors import UsageError, read_text_lines
 from .lock import LockLost, check_held_around
+from .runfiles import CUT, metrics_lines
 from .writes import atomic_file, open_append, write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -349,15 +350,9 @@ def metrics_rows(path) -> list:
     except OSError as e:
         raise UsageError(f"{path}: cannot read it ({e.strerror or e})") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            if n == len(lines) and not line.endswith("\n"):
-                continue  # the last row, cut short by a kill: redone by the resume
-            row = None
+    for n, line, row in metrics_lines(lines):
+        if row is CUT:
+            continue  # the last row, cut short by a kill: redone by the resume
         if not _is_row(row):
             raise UsageError(f"{path} line {n} is not a metrics row ({line.strip()[:60]!r}): the file is damaged; "
                              f"repair or remove that line before resuming")

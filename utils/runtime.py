@@ -9,8 +9,10 @@ never share a seed by accident and a resumed run redraws exactly what the uninte
 - `eval_start_seed(seed, batch)`: the PGD random start of evaluation batch `batch`;
 - `chunk_seed(seed, chunk)`: AutoAttack's seed for chunk `chunk`.
 """
+import contextlib
 import random
 import signal
+import threading
 
 import numpy as np
 import torch
@@ -91,16 +93,65 @@ class Interrupted(Exception):
     """Raised after a SIGTERM/SIGUSR1 checkpoint was written: the run should exit with REQUEUE_EXIT_CODE."""
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (what SLURM sends before killing a job); checked after every step."""
+TRAINING_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's before a kill (Ctrl-C: KeyboardInterrupt)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # what stops an evaluation or a job runner
 
-    def __init__(self):
-        self.signum = None
+
+class StopFlag:
+    """The one answer to stop signals: training, AutoAttack and the job runner each hold one.
+
+    `signum` is the last of `signals` that arrived while the flag was installed (None: none). `then(signum)`, when
+    given, runs in the handler too: raise to stop at once (AutoAttack), pass the signal on (the job runner).
+    Training checks `signum` after every step instead.
+    """
+
+    def __init__(self, signals=TRAINING_SIGNALS, then=None):
+        self.signals, self.then, self.signum = tuple(signals), then, None
 
     def __call__(self, signum, frame):
         self.signum = signum
+        if self.then is not None:
+            self.then(signum)
 
     def install(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        """Handle `signals` from now on, for the rest of the process (a training run: a signal that comes while
+        its checkpoint is written must not kill it). Returns the flag."""
+        for sig in self.signals:
             signal.signal(sig, self)
         return self
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Handle `signals` inside the block only, the handlers before it put back after it. Outside the main
+        thread, where Python takes no signal handlers, nothing is installed."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {sig: signal.getsignal(sig) for sig in self.signals}
+        self.install()
+        try:
+            yield self
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+
+class Stopped(Exception):
+    """A stop signal arrived inside `stop_on_signals`: exit code 128 + signal. `where`: how far the work got."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum, self.where = signum, ""
+
+    def __str__(self):
+        return f"stopped by {signal.Signals(self.signum).name}{self.where}"
+
+
+def _raise_stopped(signum):
+    raise Stopped(signum)
+
+
+def stop_on_signals():
+    """Inside the block SIGTERM, SIGINT and SIGUSR1 raise `Stopped` (main thread only; auto_attack_eval.py): the
+    stop flag, raising."""
+    return StopFlag(STOP_SIGNALS, then=_raise_stopped).installed()

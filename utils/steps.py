@@ -1,5 +1,6 @@
-"""Conventional adversarial training steps (dense models, and MoE router and experts together), and the pieces
-every training step shares: its settings (`StepConfig`) and its robust loss (`training_loss`).
+"""Conventional adversarial training steps (dense models, and MoE router and experts together), the settings
+every training step shares (`StepConfig`), and the one builder of a step (`make_step`), used by training and by the
+FLOP counter. The robust loss of every step is `utils.losses.robust_loss`.
 
 AdvMoE's alternating steps are in `utils.advmoe`; how a step moves the weights (backward, clipping, optimizer) is
 in `utils.update`; load balancing (a loss term, and the router upkeep that follows every router update) is in
@@ -7,6 +8,7 @@ in `utils.update`; load balancing (a loss term, and the router upkeep that follo
 """
 from dataclasses import dataclass
 
+from models.spec import is_moe
 from .balance import DEFAULT_STRENGTH, RouterUpkeep, add_balance_term, loss_balancing
 from .losses import robust_loss
 from .update import StepContext, apply_update, check_finite
@@ -48,21 +50,14 @@ class StepConfig:
                    router_grad_clip=args.router_grad_clip, grad_clip=args.grad_clip)
 
 
-def training_loss(model, x, y, cfg: StepConfig, generator=None, router_kl=False):
-    """The robust loss of a training step (`cfg.at`: TRADES, PGD-AT or fast AT; `utils.losses.robust_loss`; with
-    `router_kl` its TRADES attack adds the router's KL); for an MoE the dict also holds `router_logits`, for a
-    load-balancing loss."""
-    return robust_loss(model, x, y, cfg, generator, router_kl)
-
-
 def joint_step(model, x, y, cfg: StepConfig, ctx: StepContext, upkeep: RouterUpkeep | None = None):
     """Conventional adversarial training of the whole model (dense, or MoE router and experts together) with
     `ctx.optimizer`; the gradient norm is clipped at `cfg.grad_clip` (a dense model: all its parameters; an MoE:
     the backbone, and the router on its own at `cfg.router_grad_clip`, as in AdvMoE's two steps). For an MoE,
     the load-balancing loss of `cfg.balance` (if any) joins the loss, and `upkeep` follows the update (not in
     the paper, as in AdvMoE). Returns the loss dict."""
-    out = training_loss(model, x, y, cfg, ctx.generator)
-    moe = getattr(model, "is_moe", False)
+    out = robust_loss(model, x, y, cfg, ctx.generator)
+    moe = is_moe(model)
     balance = loss_balancing(cfg, model.n_expert) if moe else None
     if balance is not None:
         add_balance_term(out, balance)
@@ -75,3 +70,22 @@ def joint_step(model, x, y, cfg: StepConfig, ctx: StepContext, upkeep: RouterUpk
     if upkeep is not None:
         upkeep.after_router_update(model, x)
     return out
+
+
+STEP_KINDS = ("advmoe", "joint", "dense")
+
+
+def make_step(model, cfg: StepConfig, ctx: StepContext, kind: str, upkeep: RouterUpkeep | None = None):
+    """The per-batch update of `model`, `step(x, y) -> loss dict`, as training (`utils.train.make_step`) and the
+    FLOP counter (`utils.flops.make_train_step`) both run it.
+
+    kind: 'advmoe' (AdvMoE's router step then expert step, `utils.advmoe.advmoe_step`; `ctx` holds both
+    optimizers), 'joint' (one update of every parameter of an MoE, `joint_step`) or 'dense' (the same step for a
+    dense model). upkeep: the router upkeep that follows each router update (None: none).
+    """
+    from .advmoe import advmoe_step  # advmoe builds on this module's StepConfig
+    if kind == "advmoe":
+        return lambda x, y: advmoe_step(model, x, y, cfg, ctx, upkeep=upkeep)
+    if kind in ("joint", "dense"):
+        return lambda x, y: joint_step(model, x, y, cfg, ctx, upkeep=upkeep)
+    raise ValueError(f"unknown training step kind {kind!r} ({', '.join(STEP_KINDS)})")

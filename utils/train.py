@@ -23,7 +23,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from tqdm import tqdm
 
-from . import advmoe, steps
+from . import steps
 from .balance import RouterUpkeep, init_router
 from .checkpoint import restore_rng_state, save_checkpoint
 from .distributed import all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module, gather_objects
@@ -194,8 +194,8 @@ def recorded_outcome(log, stop):
 
 
 def make_step(run: Run):
-    """The per-batch update of this run, `step(x, y) -> loss dict`: AdvMoE or dense/joint adversarial training.
-    Built once per run: its settings, optimizers and router upkeep hold no per-epoch state."""
+    """The per-batch update of this run (`utils.steps.make_step`), with the run's optimizers, its process group
+    and its router upkeep. Built once per run: its settings, optimizers and upkeep hold no per-epoch state."""
     cfg = steps.StepConfig.from_args(run.args)
     if run.args.router_targets == "partition":  # from the data, the same on every process and on resume
         means = run.probe.class_means(run.model.spec.num_classes)
@@ -208,9 +208,7 @@ def make_step(run: Run):
     if run.model.is_moe:
         upkeep = RouterUpkeep(cfg.balance, cfg.balance_strength, run.args.router_logit_cap,
                               probe=run.probe.plain.to(run.device), average=ctx.average)
-    if training_kind(run.args, run.model) == "advmoe":
-        return lambda x, y: advmoe.advmoe_step(run.model, x, y, cfg, ctx, upkeep=upkeep)
-    return lambda x, y: steps.joint_step(run.model, x, y, cfg, ctx, upkeep=upkeep)
+    return steps.make_step(run.model, cfg, ctx, training_kind(run.args, run.model), upkeep)
 
 
 def train_one_epoch(run: Run, step, epoch: int, stop: StopFlag):

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 from ..errors import UsageError
 from ..lock import hold
+from ..runtime import STOP_SIGNALS, StopFlag
 from ..writes import open_append
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -170,18 +171,9 @@ class Runner:
             with contextlib.suppress(OSError):
                 child.send_signal(sent)
 
-    @contextlib.contextmanager
     def _signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        names = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
-        old = {s: signal.signal(s, self._forward) for s in names}
-        try:
-            yield
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
+        """While the runner runs: SIGTERM, SIGINT and SIGUSR1 passed on to the children (main thread only)."""
+        return StopFlag(STOP_SIGNALS, then=lambda signum: self._forward(signum, None)).installed()
 
     # ---- running -----------------------------------------------------------------------------------------
     def run(self, jobs) -> list:
