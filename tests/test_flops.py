@@ -10,6 +10,7 @@ import torch
 import models
 from utils.flops import count_flops, inference_gflops, train_step_gflops
 from utils.tools.flops import flops_rows, format_flops_table, get_args_parser, main
+from conftest import seeded
 
 
 def conv(size, c_in, c_out, k):
@@ -53,7 +54,7 @@ def router_gflops(n_expert):
 
 
 def _build(arch, **kw):
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     return models.build_model(arch, **kw)
 
 
