@@ -123,6 +123,7 @@ def pgd_accuracy(model, x, y, eps, steps=10):
 
 # ------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_autoattack_counts_fall_and_the_report_is_written(ckpts, tmp_path):
     """Clean accuracy is the model's own; robust <= after APGD-CE <= clean and a PGD baseline <= clean (what holds
     whatever the fixture's training produced: not `robust <= PGD` nor `robust < clean`, which are what one machine's
@@ -334,6 +335,7 @@ def test_stop_signal_says_where_and_the_same_command_resumes(ckpts, tmp_path, ca
     assert json.loads((tmp_path / "aa.json").read_text())["resumed_chunks"] == 1
 
 
+@pytest.mark.slow
 def test_sigterm_while_attacking(ckpts, tmp_path):
     """A real SIGTERM from outside, in the middle of a chunk, to the process and its data-loading worker (as
     SLURM's scancel signals every process of a job): one line, exit 143, no half-written chunk."""
@@ -522,6 +524,7 @@ def test_bad_flags_are_usage_errors_before_anything_is_written(ckpts, tmp_path, 
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_with_one_line(ckpts, tmp_path):
     """Bad path, wrong arch, mismatched --n-expert (recorded, and only detectable when loading): exit 2."""
     cases = [  # (flags, what the message must name)

@@ -79,6 +79,7 @@ def test_dense_training_step(device, amp):
     assert moved(before, model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ["global", "layer"])
 @pytest.mark.parametrize("device, amp", PRECISIONS)
 def test_moe_router_and_experts_each_move_only_in_their_own_step(device, amp, routing):
@@ -109,6 +110,7 @@ def test_moe_router_and_experts_each_move_only_in_their_own_step(device, amp, ro
 
 # ---------------------------------------------------------------------------------------- attacks under autocast
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device, amp", PRECISIONS)
 def test_attacks_under_autocast_stay_in_the_eps_ball_and_in_range(device, amp):
     torch.manual_seed(seeded(0))

@@ -209,6 +209,7 @@ AGREE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     store = tmp_path / "store"

@@ -120,6 +120,7 @@ def test_evaluation_sampler_gives_each_rank_whole_single_process_batches(n, worl
         EpochSampler(n, shuffle=False, seed=0, world_size=world_size, block=block + 1)  # padding needs blocks of 1
 
 
+@pytest.mark.slow
 def test_evaluation_shards_sum_to_the_single_process_counts():
     """In one process: each rank's evaluation loader and batch numbers, summed, give the single-process counts
     (MoE dissection and expert loads included), whatever the global RNG holds."""

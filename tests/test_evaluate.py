@@ -43,6 +43,7 @@ def _by_hand(model, x, y, ste_loss_fn):
         return model(x_ste).argmax(1) == y, model(x_fix).argmax(1) == y
 
 
+@pytest.mark.slow
 def test_moe_ra_is_the_per_image_worst_case_of_both_attacks():
     model = _model()
     x, y = _batch(model)
@@ -54,6 +55,7 @@ def test_moe_ra_is_the_per_image_worst_case_of_both_attacks():
     assert out["ra"] <= out["ra_ste"]
 
 
+@pytest.mark.slow
 def test_a_useless_straight_through_gradient_cannot_hide_the_experts(monkeypatch):
     """A router whose gradient tells the attack nothing (here: the straight-through attack's gradient is zero, so
     it only takes its random start) leaves RA to the fixed-routing attack: the same by-hand count. (How much each
@@ -121,6 +123,7 @@ def _router_bn_variances(model, x):
     return bn.running_var.clone(), seen[0]
 
 
+@pytest.mark.slow
 def test_router_statistics_follow_the_router_weights():
     model = _model().train()
     x, _ = _batch(model, 64)

@@ -285,6 +285,7 @@ def _run(script, argv, env, cwd):
                           env=env, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_missing_files_offline_exit_2_one_line_nothing_written(tmp_path, offline_env):
     data = tmp_path / "data"
     data.mkdir()
@@ -305,6 +306,7 @@ TINY = ["--dataset", "FashionMNIST", "--ratio", "0.125", "--epochs", "1", "--max
 
 @pytest.mark.parametrize("script,arch", [("train_ori.py", ["--arch", "resnet18_cifar_ori"]),
                                          ("train_moe.py", ["--arch", "resnet18_cifar_moe", "--n-expert", "2"])])
+@pytest.mark.slow
 def test_a_couple_of_training_batches_on_the_sample(tmp_path, offline_env, script, arch):
     data = write_fashion_mnist(tmp_path / "data", gz=True)  # the flat, gzipped folder, as Debian ships it
     before = tree(data)

@@ -111,6 +111,7 @@ def test_inference_gflops_restores_training_mode():
 # K attack steps (forward + input gradient, about 2F each), 2 train forwards (clean, adversarial) and one
 # backward through both (input gradients, plus weight gradients of the trained part). With K = 2 that is
 # about 2 x (1 + 4 + 2 + 3..4) = 20..22 F, i.e. <= 8.5 GFLOPs for F = 0.385; the reference runs 13.3 (N=2).
+@pytest.mark.slow
 @pytest.mark.parametrize("n_expert", [2, 4])
 def test_advmoe_step_within_target(n_expert):
     model = _build("resnet18_cifar_moe", ratio=0.5, n_expert=n_expert)

@@ -162,6 +162,7 @@ def test_backends_untouched_on_cpu():
     assert maybe_compile(model, False) is model
 
 
+@pytest.mark.slow
 def test_maybe_compile_in_place_keeps_keys_and_outputs():
     torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_ori", ratio=0.125).eval()

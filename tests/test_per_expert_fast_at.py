@@ -39,6 +39,7 @@ def _always_picks(model, e):
     return fixed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ["global", "layer"])
 def test_forcing_an_expert_equals_a_model_whose_router_always_picks_it(routing):
     torch.manual_seed(seeded(0))

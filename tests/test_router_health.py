@@ -63,6 +63,7 @@ def test_init_router_spreads_images_and_matches_train_statistics(n_expert):
         assert abs(int(load[0]) - int(load[1])) <= 2
 
 
+@pytest.mark.slow
 def test_init_router_centres_every_layer_router():
     torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=2, routing="layer")
@@ -183,6 +184,7 @@ def test_balancing_losses_are_zero_or_one_when_balanced_and_grow_with_collapse()
     assert (logits.grad[:, 0] > 0).all()  # lowering the over-used expert's logit lowers the loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["switch", "entropy"])
 def test_loss_balancing_enters_the_router_loss(mode):
     model, x, y = _collapsed()

@@ -100,6 +100,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path):
     assert_same_weights(weights, ref_weights)
 
 
+@pytest.mark.slow
 def test_evaluate_records_sa_and_ra(tmp_path):
     """--evaluate of a checkpoint gives the SA and RA its training run measured on the same test batch (same
     weights, same seeded random starts); SA and RA are counted by hand (RA: the run's PGD from the batch's seeded
@@ -155,6 +156,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,argv", BAD_INPUTS)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv):
     out = run_script(script, argv + ["--save-dir", str(tmp_path / "runs")])
@@ -163,6 +165,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv)
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_exit_2_and_overwrite_nothing(tmp_path):
     argv = DENSE + SMALL + ["--epochs", "1", "--max-batches", "1", "--save-dir", str(tmp_path / "runs")]
     assert run_script("train_ori.py", argv).returncode == 0

@@ -33,6 +33,7 @@ def _checkpoint(folder, name="checkpoint.pth.tar"):
 
 # ------------------------------------------------------------------------------------------------ routing
 
+@pytest.mark.slow
 def test_layer_routing_trains_its_routers_and_evaluates(tmp_path):
     """--routing layer: every MoE layer has its own router, the router step moves all of them, and --evaluate
     rebuilds the model with layer routers and reproduces the training run's test SA and RA."""
@@ -56,6 +57,7 @@ def test_layer_routing_trains_its_routers_and_evaluates(tmp_path):
                                                                       trained["ra_ste"])
 
 
+@pytest.mark.slow
 def test_joint_moe_training_through_the_cli(tmp_path):
     """--moe-training joint: one optimizer over router and experts (no router optimizer, no router lr)."""
     out = run_script("train_moe.py", MOE + ONE + ["--moe-training", "joint", "--save-dir", str(tmp_path)])
@@ -71,6 +73,7 @@ def test_joint_moe_training_through_the_cli(tmp_path):
     assert "router_lr" not in row
 
 
+@pytest.mark.slow
 def test_pgd_at_for_an_moe_through_the_flags(tmp_path, monkeypatch):
     """--at pgd reaches both AdvMoE steps, and the step's adversarial examples are PGD-CE ones against the MoE:
     in the eps-ball, in [0, 1], with a higher cross-entropy than the clean images; no TRADES clean pass."""
@@ -207,6 +210,7 @@ def two_processes(tmp_path_factory):
     return x, y, [torch.load(f"{tmp / 'out'}.{r}", weights_only=True) for r in range(2)], tmp
 
 
+@pytest.mark.slow
 def test_two_processes_on_b_images_update_as_one_process_on_2b(two_processes):
     x, y, results, _ = two_processes
     model = _vgg()
@@ -220,6 +224,7 @@ def test_two_processes_on_b_images_update_as_one_process_on_2b(two_processes):
     assert moved > 1e-3  # a real update, not two unchanged models
 
 
+@pytest.mark.slow
 def test_sync_bn_on_cpu_processes_is_a_usage_error(two_processes):
     """torch's SyncBatchNorm does not run on CPU: say so before anything is written, not at the first batch."""
     _, _, results, tmp = two_processes
