@@ -78,8 +78,10 @@ def _collapsed(seed=0):
     model = _model(seed=seed)
     x, y = _images(32)
     balance.init_router(model, x)
-    with torch.no_grad():
-        model.router.fc.bias += torch.tensor([5.0, -5.0])  # everything on expert 0
+    with torch.no_grad():  # everything on expert 0, by 5 at least: the gap 10, more if the images are spread wider
+        logits = model.route(x)
+        gap = max(10.0, float((logits[:, 1] - logits[:, 0]).max()) + 5.0)
+        model.router.fc.bias += torch.tensor([gap / 2, -gap / 2])
     assert _load(model, x).tolist() == [32, 0]
     return model.train(), x, y
 
@@ -146,12 +148,15 @@ def test_balancing_measures_the_probe_images_not_the_batch():
 
 def test_logit_cap_scales_the_router_without_changing_decisions():
     model, x, _ = _collapsed()
-    with torch.no_grad():
-        model.router.fc.weight.mul_(50.0)
+    with torch.no_grad():  # the router's output layer scaled so that its median margin is 8 (over the cap of 2)
+        top = model.route(x).topk(2, dim=1).values
+        factor = 8.0 / (top[:, 0] - top[:, 1]).median()
+        model.router.fc.weight.mul_(factor)
+        model.router.fc.bias.mul_(factor)
         model.router.balance.select_bias.copy_(torch.tensor([0.3, -0.3]))
     scores = model.route_scores(x)
     top = model.route(x).topk(2, dim=1).values
-    assert (top[:, 0] - top[:, 1]).median() > 4
+    assert torch.isclose((top[:, 0] - top[:, 1]).median(), torch.tensor(8.0), rtol=1e-4)
     _after_update(model, x, "none", 0.0, logit_cap=2.0)
     top = model.route(x).topk(2, dim=1).values
     assert torch.isclose((top[:, 0] - top[:, 1]).median(), torch.tensor(2.0), rtol=1e-4)
