@@ -232,7 +232,9 @@ def test_routing_report_shows_loads_with_and_without_augmentation():
     assert len(report["load_train_aug"]) == 2 and sum(report["load_train_aug"]) == pytest.approx(100.0)
     with torch.no_grad():
         top = model.route(x).topk(2, dim=1).values
-    assert report["router_margin_p50"] == pytest.approx(float((top[:, 0] - top[:, 1]).median()), rel=1e-4)
+    # the median as the report takes it: the mean of the two middle margins of an even count (torch.median takes
+    # the lower one: equal at seed offset 0 by chance, 9.98 against 10.0 under offsets 1 and 2)
+    assert report["router_margin_p50"] == pytest.approx(float((top[:, 0] - top[:, 1]).quantile(0.5)), rel=1e-4)
     chosen = torch.softmax(model.route(x), 1).max(1).values
     assert report["router_saturated"] == pytest.approx(100 * float((chosen > 0.99).float().mean()))
     assert report["select_bias"] == [0.0, 0.0]
