@@ -1,10 +1,15 @@
 """Test-session setup and the helpers that several test files share (no test file imports another).
 
-Threads: every test computes on one thread, in this process (the session fixture `one_thread`) and in the
-processes it starts (OMP_NUM_THREADS=1, set here before torch is imported, is inherited). The models are tiny, and
-two pytest-xdist workers with two OpenMP threads each on a 2-core machine spin against each other: an in-process
-test that takes 2 s alone took 122 s that way. A process started with `multiprocessing` spawn does not run this
-file: its target sets its own thread count.
+Threads: every test computes on one thread by default, in this process (the session fixture `test_threads`) and
+in the processes it starts (OMP_NUM_THREADS, set here before torch is imported, is inherited). The models are tiny,
+and two pytest-xdist workers with two OpenMP threads each on a 2-core machine spin against each other: an
+in-process test that takes 2 s alone took 122 s that way. ADVMOE_TEST_THREADS=N (default 1) runs the session on N
+threads instead: sh/check_portable.sh runs the training and attack tests on 1 and 2, since another thread count
+sums in another order (another rounding) as another machine would. A process started with `multiprocessing` spawn
+does not run this file: its target sets its own thread count.
+
+Seeds: every random choice of the tests goes through `seeded(n)`, moved by ADVMOE_TEST_SEED (default 0); a test
+must pass under any offset (sh/check_portable.sh runs three, .ci/run two).
 """
 import contextlib
 import os
@@ -12,7 +17,8 @@ import subprocess
 import sys
 import time
 
-os.environ["OMP_NUM_THREADS"] = "1"
+THREADS = int(os.environ.get("ADVMOE_TEST_THREADS", "1"))
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -30,20 +36,32 @@ def seeded(seed):
     return seed + SEED_OFFSET
 
 
+def pytest_configure(config):
+    """Hypothesis draws its examples from the seed offset too (unless --hypothesis-seed names one)."""
+    try:
+        from hypothesis import core
+    except ImportError:
+        return
+    if config.getoption("hypothesis_seed", None) is None:
+        core.global_force_seed = SEED_OFFSET
+
+
 @pytest.fixture(scope="session", autouse=True)
-def one_thread():
-    """One intra-op thread for the whole session (the one place tests limit threads)."""
+def test_threads():
+    """THREADS intra-op threads for the whole session (the one place tests set threads; default 1)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(THREADS)
     yield
     torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------ entry scripts
 
+# The runs' --seed is the default (1234) moved by the offset.
+SEED = ["--seed", str(seeded(1234))]
 TINY = ["--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32", "--test-batch-size", "64",
         "--num-workers", "0", "--max-test-batches", "1", "--num-steps-test", "2", "--no-progress",
-        "--num-steps", "1", "--device", "cpu"]
+        "--num-steps", "1", "--device", "cpu"] + SEED
 DENSE = ["--arch", "resnet18_cifar_ori"] + TINY
 MOE = ["--arch", "resnet18_cifar_moe", "--n-expert", "2"] + TINY
 
@@ -68,10 +86,11 @@ TINY_RATIO = 0.0625
 
 
 def train_tiny(arch, steps, n_expert=None, seed=0):
-    """A ResNet-18 at ratio 1/16 trained with plain cross-entropy for a few SGD steps on Digits."""
+    """A ResNet-18 at ratio 1/16 trained with plain cross-entropy for a few SGD steps on Digits (the weights and
+    batches drawn from `seeded(seed)`)."""
     import models
     from utils.data import build_datasets
-    torch.manual_seed(seed)
+    torch.manual_seed(seeded(seed))
     train_ds, _ = build_datasets("Digits", "unused")
     model = models.build_model(arch, num_classes=10, ratio=TINY_RATIO, n_expert=n_expert)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -109,7 +128,7 @@ def ours(model, opt, arch, n_expert=None):
 
 FLAGS = ["--arch", "resnet18_cifar_ori", "--dataset", "Digits", "--ratio", "0.125", "--batch-size", "32",
          "--test-batch-size", "32", "--num-workers", "0", "--max-batches", "1", "--max-test-batches", "1",
-         "--num-steps", "1", "--num-steps-test", "1", "--no-progress", "--device", "cpu"]
+         "--num-steps", "1", "--num-steps-test", "1", "--no-progress", "--device", "cpu"] + SEED
 TWO_EPOCHS = FLAGS + ["--epochs", "2"]
 
 

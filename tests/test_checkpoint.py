@@ -16,6 +16,7 @@ from utils import checkpoint as ck
 from utils.checkpoint import (args_to_dict, capture_rng_state, check_recorded, extract_state_dict, load_checkpoint,
                               load_model_weights, restore_rng_state, save_checkpoint)
 from utils.errors import UsageError
+from conftest import seeded
 
 
 class Foreign:
@@ -97,7 +98,7 @@ def _truncated(path):
 
 BAD_FILES = {
     "garbage text": lambda p: p.write_text("this is not a checkpoint\n" * 20),
-    "random bytes": lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+    "random bytes": lambda p: p.write_bytes(np.random.default_rng(seeded(0)).bytes(4096)),
     "empty": lambda p: p.write_bytes(b""),
     "truncated": _truncated,
     "plain pickle": lambda p: p.write_bytes(pickle.dumps({"a": 1})),
@@ -237,17 +238,17 @@ def _draws():
 
 
 def test_rng_state_round_trips_through_save_and_load(tmp_path):
-    torch.manual_seed(7)
-    np.random.seed(7)
-    random.seed(7)
+    torch.manual_seed(seeded(7))
+    np.random.seed(seeded(7))
+    random.seed(seeded(7))
     np.random.randn(1)  # leave a cached gaussian in numpy's state, and one in Python's
     random.gauss(0, 1)
     path = tmp_path / "c.pth.tar"
     save_checkpoint({"rng": capture_rng_state()}, path)
     expected = _draws()
-    torch.manual_seed(99)
-    np.random.seed(99)
-    random.seed(99)
+    torch.manual_seed(seeded(99))
+    np.random.seed(seeded(99))
+    random.seed(seeded(99))
     assert _draws() != expected  # the test can tell the states apart
     restore_rng_state(load_checkpoint(path)["rng"])
     assert _draws() == expected

@@ -20,6 +20,7 @@ from utils.attack import ce_loss_fn, pgd_attack
 from utils.losses import robust_loss
 from utils.update import StepContext
 from utils.gpu import Precision
+from conftest import seeded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
@@ -39,7 +40,7 @@ def precision_for(device, amp):
 
 
 def batch(device, n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seeded(seed))
     return torch.rand(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device)
 
 
@@ -63,7 +64,7 @@ STEP_CFG = steps.StepConfig(num_steps=2, eps=EPS, step_size=STEP, grad_clip=1.0,
 
 @pytest.mark.parametrize("device, amp", PRECISIONS)
 def test_dense_training_step(device, amp):
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_ori", ratio=0.25).to(device).train()
     precision = precision_for(device, amp)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -78,10 +79,11 @@ def test_dense_training_step(device, amp):
     assert moved(before, model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("routing", ["global", "layer"])
 @pytest.mark.parametrize("device, amp", PRECISIONS)
 def test_moe_router_and_experts_each_move_only_in_their_own_step(device, amp, routing):
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_moe", ratio=0.25, n_expert=2, routing=routing).to(device).train()
     precision = precision_for(device, amp)
     router, backbone = model.router_parameters(), model.backbone_parameters()
@@ -108,9 +110,10 @@ def test_moe_router_and_experts_each_move_only_in_their_own_step(device, amp, ro
 
 # ---------------------------------------------------------------------------------------- attacks under autocast
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device, amp", PRECISIONS)
 def test_attacks_under_autocast_stay_in_the_eps_ball_and_in_range(device, amp):
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     precision = precision_for(device, amp)
     x, y = batch(device)
     for model in (models.build_model("resnet18_cifar_ori", ratio=0.25),
@@ -140,7 +143,7 @@ def _digits_tensors(device):
 def test_pgd_robust_accuracy_under_amp_is_within_two_points_of_float32(amp):
     """A dense model PGD-trained for 3 epochs on Digits; PGD-10 RA on the 360 test images with the attack run
     under autocast vs in float32 (what training and evaluation do), predictions in float32 both times."""
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     device = "cuda"
     train, (xt, yt) = _digits_tensors(device)
     model = models.build_model("resnet18_cifar_ori", ratio=0.25).to(device)
@@ -162,7 +165,7 @@ def test_pgd_robust_accuracy_under_amp_is_within_two_points_of_float32(amp):
     ras = []
     for loss in (ce_loss_fn(yt), amp_ce):
         x_adv = pgd_attack(model, xt, loss, eps=EPS, step_size=STEP, num_steps=10,
-                           generator=torch.Generator(device=device).manual_seed(1))
+                           generator=torch.Generator(device=device).manual_seed(seeded(1)))
         with torch.no_grad():
             ras.append(100 * (model(x_adv).argmax(1) == yt).float().mean().item())
     print(f"PGD-10 RA float32 {ras[0]:.2f}% vs attack under {amp} {ras[1]:.2f}%")
@@ -178,7 +181,7 @@ def test_sparse_equals_dense_masked_with_an_empty_expert(device, routing):
     allow = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        torch.manual_seed(0)
+        torch.manual_seed(seeded(0))
         model = models.build_model("resnet18_cifar_moe", ratio=0.25, n_expert=4, routing=routing).to(device).eval()
         x, y = batch(device, n=6)
         n_layers = sum(isinstance(m, models.layers.MoEConv2d) for m in model.modules())
@@ -215,7 +218,7 @@ def test_a_sparse_forward_synchronises_once_per_routing_decision(routing):
     """CUDA's sync debug mode flags every synchronising call: one per forward (global routing), one per MoE layer
     (per-layer routing), from the expert counts; `bincount` added its own before."""
     import warnings
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_moe", ratio=0.25, n_expert=2, routing=routing).cuda().eval()
     x, _ = batch("cuda", n=8)
     n_layers = sum(isinstance(m, models.layers.MoEConv2d) for m in model.modules())
@@ -262,7 +265,7 @@ def test_resident_loader_gives_the_cpu_loaders_batches_on_the_device(device):
 @needs_cuda
 def test_compile_keeps_checkpoint_keys_and_the_eager_logits():
     from utils.gpu import maybe_compile
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_ori", ratio=0.25).cuda().eval()
     x, _ = batch("cuda", n=8)
     keys = list(model.state_dict())

@@ -22,18 +22,19 @@ from utils.gpu import (COMPILE_RECOMPILE_LIMIT, BackendConfig, backend_flags, de
                        maybe_compile)
 from utils.losses import robust_loss
 from utils.gpu import Precision, native_bf16
+from conftest import seeded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.device("cuda")
 
 
 def _moe(routing="global", seed=0):
-    torch.manual_seed(seed)
+    torch.manual_seed(seeded(seed))
     return models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=2, routing=routing).eval()
 
 
 def _images(n=6, seed=1):
-    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seeded(seed)))
 
 
 def bf16_autocast():
@@ -96,7 +97,7 @@ def test_gate_keeps_moe_layers_in_autocast_dtype_and_gradients_reach_the_router(
 
 
 def test_attack_runs_in_float32_under_autocast():
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_ori", ratio=0.125).eval()
     x, y = _images(4), torch.tensor([0, 1, 2, 3])
     seen = []
@@ -107,23 +108,23 @@ def test_attack_runs_in_float32_under_autocast():
         return ce_loss_fn(y)(m, x_adv)
 
     kw = dict(eps=8 / 255, step_size=2 / 255, num_steps=2)
-    want = pgd_attack(model, x, loss, generator=torch.Generator().manual_seed(3), **kw)
+    want = pgd_attack(model, x, loss, generator=torch.Generator().manual_seed(seeded(3)), **kw)
     with bf16_autocast():
-        got = pgd_attack(model, x, loss, generator=torch.Generator().manual_seed(3), **kw)
+        got = pgd_attack(model, x, loss, generator=torch.Generator().manual_seed(seeded(3)), **kw)
     assert set(seen) == {torch.float32}
     assert torch.equal(got, want)
 
 
 def test_trades_attack_target_is_float32_under_autocast():
     """TRADES' attack (target included) gives the float32 adversarial examples inside a bf16 training step."""
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_ori", ratio=0.125).train()
     twin = copy.deepcopy(model)  # the training passes move BatchNorm statistics: each call gets a fresh model
     x, y = _images(4), torch.tensor([0, 1, 2, 3])
     cfg = steps.StepConfig(at="trades", eps=8 / 255, step_size=2 / 255, num_steps=2, beta=6.0)
-    want = robust_loss(model, x, y, cfg, generator=torch.Generator().manual_seed(5))["x_adv"]
+    want = robust_loss(model, x, y, cfg, generator=torch.Generator().manual_seed(seeded(5)))["x_adv"]
     with bf16_autocast():
-        got = robust_loss(twin, x, y, cfg, generator=torch.Generator().manual_seed(5))["x_adv"]
+        got = robust_loss(twin, x, y, cfg, generator=torch.Generator().manual_seed(seeded(5)))["x_adv"]
     assert torch.equal(got, want)
 
 
@@ -208,6 +209,7 @@ AGREE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     store = tmp_path / "store"
@@ -277,12 +279,12 @@ def test_compiled_dense_training_and_evaluation_stay_within_the_recompile_limit(
         return gm.forward
 
     torch._dynamo.reset()
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_ori", ratio=0.125)
     maybe_compile(model, True, backend=counting_backend)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     cfg = steps.StepConfig(num_steps=1, grad_clip=1.0)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seeded(0))
     batches = [(torch.rand(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)) for b in (8, 5)]
     try:
         counts = []

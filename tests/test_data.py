@@ -12,6 +12,7 @@ from PIL import Image
 from utils import data
 from utils.data import DATASETS, EpochSampler, LoaderConfig, build_datasets, build_loaders, dataset_info
 from utils.errors import UsageError
+from conftest import seeded
 
 # Solid colours, one per class, far apart so that JPEG compression cannot blur one into another.
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20)]
@@ -103,10 +104,10 @@ def test_digits_shapes_range_and_stratified_split():
 
 def test_digits_split_ignores_the_global_seed():
     data._digits_tensors.cache_clear()
-    torch.manual_seed(1)
+    torch.manual_seed(seeded(1))
     _, a = build_datasets("Digits", "unused")
     data._digits_tensors.cache_clear()
-    torch.manual_seed(2)
+    torch.manual_seed(seeded(2))
     _, b = build_datasets("Digits", "unused")
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
@@ -128,7 +129,7 @@ def _shift(img, dy, dx):
 
 def test_digits_augmentation_only_shifts_by_at_most_two_pixels():
     train, _ = build_datasets("Digits", "unused")
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
     seen = set()
     for i in range(40):
@@ -148,7 +149,7 @@ def test_digits_augmentation_only_shifts_by_at_most_two_pixels():
 
 def _write_cifar(root, name, per_file=4):
     """A tiny CIFAR10/100 folder: each image is one solid colour COLOURS[label] (label < 4)."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seeded(0))
 
     def batch(n):
         labels = rng.integers(0, len(COLOURS), n).tolist()
@@ -200,7 +201,7 @@ def test_cifar_reads_the_users_files(tmp_path, skip_md5, name, monkeypatch):
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
         expected = torch.tensor(COLOURS[y], dtype=torch.float32)[:, None, None].expand(3, 32, 32) / 255
         assert torch.allclose(x, expected)  # no normalisation, no augmentation on the test set
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     xs = [train[0][0] for _ in range(20)]
     assert all(x.shape == (3, 32, 32) and x.min() >= 0 and x.max() <= 1 for x in xs)
     assert any((x == 0).all(dim=0).any() for x in xs)  # padding=4 crops bring in black borders
@@ -356,9 +357,9 @@ def test_sampler_is_a_function_of_seed_and_epoch():
     assert order(3, 0) == order(3, 0) and sorted(order(3, 0)) == list(range(50))
     assert order(3, 1) != order(3, 0) and order(4, 0) != order(3, 0)
     assert order(3, 1) == order(4, 0)  # documented: the generator is seeded with seed + epoch
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     a = order(3, 2)
-    torch.manual_seed(1)
+    torch.manual_seed(seeded(1))
     assert order(3, 2) == a  # the global RNG plays no part
     plain = EpochSampler(7, shuffle=False, seed=0)
     plain.set_epoch(5)
@@ -448,9 +449,9 @@ def test_build_loaders_reproducible_with_a_worker():
         batch = next(it)
         del it
         return batch
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     (xa, ya) = first_batch()
-    torch.manual_seed(99)  # the main process's RNG must not matter
+    torch.manual_seed(seeded(99))  # the main process's RNG must not matter
     (xb, yb) = first_batch()
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     sampler = EpochSampler(1437, shuffle=True, seed=11)

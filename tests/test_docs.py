@@ -94,6 +94,7 @@ def package_names(module) -> set:
     return names
 
 
+@pytest.mark.slow
 def test_every_import_of_our_modules_names_one_that_exists():
     tools = os.path.join("utils", "tools")
     every = library_files() + [os.path.join(folder, f) for folder in (tools, "tests")

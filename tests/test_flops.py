@@ -10,6 +10,7 @@ import torch
 import models
 from utils.flops import count_flops, inference_gflops, train_step_gflops
 from utils.tools.flops import flops_rows, format_flops_table, get_args_parser, main
+from conftest import seeded
 
 
 def conv(size, c_in, c_out, k):
@@ -53,7 +54,7 @@ def router_gflops(n_expert):
 
 
 def _build(arch, **kw):
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     return models.build_model(arch, **kw)
 
 
@@ -110,6 +111,7 @@ def test_inference_gflops_restores_training_mode():
 # K attack steps (forward + input gradient, about 2F each), 2 train forwards (clean, adversarial) and one
 # backward through both (input gradients, plus weight gradients of the trained part). With K = 2 that is
 # about 2 x (1 + 4 + 2 + 3..4) = 20..22 F, i.e. <= 8.5 GFLOPs for F = 0.385; the reference runs 13.3 (N=2).
+@pytest.mark.slow
 @pytest.mark.parametrize("n_expert", [2, 4])
 def test_advmoe_step_within_target(n_expert):
     model = _build("resnet18_cifar_moe", ratio=0.5, n_expert=n_expert)
@@ -160,7 +162,8 @@ def test_the_flop_counter_and_training_build_their_step_in_one_place(monkeypatch
     flops.make_train_step(moe)
     flops.make_train_step(_build("resnet18_cifar_ori", ratio=0.125))
     args = SimpleNamespace(at="pgd", epsilon=0.1, step_size=0.05, num_steps=1, beta=6.0, alpha=6.0,
-                           router_objective="robust", balance="none", balance_strength=0.0, router_grad_clip=1.0,
+                           router_objective="robust", advmoe_order="router-first",
+                           attack_router_kl="none", router_at=0.0, flip_expert_at=0.0, router_targets="mod", balance="none", balance_strength=0.0, router_grad_clip=1.0,
                            grad_clip=1.0, router_logit_cap=0.0, moe_training="joint")
     run = SimpleNamespace(args=args, model=moe, env=SimpleNamespace(enabled=False), device="cpu",
                           optimizer=torch.optim.SGD(moe.parameters(), lr=0.0), router_optimizer=None,

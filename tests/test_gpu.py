@@ -11,6 +11,7 @@ from conftest import seeded
 from utils.data import EpochSampler, LoaderConfig, TensorImageDataset, build_loaders
 from utils.gpu import (Augmentation, BackendConfig, ResidentLoader, configure_backends, crop_flip, fits_on_device,
                        maybe_compile, resident_loader, resident_loaders)
+from conftest import seeded
 
 
 def _crop_flip_by_hand(img, top, left, flip, p):
@@ -20,7 +21,7 @@ def _crop_flip_by_hand(img, top, left, flip, p):
 
 
 def test_crop_flip_matches_pad_slice_flip():
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seeded(0))
     x = torch.rand(6, 3, 7, 5, generator=g)
     p = 2
     top = torch.tensor([0, 4, 2, 1, 3, 4])
@@ -40,7 +41,7 @@ def test_crop_flip_uint8():
 
 
 def _tiny(n=37, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seeded(seed))
     return torch.rand(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
@@ -116,7 +117,7 @@ class _FakeCifar(torch.utils.data.Dataset):
     """torchvision's CIFAR layout: .data (N, H, W, 3) uint8 numpy, .targets list."""
 
     def __init__(self, n=10):
-        g = torch.Generator().manual_seed(1)
+        g = torch.Generator().manual_seed(seeded(1))
         self.data = torch.randint(0, 256, (n, 6, 6, 3), dtype=torch.uint8, generator=g).numpy()
         self.targets = list(range(n))
 
@@ -180,8 +181,9 @@ def test_channels_last_on_cpu_only_when_asked():
         torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_maybe_compile_in_place_keeps_keys_and_outputs():
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_ori", ratio=0.125).eval()
     x = torch.rand(2, 3, 32, 32)
     keys, want = list(model.state_dict()), model(x)

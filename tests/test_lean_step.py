@@ -29,17 +29,18 @@ import models
 from utils import advmoe, steps, update
 from utils.balance import RouterUpkeep
 from utils.update import StepContext
+from conftest import seeded
 
 K = 2  # attack steps
 
 
 def _model(n_expert=2):
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     return models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=n_expert).train()
 
 
 def _batch(b=8):
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seeded(1))
     return torch.rand(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)
 
 
@@ -197,7 +198,7 @@ def test_reference_router_objective_passes_and_value(monkeypatch):
 
     # Its value: alpha * CE(router(x), y mod N) + beta * KL(router(x) || router(x_adv)) / B.
     model = _model()
-    out = advmoe.reference_router_loss(model, x, y, cfg, generator=torch.Generator().manual_seed(3))
+    out = advmoe.reference_router_loss(model, x, y, cfg, generator=torch.Generator().manual_seed(seeded(3)))
     with update.running_stats_frozen(list(model.modules())):
         r_clean, r_adv = model.route(x), model.route(out["x_adv"])
     p, log_p, log_q = r_clean.softmax(1), r_clean.log_softmax(1), r_adv.log_softmax(1)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import models
 from models import ModelSpec
 from models.spec import base_arch, contradiction, dense_arch
+from conftest import seeded
 
 # The listings travel with the tests when copied into tests/data; otherwise the shared reference folder.
 LISTINGS = next((p for p in (Path(__file__).parent / "data" / "reference_parameters",
@@ -72,7 +73,7 @@ def test_listings_present():
 
 @pytest.mark.parametrize("arch,n_expert", configs())
 def test_forward_backward(arch, n_expert):
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     model = models.build_model(arch, num_classes=CLASSES, ratio=RATIO, n_expert=n_expert)
     x = torch.rand(BATCH, 3, input_size(arch), input_size(arch))
     y = torch.arange(BATCH) % CLASSES
@@ -215,7 +216,7 @@ def _one_per_family(kind):
 @pytest.mark.parametrize("arch", _one_per_family("ori") + _one_per_family("moe"))
 def test_normalize_is_applied_inside(arch):
     """A model with --normalize on [0,1] images equals the same weights without it on normalised images."""
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     n = 2 if models.is_moe(arch) else None
     plain = models.build_model(arch, ratio=RATIO, n_expert=n).eval()
     normed = models.build_model(arch, ratio=RATIO, n_expert=n, normalize=STATS).eval()

@@ -10,6 +10,7 @@ import torchvision  # layouts to compare with
 
 import models
 from models.layers import MoEConv2d
+from conftest import seeded
 
 RATIO, CLASSES = 0.125, 5
 STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
@@ -33,7 +34,7 @@ def input_size(arch):
 
 
 def build(arch, n_expert=None, ratio=RATIO, seed=0, **kwargs):
-    torch.manual_seed(seed)
+    torch.manual_seed(seeded(seed))
     return models.build_model(arch, num_classes=CLASSES, ratio=ratio, n_expert=n_expert, **kwargs)
 
 
@@ -268,7 +269,7 @@ def test_sparse_equals_dense_masked(arch, n_expert, routing, scenario):
     sparse = build(arch, n_expert, routing=routing, sparse=True).double()
     dense = build(arch, n_expert, routing=routing, sparse=False, seed=1).double()
     dense.load_state_dict(sparse.state_dict())
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seeded(0))
     x = torch.rand(batch, 3, size, size, generator=gen, dtype=torch.float64)
     weight = torch.randn(batch, CLASSES, generator=gen, dtype=torch.float64)
     expert = None

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import models
 from conftest import seeded
 from models.layers import LayerRouter, MoEConv2d, Routing, hard_top1
+from conftest import seeded
 
 RATIO, CLASSES = 0.125, 5
 # Representatives: basic and bottleneck ResNets (dense vs MoE shortcuts), both WRN stems; every other
@@ -44,7 +45,7 @@ def layer_routers(model):
 
 
 def build(arch, n_expert, routing="global", sparse=True, seed=0):
-    torch.manual_seed(seed)
+    torch.manual_seed(seeded(seed))
     return models.build_model(arch, num_classes=CLASSES, ratio=RATIO, n_expert=n_expert, routing=routing,
                               sparse=sparse)
 
@@ -114,7 +115,7 @@ def test_sparse_equals_dense_masked(arch, n_expert, routing, scenario):
     batch = 6
     sparse = build(arch, n_expert, routing, sparse=True).double()
     dense = build(arch, n_expert, routing, sparse=False).double()
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seeded(1))
     size = input_size(arch)
     x = torch.rand(batch, 3, size, size, generator=gen, dtype=torch.float64)
     out_weight = torch.randn(batch, CLASSES, generator=gen, dtype=torch.float64)
@@ -165,7 +166,7 @@ def router_param_names(model):
 def test_hard_top1_gate_is_one_and_its_gradient_is_the_softmax_jacobian_row():
     """Forward: the argmax expert and a gate of exactly 1. Backward: d gate_b / d logits_b is the row of the
     softmax Jacobian of the chosen expert k, p_k (onehot_k - p), not a raw pass-through (onehot_k)."""
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seeded(0))
     logits = (3 * torch.randn(6, 4, generator=g)).requires_grad_(True)
     expert, gate = hard_top1(logits)
     assert torch.equal(expert, logits.argmax(1))
@@ -228,7 +229,7 @@ def test_moe_conv_expert_rows_by_hand(sparse):
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("stride,padding,bias", [(1, 1, False), (2, 1, True), (1, 0, True)])
 def test_moe_conv_matches_conv_on_expert_rows(sparse, stride, padding, bias):
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     n_expert, w, c_in = 3, 4, 5
     conv = MoEConv2d(c_in, w, 3, stride, padding, bias, n_expert=n_expert).double()
     weight = torch.randn(n_expert * w, c_in, 3, 3, dtype=torch.float64)
@@ -249,7 +250,7 @@ def test_moe_conv_matches_conv_on_expert_rows(sparse, stride, padding, bias):
 
 def _reference_state(model, seed=0):
     """Random tensors under the model's reference-layout keys (BN variances positive)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seeded(seed))
     state = {}
     for name, t in model.state_dict().items():
         if name.endswith("num_batches_tracked"):
@@ -277,7 +278,7 @@ def test_first_moe_conv_of_loaded_model_by_hand(forced):
         seen["input"], seen["expert"], seen["output"] = args[0], args[1].expert, output
 
     handle = first.register_forward_hook(hook)
-    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(seeded(3)))
     expert = torch.tensor([1, 0, 1, 0]) if forced else None
     with torch.no_grad():
         _, info = model(x, expert=expert, return_routing=True)

@@ -96,6 +96,7 @@ def _rows(folder):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_one_runs_one_is_refused_and_the_run_equals_a_run_alone(tmp_path):
     argv = FLAGS + ["--epochs", "3", "--max-batches", "2"]
     both = [script("train_ori", argv + ["--save-dir", tmp_path / "shared"]) for _ in range(2)]
@@ -229,6 +230,7 @@ FSIZE_LIMIT = (
     "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_save_on_a_full_disk_names_the_file_and_keeps_the_previous_one(finished, tmp_path):
     save, folder = unfinished(finished, tmp_path / "save")
     latest, best = (os.path.join(folder, "checkpoint", f) for f in ("checkpoint.pth.tar", "model_best.pth.tar"))
@@ -242,6 +244,7 @@ def test_a_checkpoint_save_on_a_full_disk_names_the_file_and_keeps_the_previous_
     assert not [f for f in os.listdir(os.path.dirname(latest)) if f.startswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_a_fresh_run_on_a_full_disk_leaves_nothing(tmp_path):
     p = subprocess.run([sys.executable, "-c", FSIZE_LIMIT.format(limit=512), os.path.join(ROOT, "train_ori.py"),
                         *map(str, TWO_EPOCHS), "--save-dir", tmp_path / "runs"],
@@ -300,6 +303,7 @@ def test_moe_stages_mismatch_names_moe_stages(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,named", [(["--device", "meta"], "--device meta"), (["--ratio", "0"], "--ratio"),
                                         (["--experts", "0"], "--experts"), (["--batch", "0"], "--batch")])
+@pytest.mark.slow
 def test_benchmark_bad_sizes_are_one_line(argv, named):
     p = subprocess.run([sys.executable, "-m", "utils.tools.benchmark", "--quick", *argv], cwd=ROOT,
                        env=ENV, capture_output=True, text=True, timeout=300)

@@ -9,6 +9,7 @@ from args import parse_args
 from models.layers import MoEConv2d, top_k_gates
 from utils.errors import UsageError
 from utils.flops import inference_gflops
+from conftest import seeded
 
 REF = os.path.join(os.path.dirname(__file__), "data", "reference_parameters")
 
@@ -93,7 +94,7 @@ def test_top_k_gates_are_the_renormalised_router_probabilities():
 
 @pytest.mark.parametrize("routing", ["global", "layer"])
 def test_top_2_sparse_equals_dense_masked_in_float64(routing):
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_moe", ratio=0.125, n_expert=3, top_k=2, routing=routing,
                                moe_stages=[3, 4]).double().eval()
     x = torch.rand(7, 3, 32, 32, dtype=torch.float64, requires_grad=True)

@@ -106,6 +106,7 @@ def test_a_rerun_with_other_epochs_or_ratio_computes_anew(tmp_path):
     assert len({r["command"] for r in results}) == 3 and "--ratio 0.125" in results[2]["command"]
 
 
+@pytest.mark.slow
 def test_the_training_child_dies_with_a_killed_study(tmp_path):
     """kill -9 of the study: its training process gets SIGTERM (checkpoints, stops), so a rerun finds no writer."""
     import glob

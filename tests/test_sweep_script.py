@@ -103,6 +103,7 @@ def test_manifest_lines_and_names(planned):
     assert out.count("start train:") == 4 and out.count("then eval:") == 4 and out.count("then autoattack:") == 4
 
 
+@pytest.mark.slow
 def test_dry_run_skips_finished_and_resumes_partial(planned, tmp_path):
     save, rows, _ = planned
     fake_finished(rows[0]["run_dir"], rows[0]["eval_dir"], row=rows[0])  # all done
@@ -155,6 +156,7 @@ def test_paper_preset_filters_and_archs(tmp_path):
     assert "TinyImageNet" in rows[-1]["run_dir"] and "-expert2-" in rows[-1]["run_dir"]
 
 
+@pytest.mark.slow
 def test_paper_preset_full_size(tmp_path):
     r = sweep("--save-dir", tmp_path, "--dry-run")
     assert r.returncode == 0, r.stderr
@@ -183,6 +185,7 @@ def test_paper_preset_full_size(tmp_path):
     (["--gpus", "a,b"], "each GPU is a device index"),
     (["--gpus", "0,0"], "names a GPU twice"),
 ])
+@pytest.mark.slow
 def test_bad_usage_exit_2(tmp_path, args, message):
     r = sweep(*DIGITS, "--save-dir", tmp_path, "--dry-run", *args)
     assert r.returncode == 2
@@ -229,6 +232,7 @@ def test_slurm_dry_run_writes_array_script(planned, tmp_path):
             shutil.rmtree(save / sub, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_slurm_submits_with_sbatch(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -246,6 +250,7 @@ def test_slurm_submits_with_sbatch(tmp_path):
     assert "#SBATCH --gres=gpu:1" in open(script).read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dry", [["--dry-run"], []])
 def test_manifest_never_replaces_a_file_the_sweep_did_not_write(tmp_path, dry):
     mine = tmp_path / "notes.tsv"

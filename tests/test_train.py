@@ -12,7 +12,7 @@ import torch
 import models
 import train
 from args import parse_args
-from conftest import DENSE, MOE, ROOT, TINY, run_dir, run_script
+from conftest import DENSE, MOE, ROOT, THREADS, TINY, run_dir, run_script
 from utils.attack import ce_loss_fn, pgd_attack
 from utils.runtime import eval_start_seed
 from utils.steps import StepConfig
@@ -100,6 +100,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tmp_path):
     assert_same_weights(weights, ref_weights)
 
 
+@pytest.mark.slow
 def test_evaluate_records_sa_and_ra(tmp_path):
     """--evaluate of a checkpoint gives the SA and RA its training run measured on the same test batch (same
     weights, same seeded random starts); SA and RA are counted by hand (RA: the run's PGD from the batch's seeded
@@ -116,24 +117,21 @@ def test_evaluate_records_sa_and_ra(tmp_path):
     assert row["n"] == 64 and (row["sa"], row["ra"]) == (trained["sa"], trained["ra"])
     assert f"SA {row['sa']:.2f}% | RA {row['ra']:.2f}%" in out.stdout + out.stderr
 
+    flags = parse_args(argv, script="train_ori")
     _, _, test_loader, _ = build_loaders(LoaderConfig("Digits", "unused", batch_size=32, test_batch_size=64,
-                                                      num_workers=0, seed=1234), "cpu")
+                                                      num_workers=0, seed=flags.seed), "cpu")
     model = models.build_model("resnet18_cifar_ori", num_classes=10, ratio=0.125)
     model.load_state_dict(torch.load(best, weights_only=True)["state_dict"])
     x, y = next(iter(test_loader))
-    flags = parse_args(argv, script="train_ori")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the run's process (OMP_NUM_THREADS=1): the same computation
-    try:
-        with torch.no_grad():
-            correct = (model.eval()(x).argmax(1) == y).sum().item()
-        x_adv = pgd_attack(model, x, ce_loss_fn(y), eps=flags.epsilon_test, step_size=flags.step_size_test,
-                           num_steps=flags.num_steps_test, random_start="uniform",
-                           generator=torch.Generator().manual_seed(eval_start_seed(flags.seed, 0)))
-        with torch.no_grad():
-            robust = (model(x_adv).argmax(1) == y).sum().item()
-    finally:
-        torch.set_num_threads(threads)
+    # on the run's thread count (conftest: this session's, which the run inherits): the same computation
+    assert torch.get_num_threads() == THREADS
+    with torch.no_grad():
+        correct = (model.eval()(x).argmax(1) == y).sum().item()
+    x_adv = pgd_attack(model, x, ce_loss_fn(y), eps=flags.epsilon_test, step_size=flags.step_size_test,
+                       num_steps=flags.num_steps_test, random_start="uniform",
+                       generator=torch.Generator().manual_seed(eval_start_seed(flags.seed, 0)))
+    with torch.no_grad():
+        robust = (model(x_adv).argmax(1) == y).sum().item()
     assert row["sa"] == pytest.approx(100 * correct / 64)
     assert row["ra"] == pytest.approx(100 * robust / 64)
 
@@ -158,6 +156,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,argv", BAD_INPUTS)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv):
     out = run_script(script, argv + ["--save-dir", str(tmp_path / "runs")])
@@ -166,6 +165,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, script, argv)
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_exit_2_and_overwrite_nothing(tmp_path):
     argv = DENSE + SMALL + ["--epochs", "1", "--max-batches", "1", "--save-dir", str(tmp_path / "runs")]
     assert run_script("train_ori.py", argv).returncode == 0

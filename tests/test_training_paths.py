@@ -2,19 +2,20 @@
 PGD-AT for an MoE, the load-balancing loss, best-epoch selection on the validation split, the router's own
 optimizer settings, and two processes (gloo): gradient averaging equals one process on the whole batch,
 --sync-bn on CPU is a usage error. Tiny settings: one or two batches."""
+import copy
 import os
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 
 import models
 import train as entry
 from args import parse_args
-from conftest import DENSE, MOE, run_dir, run_script
+from conftest import DENSE, MOE, run_dir, run_script, seeded
 from utils import advmoe, balance, run as run_state, steps, train
+from utils.attack import ce_loss_fn, pgd_attack
 from utils.distributed import DistEnv, average_gradients
 from utils.errors import UsageError
 from utils.update import StepContext
@@ -32,6 +33,7 @@ def _checkpoint(folder, name="checkpoint.pth.tar"):
 
 # ------------------------------------------------------------------------------------------------ routing
 
+@pytest.mark.slow
 def test_layer_routing_trains_its_routers_and_evaluates(tmp_path):
     """--routing layer: every MoE layer has its own router, the router step moves all of them, and --evaluate
     rebuilds the model with layer routers and reproduces the training run's test SA and RA."""
@@ -55,6 +57,7 @@ def test_layer_routing_trains_its_routers_and_evaluates(tmp_path):
                                                                       trained["ra_ste"])
 
 
+@pytest.mark.slow
 def test_joint_moe_training_through_the_cli(tmp_path):
     """--moe-training joint: one optimizer over router and experts (no router optimizer, no router lr)."""
     out = run_script("train_moe.py", MOE + ONE + ["--moe-training", "joint", "--save-dir", str(tmp_path)])
@@ -70,32 +73,38 @@ def test_joint_moe_training_through_the_cli(tmp_path):
     assert "router_lr" not in row
 
 
+@pytest.mark.slow
 def test_pgd_at_for_an_moe_through_the_flags(tmp_path, monkeypatch):
     """--at pgd reaches both AdvMoE steps, and the step's adversarial examples are PGD-CE ones against the MoE:
     in the eps-ball, in [0, 1], with a higher cross-entropy than the clean images; no TRADES clean pass."""
-    real, seen = steps.robust_loss, []
+    real, seen = advmoe.robust_loss, []
 
-    def spy(model, x, y, cfg, generator=None):
-        out = real(model, x, y, cfg, generator)
+    def spy(model, x, y, cfg, generator=None, router_kl=False):
+        out = real(model, x, y, cfg, generator, router_kl)
         seen.append((cfg.at, out))
         return out
-    monkeypatch.setattr(steps, "robust_loss", spy)
+    monkeypatch.setattr(advmoe, "robust_loss", spy)
     args = _args(MOE + ["--epochs", "1", "--max-batches", "1", "--at", "pgd", "--epsilon", "16/255"], tmp_path)
     entry.run(args, "train_moe")
     assert [at for at, _ in seen] == ["pgd", "pgd"]  # router step, expert step
     for _, out in seen:
         assert "logits_clean" not in out
-    torch.manual_seed(0)
+    torch.manual_seed(seeded(0))
     model = models.build_model("resnet18_cifar_moe", num_classes=10, ratio=0.125, n_expert=2).train()
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seeded(1))
     x, y = torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
     opt = torch.optim.SGD(model.backbone_parameters(), lr=0.0)
+    # The step's attack is PGD on the cross-entropy from a uniform start: the same as the attack called by hand
+    # with the same generator, on the model as it was before the step moved its BatchNorm statistics (not
+    # "the loss went up", which is what one untrained model's attack happens to do).
+    want = pgd_attack(copy.deepcopy(model), x, ce_loss_fn(y), eps=16 / 255, step_size=4 / 255, num_steps=3,
+                      random_start="uniform", generator=torch.Generator().manual_seed(seeded(2)))
     out = advmoe.expert_step(model, x, y, steps.StepConfig(at="pgd", eps=16 / 255, step_size=4 / 255,
-                                                            num_steps=3), StepContext(opt))
+                                                            num_steps=3),
+                             StepContext(opt, generator=torch.Generator().manual_seed(seeded(2))))
     x_adv = out["x_adv"]
     assert (x_adv - x).abs().max() <= 16 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-    with torch.no_grad(), advmoe.eval_mode(model):
-        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
+    assert torch.equal(x_adv, want)
 
 
 # ------------------------------------------------------------------------------------------------ balancing
@@ -156,7 +165,7 @@ def _free_port():
 
 
 def _vgg(seed=0):
-    torch.manual_seed(seed)  # VGG-16 without BatchNorm: per-shard batch statistics play no part
+    torch.manual_seed(seeded(seed))  # VGG-16 without BatchNorm: per-shard batch statistics play no part
     return models.build_model("vgg16_ori", num_classes=10, ratio=0.0625)
 
 
@@ -195,12 +204,13 @@ def _worker(rank, port, x, y, out, save_dir):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seeded(3))
     x, y = torch.rand(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
     mp.spawn(_worker, args=(_free_port(), x, y, str(tmp / "out"), str(tmp / "runs")), nprocs=2, join=True)
     return x, y, [torch.load(f"{tmp / 'out'}.{r}", weights_only=True) for r in range(2)], tmp
 
 
+@pytest.mark.slow
 def test_two_processes_on_b_images_update_as_one_process_on_2b(two_processes):
     x, y, results, _ = two_processes
     model = _vgg()
@@ -214,6 +224,7 @@ def test_two_processes_on_b_images_update_as_one_process_on_2b(two_processes):
     assert moved > 1e-3  # a real update, not two unchanged models
 
 
+@pytest.mark.slow
 def test_sync_bn_on_cpu_processes_is_a_usage_error(two_processes):
     """torch's SyncBatchNorm does not run on CPU: say so before anything is written, not at the first batch."""
     _, _, results, tmp = two_processes
