@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from utils import runtime
+from utils import runtime, writes
 from utils.evaluate import Counts
 
 
@@ -15,16 +15,16 @@ class _Unserialisable:
 
 def test_atomic_json_replaces_all_or_nothing(tmp_path):
     path = tmp_path / "status.json"
-    runtime.write_json_atomic(path, {"state": "running"})
+    writes.write_json_atomic(path, {"state": "running"})
     assert json.loads(path.read_text()) == {"state": "running"}
     umask = os.umask(0o022)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # a plain file's mode, not the temp file's 0600
     with pytest.raises(TypeError):  # fails half-way through writing: the old file stays, no temp file is left
-        runtime.write_json_atomic(path, {"state": "finished", "bad": _Unserialisable()})
+        writes.write_json_atomic(path, {"state": "finished", "bad": _Unserialisable()})
     assert json.loads(path.read_text()) == {"state": "running"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
-    runtime.write_json_atomic(path, {"n": torch.tensor(3)}, default=lambda t: t.item())
+    writes.write_json_atomic(path, {"n": torch.tensor(3)}, default=lambda t: t.item())
     assert json.loads(path.read_text()) == {"n": 3}
 
 

@@ -35,7 +35,8 @@ from .data import build_datasets, dataset_info
 from .distributed import gather_objects, init_distributed, shutdown
 from .errors import UsageError
 from .lock import hold
-from .runtime import Stopped, chunk_seed, resolve_device, seed_everything, write_json_atomic
+from .runtime import Stopped, chunk_seed, resolve_device, seed_everything
+from .writes import write_json_atomic
 
 PACKAGE = ("pyautoattack", pyautoattack.__version__)
 # Sub-attacks whose settings `attack_params` may change (as the authors' README does: adversary.apgd.n_restarts = 1).

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from .errors import UsageError
-from .writes import atomic_file, write_json_atomic  # noqa: F401 (kept here for the callers that import them)
 
 # A prime above any number of epochs or batches: seed * STRIDE + k never repeats across (seed, k).
 SEED_STRIDE = 1_000_003
