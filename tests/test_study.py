@@ -207,3 +207,25 @@ def test_recipe_rows_run_the_grid_the_released_recipe_and_the_methods():
     main = _jobs("main")
     assert {n: jobs[n].key for n in ("dense r", "dense 2r")} == {n: main[n].key for n in ("dense r", "dense 2r")}
     assert resolved["dense 2r"].ratio == 2 * resolved["dense r"].ratio
+
+
+def test_welch_p_is_the_two_sided_unequal_variance_test():
+    # by hand: means 2 and 5, variances 1 and 1, n 3 and 3: t = -3 / sqrt(2/3) = -3.674, Welch df = 4;
+    # the two-sided p of |t| = 3.674 on 4 degrees of freedom is 0.02131
+    assert abs(study.welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) - 0.02131) < 1e-4
+    # unequal variances: var 1 (n 3) against var 16 (n 3): t = -3 / sqrt(17/3), df = (17/3)^2 / ((1/3)^2/2 +
+    # (16/3)^2/2) = 2.249; p = 0.3225
+    assert abs(study.welch_p([1.0, 2.0, 3.0], [1.0, 5.0, 9.0]) - 0.3225) < 1e-4
+    assert study.welch_p([1.0], [4.0, 5.0]) is None and study.welch_p([2.0, 2.0], [3.0, 3.0]) is None
+
+
+def test_the_table_gives_welch_p_against_dense_2r(tmp_path):
+    for seed, (moe, dense) in enumerate([(8.0, 19.0), (10.0, 20.0)], start=1):
+        _result(tmp_path, "AdvMoE", seed, sa=90.0, ra=20.0, aa=moe)
+        _result(tmp_path, "dense 2r", seed, sa=95.0, ra=35.0, aa=dense)
+    _result(tmp_path, "dense r", 1, sa=95.0, ra=35.0, aa=19.0)  # one seed: no test
+    assert study.main(REPORT + ["--save-dir", str(tmp_path)]) == 0
+    table = (tmp_path / "main" / "table.md").read_text()
+    p = study.welch_p([8.0, 10.0], [19.0, 20.0])
+    assert f"- AdvMoE against dense 2r: AutoAttack RA -10.50, p = {p:.3f}" in table
+    assert "dense r against" not in table and "dense 2r against dense 2r" not in table

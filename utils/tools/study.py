@@ -282,6 +282,37 @@ def _routing_cells(r):
         if r.get("ra_routing_attack") is not None else ""
 
 
+# Welch's t-test (two-sided, unequal variances) of each row against these, where both have at least 2 seeds.
+BASELINES = ("dense 2r", "AdvMoE, released recipe")
+WELCH_KEYS = (("aa", "AutoAttack RA"), ("router_robustness", "router robustness"))
+
+
+def welch_p(a, b):
+    """Two-sided p of Welch's t-test between two samples; None when either has fewer than 2 values or both have
+    no spread (a t of 0/0)."""
+    from scipy.stats import ttest_ind
+    if len(a) < 2 or len(b) < 2 or (statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0):
+        return None
+    return float(ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def welch_lines(by_row) -> list:
+    """'- ROW against BASELINE: AutoAttack RA p = ..., router robustness p = ...' for each row and baseline."""
+    lines = []
+    for base in (b for b in BASELINES if b in by_row):
+        for name, rs in by_row.items():
+            cells = []
+            for key, label in WELCH_KEYS:
+                x = [r[key] for r in rs if r.get(key) is not None]
+                y = [r[key] for r in by_row[base] if r.get(key) is not None]
+                p = None if name == base else welch_p(x, y)
+                if p is not None:
+                    cells.append(f"{label} {statistics.fmean(x) - statistics.fmean(y):+.2f}, p = {p:.3f}")
+            if cells:
+                lines.append(f"- {name} against {base}: " + "; ".join(cells))
+    return lines
+
+
 def report(save, results, command, settings=""):
     """table.md and table.csv of `results` (mean ± std over seeds); `settings` says what made them."""
     by_row = {}
@@ -309,7 +340,10 @@ def report(save, results, command, settings=""):
         f"the least-used expert (adv: under the straight-through attack). Router margin: top-1 minus top-2 "
         f"selection score on training images at the "
         f"evaluated (best) epoch, median and 95th percentile. Command: `{command}`\n\nPer seed:\n"
-        + "\n".join(per_seed) + "\n" + (f"\n{settings}\n" if settings else ""))
+        + "\n".join(per_seed) + "\n"
+        + ("\nWelch's t-test (two-sided, unequal variances; difference of means, p):\n" + "\n".join(welch) + "\n"
+           if (welch := welch_lines(by_row)) else "")
+        + (f"\n{settings}\n" if settings else ""))
     write_text_atomic(os.path.join(save, "table.md"), text)
     with atomic_file(os.path.join(save, "table.csv")) as f:
         w = csv.DictWriter(f, fieldnames=header)
