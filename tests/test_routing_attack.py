@@ -201,7 +201,7 @@ def test_the_study_table_shows_the_routing_attack_and_the_pgd_autoattack_gap(tmp
     assert cells["dense r"][column["PGD RA - AA RA"]] == "1.00 ± 0.00"
     assert cells["dense r"][column["RA under routing attack"]] == "-"
     text = (tmp_path / "main" / "table.md").read_text()
-    assert "seed 1 SA 90.00 RA 40.00 AA 30.0 RA under routing attack 50.00 router robustness 10.00" in text
+    assert "seed 1 SA 90.00 RA 40.00 AA 30.00 RA under routing attack 50.00 router robustness 10.00 min clean load 30.00" in text
 
 
 def _report_run(save, aa_after_best=True):

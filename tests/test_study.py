@@ -29,7 +29,7 @@ def test_report_only_aggregates_seeds_with_mean_std_and_n(tmp_path, capsys):
     assert "| AdvMoE | 2 | 91.00 ± 1.41 | 23.00 ± 4.24 | 9.00 ± 1.41 |" in lines["AdvMoE"]
     assert "| dense r | 1 | 95.00 ± 0.00 | 35.00 ± 0.00 |" in lines["dense r"]
     assert "0.028 ± 0.000" in lines["AdvMoE"] and "on [100] test images" in table
-    assert "- AdvMoE: seed 1 SA 90.00 RA 20.00 AA 8.0; seed 2 SA 92.00 RA 26.00 AA 10.0" in table  # per seed
+    assert "- AdvMoE: seed 1 SA 90.00 RA 20.00 AA 8.00; seed 2 SA 92.00 RA 26.00 AA 10.00" in table  # per seed
 
 
 def test_rows_pass_their_flags_and_the_common_setting():

@@ -277,7 +277,8 @@ def _fmt(values, digits=2):
 def _routing_cells(r):
     """A job's routing figures for its per-seed line ('' for a dense job or one evaluated without them)."""
     cells = [(label, r.get(key)) for key, label in (("ra_routing_attack", "RA under routing attack"),
-                                                    ("router_robustness", "router robustness"))]
+                                                    ("router_robustness", "router robustness"),
+                                                    ("load_clean_min", "min clean load"))]
     return "".join(f" {label} {value:.2f}" for label, value in cells if value is not None) \
         if r.get("ra_routing_attack") is not None else ""
 
@@ -327,7 +328,8 @@ def report(save, results, command, settings=""):
         lines.append("| " + " | ".join(cells) + " |")
         csv_rows.append(dict(zip(header, cells)))
     aa_n = sorted({r.get("aa_n") for r in results if r.get("aa_n")})
-    per_seed = [f"- {name}: " + "; ".join(f"seed {r['seed']} SA {r['sa']:.2f} RA {r['ra']:.2f} AA {r.get('aa')}"
+    per_seed = [f"- {name}: " + "; ".join(f"seed {r['seed']} SA {r['sa']:.2f} RA {r['ra']:.2f} AA "
+                                          + ("-" if r.get("aa") is None else f"{r['aa']:.2f}")
                                           + _routing_cells(r) for r in rs) for name, rs in by_row.items()]
     text = "\n".join(lines) + (
         f"\n\nMean ± std over seeds (n in 'seeds'). PGD-10 on {results[0]['n'] if results else '-'} test images "
