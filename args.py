@@ -150,12 +150,13 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
                         "PGD-AT's loss (Wong et al. 2020; --num-steps and --step-size unused)")
     g.add_argument("--moe-training", choices=("advmoe", "joint"), default="advmoe",
                    help="advmoe: alternating router and expert updates; joint: one AT update of both")
-    g.add_argument("--advmoe-recipe", choices=tuple(RECIPES), default="paper",
+    g.add_argument("--advmoe-recipe", choices=tuple(RECIPES), default=None,
                    help="the defaults of the AdvMoE ingredients below (docs/routing.md): paper: router step first, "
                         "the MoE's robust loss for the router, median balancing, logit cap 2, router clip 1; "
                         "released: the released code's loop (expert step first, router KL in both attacks, its "
                         "router loss, no balancing, no logit cap; the router clip kept); a flag given wins over the "
-                        "recipe")
+                        "recipe (default: released for AdvMoE training with TRADES and global routing, the setting "
+                        "the released code runs, chosen by the recipe study in docs/study.md; paper otherwise)")
     g.add_argument("--advmoe-order", choices=("router-first", "expert-first"), default=None,
                    help="which AdvMoE step comes first on each batch, each on its own fresh attack (default: the "
                         "recipe's; paper router-first, released expert-first)")
@@ -349,11 +350,23 @@ RECIPES = {
 # 3 batches even with the log-probability KL (Digits16, r=0.125, eps 0.15: router weights 1 -> 1e3 -> 4e10 -> NaN).
 
 
+def default_recipe(args) -> str:
+    """--advmoe-recipe left unset: `released` where the released code's loop can act (an MoE arch, AdvMoE training,
+    TRADES, global routing), else `paper`. The recipe study chose it (docs/routing.md, "Which recipe")."""
+    from models.spec import is_moe  # lazy: the models package imports torch
+    released = (is_moe(args.arch) and args.moe_training == "advmoe" and args.at == "trades"
+                and args.routing == "global")
+    return "released" if released else "paper"
+
+
 def apply_recipe(args):
-    """Fill the AdvMoE ingredient flags left unset (None) with the values of --advmoe-recipe. Under `paper`, the
-    reference router loss keeps its own router-aware attack (the behaviour before the flag existed)."""
-    if getattr(args, "advmoe_recipe", None) is None:
+    """Fill --advmoe-recipe left unset with `default_recipe`, then the AdvMoE ingredient flags left unset (None)
+    with the recipe's values. Under `paper`, the reference router loss keeps its own router-aware attack (the
+    behaviour before the flag existed)."""
+    if not hasattr(args, "advmoe_recipe"):
         return
+    if args.advmoe_recipe is None:
+        args.advmoe_recipe = default_recipe(args)
     for name, value in RECIPES[args.advmoe_recipe].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

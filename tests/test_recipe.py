@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from args import parse_args
+from args import RECIPES, parse_args
 from conftest import seeded
 from utils import advmoe
-from utils.balance import RouterUpkeep
+from utils.balance import DEFAULT_STRENGTH, RouterUpkeep
 from utils.errors import UsageError
 from utils.steps import StepConfig
 from utils.update import StepContext
@@ -165,17 +165,34 @@ def test_released_recipe_settings_and_user_flags_win():
                           "--advmoe-order", "router-first"], script="train_moe")
     assert (a.balance, a.attack_router_kl, a.advmoe_order, a.router_objective) == \
         ("median", "none", "router-first", "released")
-    # The paper recipe is today's default, and the reference router loss alone keeps its router-aware attack.
-    assert StepConfig.from_args(parse_args(MOE, script="train_moe")) == dataclasses.replace(StepConfig())
-    a = parse_args(MOE + ["--router-objective", "reference"], script="train_moe")
+    # Under the paper recipe the reference router loss alone keeps its router-aware attack.
+    a = parse_args(MOE + ["--advmoe-recipe", "paper", "--router-objective", "reference"], script="train_moe")
     assert (a.attack_router_kl, a.advmoe_order, a.balance) == ("router-step", "router-first", "median")
+
+
+@pytest.mark.parametrize("flags, recipe", [
+    ([], "released"),  # AdvMoE with TRADES and global routing: the released code's setting
+    (["--moe-training", "joint"], "paper"), (["--at", "pgd"], "paper"), (["--at", "fast"], "paper"),
+    (["--routing", "layer"], "paper"), (["--advmoe-recipe", "paper"], "paper"),
+])
+def test_the_default_recipe_is_released_where_it_can_act(flags, recipe):
+    """The recipe study chose the released recipe as AdvMoE's default (docs/routing.md); where its ingredients
+    cannot act, the paper recipe's values stay, and a run records the recipe it ran."""
+    a = parse_args(MOE + flags, script="train_moe")
+    assert a.advmoe_recipe == recipe
+    released = dataclasses.replace(StepConfig(), **{k: v for k, v in RECIPES["released"].items()
+                                                    if k in StepConfig.__dataclass_fields__},
+                                   balance_strength=DEFAULT_STRENGTH["none"])
+    assert StepConfig.from_args(a) == (released if recipe == "released" else dataclasses.replace(
+        StepConfig(), **{k: getattr(a, k) for k in ("at", "num_steps")}))
 
 
 @pytest.mark.parametrize("flags, words", [
     (["--advmoe-recipe", "released", "--moe-training", "joint"], "--moe-training advmoe"),
     (["--advmoe-recipe", "released", "--at", "pgd"], "--at pgd"),
     (["--attack-router-kl", "both", "--routing", "layer"], "--routing global"),
-    (["--router-targets", "partition"], "needs --router-objective reference|released or --router-at"),
+    (["--advmoe-recipe", "paper", "--router-targets", "partition"],
+     "needs --router-objective reference|released or --router-at"),
     (["--router-objective", "released", "--at", "fast"], "--at fast"),
     (["--router-at", "-1"], "--router-at must be >= 0"),
     (["--flip-expert-at", "1", "--routing", "layer"], "--flip-expert-at forces"),

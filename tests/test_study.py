@@ -180,6 +180,22 @@ def test_existing_rows_keep_their_job_keys():
         assert {name: jobs[name].key for name in keys} == keys
 
 
+def test_every_advmoe_row_names_its_recipe_and_keeps_its_key():
+    """The default recipe changed (paper -> released) after rows were run: each AdvMoE row names its recipe, so
+    no default decides what a row means, and naming `paper` keeps the key the row had when it was the default."""
+    from args import parse_args
+    for rows in study.ROWS:
+        for name, j in _jobs(rows).items():
+            a = parse_args(list(j.argv), script=j.script)
+            if j.script != "train_moe" or a.moe_training != "advmoe":
+                continue
+            assert "--advmoe-recipe" in j.argv, (rows, name)
+            assert a.advmoe_recipe == ("released" if "released recipe" in name else "paper"), (rows, name)
+    job = _jobs("main")["AdvMoE"]
+    unnamed = study.Job(job.name, job.script, tuple(study._without(job.argv, study.PAPER)), job.seed, job.aa_n_ex)
+    assert len(unnamed.argv) == len(job.argv) - 2 and unnamed.key == job.key
+
+
 def test_recipe_rows_run_the_grid_the_released_recipe_and_the_methods():
     from args import parse_args
     jobs = _jobs("recipe")

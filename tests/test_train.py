@@ -192,10 +192,12 @@ def test_bad_checkpoints_exit_2_and_overwrite_nothing(tmp_path):
 # ------------------------------------------------------------------------------------------------ settings
 
 def test_step_settings_are_the_flags_and_default_to_the_command_lines():
-    """One source of settings: `StepConfig()` is the step a user runs by default, and a run's step reads every
-    setting from its flags (none missing, no fallback)."""
-    args = parse_args(["--arch", "resnet18_cifar_moe", "--n-expert", "2"], script="train_moe")
+    """One source of settings: `StepConfig()` is the step a user runs by default under the paper recipe, and a
+    run's step reads every setting from its flags (none missing, no fallback)."""
+    args = parse_args(["--arch", "resnet18_cifar_moe", "--n-expert", "2", "--advmoe-recipe", "paper"],
+                      script="train_moe")
     assert StepConfig.from_args(args) == StepConfig()
+    assert StepConfig.from_args(parse_args(["--arch", "resnet18_cifar_ori"], script="train_ori")) == StepConfig()
     args = parse_args(MOE + ["--at", "pgd", "--epsilon", "4/255", "--step-size", "1/255", "--beta", "3",
                              "--alpha", "2", "--router-objective", "reference", "--balance", "switch",
                              "--balance-strength", "0.5", "--router-grad-clip", "0", "--grad-clip", "2"],

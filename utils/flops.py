@@ -92,7 +92,8 @@ def make_train_step(model, kind="auto", *, num_steps=2, at="trades", lr=0.0, sca
     TRADES/PGD-AT step) or 'auto' (advmoe for an MoE, joint for a dense model). `lr` 0 by default so that
     counting or timing steps leaves the weights as they were (BatchNorm running statistics still move).
     `scaler`: a GradScaler for fp16 autocast, or None. Extra keywords go to `utils.steps.StepConfig` (eps,
-    step_size, beta, alpha, router_objective, balance, balance_strength: the entry scripts' defaults). The
+    step_size, beta, alpha, router_objective, balance, balance_strength: the entry scripts' defaults under
+    `--advmoe-recipe paper`). The
     router upkeep of training follows each router update; its balancing pass runs on the batch itself (training
     draws 64 un-augmented training images per update instead).
     """

@@ -18,7 +18,8 @@ from .update import StepContext, apply_update, check_finite
 class StepConfig:
     """Attack and objective of a training step (eps and step size in [0,1] pixel units).
 
-    The defaults are the command line's (args.py), so `StepConfig()` is the step a user runs by default;
+    The defaults are the command line's (args.py) under `--advmoe-recipe paper`, so `StepConfig()` is the step
+    of a dense run, of joint MoE training and of the paper's AdvMoE (a plain AdvMoE run defaults to `released`);
     a run builds its settings with `from_args`; `router_groups` (`--router-targets partition`) comes from the
     training data (`utils.advmoe.class_partition`), filled in by the run.
     """
