@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from models.layers.router import at_least_float32
-from .update import frozen
 
 
 @contextmanager
@@ -54,9 +53,7 @@ def pgd_attack(model, x, loss_fn, *, eps, step_size, num_steps, random_start="un
     else:
         raise ValueError(f"random_start must be 'uniform', 'normal' or 'none', got {random_start!r}")
     x_adv = _project(x + noise, x, eps)
-    # The parameters' requires_grad off: autograd records no weight gradient paths (it would skip computing them
-    # all the same, the gradient being asked of x_adv alone), and their .grad cannot be touched.
-    with eval_mode(model), frozen(model.parameters()), torch.enable_grad(), attack_precision(x):
+    with eval_mode(model), torch.enable_grad(), attack_precision(x):
         for _ in range(num_steps):
             x_adv.requires_grad_(True)
             loss = loss_fn(model, x_adv).sum()

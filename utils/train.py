@@ -24,7 +24,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from tqdm import tqdm
 
-from . import steps
+from . import advmoe, steps
 from .balance import RouterUpkeep, init_router
 from .checkpoint import load_checkpoint, load_model_weights, restore_rng_state, save_checkpoint
 from .distributed import all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module, gather_objects
