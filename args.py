@@ -139,8 +139,9 @@ def get_args_parser(prog=None, add_help=True) -> argparse.ArgumentParser:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (default: on with CUDA, off on CPU)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory layout of the model (default: on with CUDA, off on CPU; on CPU about "
-                        "10%% faster at 16x16, with other rounding than the default layout)")
+                   help="channels-last memory layout of the model (default: on with CUDA, off on CPU; on CPU only the "
+                        "convs narrower than 224 channels, 1.1-1.3x faster training steps at 16x16, with other "
+                        "rounding than the default layout)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile a dense model (MoE models: refused, their routing recompiles every batch)")
     g.add_argument("--deterministic", action="store_true",
