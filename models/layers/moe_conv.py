@@ -89,7 +89,8 @@ class MoEConv2d(nn.Module):
     Expert e owns weight rows e*w .. (e+1)*w-1 (w = out_channels), the reference layout; each image
     produces only its expert's w channels. Sparse mode convolves each image with its own expert's
     slice only; dense-masked mode (the reference's computation, kept as an oracle) convolves with all
-    experts and keeps the chosen one through a one-hot mask.
+    experts and keeps the chosen one through a one-hot mask. Under hard top-1 routing with a gate the output is a
+    view made by a custom autograd function (`_UnitGate`): the layer after it must not modify it in place.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=False,
