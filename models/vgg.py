@@ -59,7 +59,9 @@ class _VGG(RoutedNet):
             layers.append(conv(in_channels, width, 3, stride=1, padding=1, moe=in_channels != 3))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(width))
-            layers.append(nn.ReLU(inplace=True))
+            # Not in place: an MoE conv's output is a view of its own under top-1 routing (MoEConv2d), and without
+            # BatchNorm the ReLU follows it directly. The same values.
+            layers.append(nn.ReLU())
             in_channels = width
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(_POOL)

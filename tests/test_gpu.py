@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, Subset
 import models
 from conftest import seeded
 from utils.data import EpochSampler, LoaderConfig, TensorImageDataset, build_loaders
-from utils.gpu import (Augmentation, BackendConfig, ResidentLoader, configure_backends, crop_flip, fits_on_device,
-                       maybe_compile, resident_loader, resident_loaders)
+from utils.gpu import (CPU_CHANNELS_LAST_BELOW, Augmentation, BackendConfig, ResidentLoader, configure_backends,
+                       crop_flip, fits_on_device, maybe_compile, resident_loader, resident_loaders)
 from conftest import seeded
 
 
@@ -179,6 +179,40 @@ def test_channels_last_on_cpu_only_when_asked():
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_on_cpu_keeps_wide_convs_in_the_default_layout():
+    """Dense r = 0.5: layer4's 256-channel convs stay in the default layout (oneDNN is slower on them in
+    channels-last), every narrower conv is channels-last; each conv sees its input in its own layout; the same
+    function and input gradient as before."""
+    torch.manual_seed(seeded(0))
+    model = models.build_model("resnet18_cifar_ori", ratio=0.5).eval()
+    x = torch.rand(4, 3, 16, 16, requires_grad=True)
+    before = model(x)
+    (grad_before,) = torch.autograd.grad(before.sum(), x)
+    configure_backends(torch.device("cpu"), model, channels_last=True)
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    wide = {name for name, m in convs.items() if m.out_channels >= CPU_CHANNELS_LAST_BELOW}
+    assert wide == {n for n in convs if n.startswith("layer4.")} and len(wide) == 5  # 4 3x3 convs, 1 shortcut
+    for name, m in convs.items():
+        k = m.weight.shape[-1]
+        layout = torch.contiguous_format if name in wide else torch.channels_last
+        assert k == 1 or m.weight.is_contiguous(memory_format=layout), name
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen[name] = args[0]
+        return hook
+    hooks = [m.register_forward_hook(record(name)) for name, m in convs.items()]
+    after = model(x)
+    for h in hooks:
+        h.remove()
+    for name, inp in seen.items():
+        assert inp.is_contiguous(memory_format=torch.contiguous_format if name in wide else torch.channels_last), name
+    (grad_after,) = torch.autograd.grad(after.sum(), x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_after, grad_before, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -383,3 +383,22 @@ def test_sparse_moe_conv_of_a_sorted_batch_equals_one_conv_per_slice_with_its_gr
     assert torch.equal(y, y0) and torch.equal(gx, gx0) and torch.equal(gw, gw0)
     one = conv(x[2:7], Routing(n_expert, True, expert[2:7], None, [(0, 5, 2)]))  # one group: its expert's rows
     assert torch.equal(one, F.conv2d(x[2:7], conv.weight[2 * w:3 * w], None, 1, 1))
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_the_straight_through_gate_gives_the_products_values_and_gradients_bit_for_bit(sparse):
+    """An MoE conv's output times hard_top1's gate (value 1): the output and the gradients to the input, the
+    weights and the router logits are those of `y * gate` computed by hand, exactly."""
+    g = torch.Generator().manual_seed(seeded(3))
+    layer = MoEConv2d(4, 5, 3, padding=1, n_expert=3)
+    x = torch.randn(6, 4, 7, 7, generator=g, requires_grad=True)
+    logits = torch.randn(6, 3, generator=g, requires_grad=True)
+    w = torch.randn(6, 5, 7, 7, generator=g)
+    expert, gate = hard_top1(logits)
+    out = layer(x, Routing(3, sparse, expert, gate))
+    grads = torch.autograd.grad((out * w).sum(), [x, layer.weight, logits], retain_graph=True)
+    y = layer._sparse(x, expert, None) if sparse else layer._dense_masked(x, expert)
+    want = y * gate.view(-1, 1, 1, 1)
+    want_grads = torch.autograd.grad((want * w).sum(), [x, layer.weight, logits])
+    assert torch.equal(out, want)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want_grads))

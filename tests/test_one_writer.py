@@ -189,8 +189,8 @@ def test_a_row_cut_short_by_a_kill_is_still_dropped_and_redone(finished, tmp_pat
 def test_a_non_finite_row_stops_the_run_and_never_reaches_metrics(tmp_path, capsys, monkeypatch):
     real = train_mod.evaluate_epoch
 
-    def diverged(run, epoch, stats, lr):
-        row, is_best, warnings = real(run, epoch, stats, lr)
+    def diverged(run, epoch, stats, lr, best_path=None):
+        row, is_best, warnings = real(run, epoch, stats, lr, best_path)
         return {**row, "train_loss": float("inf"), "load_clean": [float("nan"), 1.0]}, is_best, warnings
     monkeypatch.setattr(train_mod, "evaluate_epoch", diverged)
     with no_signal_handlers():

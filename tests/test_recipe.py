@@ -296,6 +296,21 @@ def test_class_means_are_over_the_training_split_without_augmentation():
     assert torch.equal(means[4], torch.zeros(9, dtype=torch.float64))  # a class without images
 
 
+def test_a_run_with_partition_targets_builds_its_step_on_the_partition(tmp_path, monkeypatch):
+    """train.make_step of a `--router-targets partition` run: the step's router groups are the class partition
+    of the run's training images (utils.train once lost its import of utils.advmoe and raised NameError here)."""
+    from utils import run as run_state, train
+    argv = ["--arch", "resnet18_cifar_moe", "--n-expert", "2", "--dataset", "Digits16", "--ratio", "0.125",
+            "--num-workers", "0", "--router-targets", "partition", "--save-dir", str(tmp_path)]
+    run = run_state.build_run(parse_args(argv, script="train_moe"), "train_moe", torch.device("cpu"))
+    seen = {}
+    monkeypatch.setattr(advmoe, "advmoe_step", lambda model, x, y, cfg, ctx, upkeep=None: seen.update(cfg=cfg))
+    train.make_step(run)(None, None)
+    seen["groups"] = seen["cfg"].router_groups
+    want = advmoe.class_partition(run.probe.class_means(run.model.spec.num_classes), 2)
+    assert seen["groups"] == want and sorted(set(want)) == [0, 1]
+
+
 def test_flip_expert_loss_trains_the_runner_up_expert_on_the_adversarial_image():
     """Scores set by hand (3 experts, so the runner-up is neither the choice nor a fixed 'other'): the loss is the
     CE of the MoE forced to each image's second-best expert, and its gradient reaches that expert's weights only."""

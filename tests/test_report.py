@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 
+from utils.runfiles import TEST_KEYS
 from utils.tools import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,6 +258,24 @@ def test_selection_on_the_test_set_is_said_in_the_table(tmp_path):
     md = report.markdown_table(rows)
     assert "| 86.00* | 44.00* |" in md and "| 85.00*† | 45.00*† |" in md and "| 70.00*† | 30.00*† |" in md
     assert "†: the best epoch was chosen by test RA" in md
+
+
+def test_a_test_at_end_log_reports_the_best_epoch_with_the_last_rows_test_figures(tmp_path):
+    """--test-at-end: the test keys only on the last row, of epoch 2's weights (`test_epoch`); the table gives
+    epoch 2, chosen on validation, with those figures (the MoE dissection too) and epoch 2's routing report."""
+    save = tmp_path / "results"
+    rows = [{k: v for k, v in r.items() if k not in TEST_KEYS}
+            for r in epochs([(80.0, 40.0), (85.0, 45.0), (86.0, 44.0)], moe=True)]
+    for r, margin in zip(rows, (1.0, 2.0, 3.0)):  # the routing report (training images) of every epoch
+        r.update(best_ra=None, best_epoch=2, router_margin_p50=margin)
+    rows[-1].update(sa=81.0, ra=41.0, best_ra=41.0, test_epoch=2, router_robustness=60.0, ra_routing_attack=12.0,
+                    load_clean=[55.0, 45.0])
+    make_run(save, "train_moe", "CIFAR10-resnet18_cifar_moe-ratio0.5-epochs3-lr0.1-eps8-steps2-beta6.0-expert2-seed1",
+             args_of("resnet18_cifar_moe", 0.5, seed=1), rows)
+    (row,) = report.collect([str(save)])
+    assert (row.selection, row.best_epoch, row.sa, row.pgd_ra) == ("val", 2, 81.0, 41.0)
+    assert (row.router_robustness, row.load_clean_min, row.ra_routing_attack) == (60.0, 45.0, 12.0)
+    assert report.best_row(rows)["router_margin_p50"] == 2.0
 
 
 # ------------------------------------------------------------------------------------------------------------

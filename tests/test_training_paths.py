@@ -3,6 +3,7 @@ PGD-AT for an MoE, the load-balancing loss, best-epoch selection on the validati
 optimizer settings, and two processes (gloo): gradient averaging equals one process on the whole batch,
 --sync-bn on CPU is a usage error. Tiny settings: one or two batches."""
 import copy
+import json
 import os
 import socket
 
@@ -133,6 +134,35 @@ def test_best_epoch_is_selected_on_the_validation_split_not_the_test_set(tmp_pat
     folder = run_dir(tmp_path / "runs" / "training")
     best = _checkpoint(folder, "model_best.pth.tar")
     assert (best["epoch"], best["best_epoch"], best["best_acc"]) == (1, 1, 10.0)
+
+
+def test_test_at_end_tests_the_best_checkpoint_once_after_the_last_epoch(tmp_path, monkeypatch):
+    """--test-at-end, validation RA 40, 50, 30: the test split is evaluated once, after epoch 3, on epoch 2's
+    weights (model_best's, not the last epoch's); only the last row has the test keys, and model_best records them."""
+    val_ras, tested = iter([40.0, 50.0, 30.0]), []
+
+    def fake_evaluate(model, loader, cfg, device, desc, **kw):
+        if desc == "val":
+            return {"sa": 99.0, "ra": next(val_ras)}
+        tested.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"sa": 77.0, "ra": 33.0}
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    argv = DENSE + ["--epochs", "3", "--max-batches", "1", "--test-at-end"]
+    row = entry.run(_args(argv, tmp_path, "train_ori"), "train_ori")
+    folder = run_dir(tmp_path / "runs" / "training")
+    rows = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+    assert [("ra" in r, "sa" in r, r.get("best_ra")) for r in rows] == [(False, False, None)] * 2 + [(True, True, 33.0)]
+    assert (row["ra"], row["sa"], row["test_epoch"], row["best_epoch"]) == (33.0, 77.0, 2, 2)
+    best, last = _checkpoint(folder, "model_best.pth.tar"), _checkpoint(folder)
+    assert len(tested) == 1 and (best["epoch"], best["best_acc"], best["sa_record"]) == (2, 33.0, 77.0)
+    assert all(torch.equal(tested[0][k], v) for k, v in best["state_dict"].items())
+    assert any(not torch.equal(tested[0][k], v) for k, v in last["state_dict"].items())  # not the last epoch's
+    assert last["best_acc"] == 33.0
+
+
+def test_test_at_end_needs_a_validation_split(tmp_path):
+    with pytest.raises(UsageError, match="--test-at-end .* --data-fraction"):
+        _args(DENSE + ["--test-at-end", "--data-fraction", "1"], tmp_path, "train_ori")
 
 
 # ------------------------------------------------------------------------------------------------ router optimizer

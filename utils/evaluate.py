@@ -34,6 +34,7 @@ from models.spec import is_moe
 from .attack import ce_loss_fn, eval_mode, pgd_attack
 from .balance import router_logits_on
 from .distributed import all_reduce_sum
+from .runfiles import MOE_KEYS
 from .runtime import eval_start_seed
 
 COLLAPSE_SHARE = 95.0  # % of images on one expert that we call a load collapse
@@ -245,8 +246,7 @@ def moe_row(ev, prefix=""):
     """The MoE dissection of an `evaluate` result as metrics-row fields (`prefix` + name), with `collapse`: one
     expert takes `COLLAPSE_SHARE`% or more of the clean images."""
     row = {}
-    for k in ("ra_ste", "ra_routing_attack", "router_robustness", "expert_robustness", "load_clean", "load_adv",
-              "load_routing_attack"):
+    for k in MOE_KEYS:
         if k in ev:
             row[prefix + k] = ev[k]
     if "load_clean" in ev and len(ev["load_clean"]) > 1:

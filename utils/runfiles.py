@@ -8,6 +8,13 @@ import os
 import yaml
 
 
+# The metrics-row fields of a test evaluation (`utils.evaluate.moe_row`): the MoE dissection, then all of them with
+# SA and RA (under `--test-at-end` the last row's, of the best epoch's weights: its `test_epoch`).
+MOE_KEYS = ("ra_ste", "ra_routing_attack", "router_robustness", "expert_robustness", "load_clean", "load_adv",
+            "load_routing_attack")
+TEST_KEYS = ("sa", "ra") + MOE_KEYS + ("collapse",)
+
+
 def read_json(path: str):
     try:
         with open(path) as f:

@@ -11,6 +11,7 @@ Where the rest lives: the run's state and checkpoints `utils.run`; the updates `
 `utils.runtime`.
 """
 import argparse
+import copy
 import dataclasses
 import math
 import os
@@ -23,9 +24,9 @@ from contextlib import contextmanager, nullcontext
 import torch
 from tqdm import tqdm
 
-from . import steps
+from . import advmoe, steps
 from .balance import RouterUpkeep, init_router
-from .checkpoint import restore_rng_state, save_checkpoint
+from .checkpoint import load_checkpoint, load_model_weights, restore_rng_state, save_checkpoint
 from .distributed import all_reduce_sum, any_rank, average_gradients, barrier, broadcast_module, gather_objects
 from .errors import UsageError
 from .evaluate import EvalConfig, Shard, evaluate, moe_row, routing_report
@@ -93,7 +94,7 @@ def _train_in(folder, args, script, device, env, source):
                 stats, stopped_at = train_one_epoch(run, step, epoch, stop)
                 if stopped_at is not None:
                     checkpoint_mid_epoch(run, epoch, stopped_at, stats, latest, log, stop)  # raises Interrupted
-                row, is_best, warnings = evaluate_epoch(run, epoch, stats, lr)
+                row, is_best, warnings = evaluate_epoch(run, epoch, stats, lr, best)
                 row["seconds"] = time.time() - t0
                 save_epoch(run, row, is_best, warnings, log, scalar_log, latest, best)
         finally:
@@ -269,10 +270,14 @@ def _reduce_stats(stats, env, device):
     return {"loss_sum": t[0].item(), "correct": t[1].item(), "seen": t[2].item()}
 
 
-def evaluate_epoch(run: Run, epoch: int, stats, lr):
+def evaluate_epoch(run: Run, epoch: int, stats, lr, best_path=None):
     """The end of an epoch: training statistics summed over processes, the schedules stepped, and on evaluated
     epochs SA/RA on the test split (with the MoE dissection and routing report), RA on the validation split and
-    model selection on it. Returns (metrics row, whether this epoch is the new best, warnings to log)."""
+    model selection on it. Returns (metrics row, whether this epoch is the new best, warnings to log).
+
+    With `--test-at-end` the test split is evaluated once, after the last epoch, on the best epoch's weights (this
+    epoch's, or those of `best_path`, model_best.pth.tar): only the last row has the test keys (`sa`, `ra`, the
+    MoE dissection), with `test_epoch`, the epoch they are of; the earlier rows' `best_ra` is None."""
     a, env = run.args, run.env
     stats = _reduce_stats(stats, env, run.device)
     broadcast_module(run.model, env)  # BatchNorm statistics of rank 0 for evaluation and the checkpoint
@@ -292,8 +297,10 @@ def evaluate_epoch(run: Run, epoch: int, stats, lr):
             val = evaluate(run.model, run.val_loader, cfg, run.device, moe_metrics=False, shard=shard, desc="val")
             row.update({"val_sa": val["sa"], "val_ra": val["ra"]})
             select = val["ra"]
-        test = evaluate(run.model, run.test_loader, cfg, run.device, shard=shard, desc="test")
-        row.update({"sa": test["sa"], "ra": test["ra"], **moe_row(test)})
+        test = None
+        if not a.test_at_end:
+            test = evaluate(run.model, run.test_loader, cfg, run.device, shard=shard, desc="test")
+            row.update({"sa": test["sa"], "ra": test["ra"], **moe_row(test)})
         if run.model.is_moe:
             row.update(routing_report(run.model, run.probe.plain.to(run.device),
                                       run.probe.augmented().to(run.device)))
@@ -309,9 +316,34 @@ def evaluate_epoch(run: Run, epoch: int, stats, lr):
             warnings.insert(0, f"expert load collapse: {max(row['load_clean']):.1f}% of test images use one expert")
         is_best = select > run.best_select
         if is_best:
-            run.best_select, run.best_ra, run.best_sa, run.best_epoch = select, test["ra"], test["sa"], epoch + 1
-    row.update({"best_ra": run.best_ra, "best_epoch": run.best_epoch})
+            run.best_select, run.best_epoch = select, epoch + 1
+            if test is not None:
+                run.best_ra, run.best_sa = test["ra"], test["sa"]
+        if a.test_at_end and epoch + 1 == a.epochs:
+            test = test_best_checkpoint(run, is_best, best_path, cfg, shard)
+            row.update({"sa": test["sa"], "ra": test["ra"], **moe_row(test), "test_epoch": run.best_epoch})
+    tested = not a.test_at_end or "ra" in row
+    row.update({"best_ra": run.best_ra if tested else None, "best_epoch": run.best_epoch})
     return row, is_best, warnings
+
+
+def test_best_checkpoint(run: Run, is_best, best_path, cfg: EvalConfig, shard: Shard):
+    """`--test-at-end`: the test split's evaluation of the best epoch's weights, which become the run's best SA
+    and RA. The best epoch is this one (`is_best`: the model as it is) or an earlier one, read from `best_path`
+    into a copy of the model (the model itself goes on to the latest checkpoint); that model_best.pth.tar is
+    then rewritten with the test RA it now has (its `best_acc` and `sa_record` were not known when it was
+    written)."""
+    model, ckpt = run.model, None
+    if not is_best:
+        ckpt = load_checkpoint(best_path, map_location=run.device)
+        model = copy.deepcopy(run.model)
+        load_model_weights(model, ckpt, source=best_path)
+    test = evaluate(model, run.test_loader, cfg, run.device, shard=shard, desc="test")
+    run.best_ra, run.best_sa = test["ra"], test["sa"]
+    if ckpt is not None and run.env.is_main:
+        check_held(os.path.dirname(os.path.dirname(best_path)))
+        save_checkpoint({**ckpt, "best_acc": run.best_ra, "sa_record": run.best_sa}, best_path)
+    return test
 
 
 def check_row_finite(row):

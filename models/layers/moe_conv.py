@@ -66,13 +66,31 @@ class Routing:
         return expert, gate, None
 
 
+class _UnitGate(torch.autograd.Function):
+    """`y * gate.view(-1, 1, 1, 1)` for hard top-1 routing's straight-through gate, whose value is exactly 1
+    (`hard_top1`), without its two full-size multiplications by 1: the forward is y itself, the backward hands
+    the gradient to y unchanged and to the gate its per-image sum(grad * y), as the product's backward computes
+    them (the same values, bit for bit)."""
+
+    @staticmethod
+    def forward(ctx, y, gate):
+        ctx.save_for_backward(y)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad, (grad * y).sum(dim=(1, 2, 3)) if ctx.needs_input_grad[1] else None
+
+
 class MoEConv2d(nn.Module):
     """Conv whose `n_expert * out_channels` output rows are split among experts.
 
     Expert e owns weight rows e*w .. (e+1)*w-1 (w = out_channels), the reference layout; each image
     produces only its expert's w channels. Sparse mode convolves each image with its own expert's
     slice only; dense-masked mode (the reference's computation, kept as an oracle) convolves with all
-    experts and keeps the chosen one through a one-hot mask.
+    experts and keeps the chosen one through a one-hot mask. Under hard top-1 routing with a gate the output is a
+    view made by a custom autograd function (`_UnitGate`): the layer after it must not modify it in place.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=False,
@@ -139,9 +157,12 @@ class MoEConv2d(nn.Module):
                 raise RuntimeError("top-k routing needs the gates of the fixed experts")
             return self._sparse_top_k(x, expert, gate) if routing.sparse else self._dense_masked_top_k(x, expert, gate)
         y = self._sparse(x, expert, groups) if routing.sparse else self._dense_masked(x, expert)
-        if gate is not None:  # value 1: carries the straight-through gradient to the router
-            y = y * gate.view(-1, 1, 1, 1).to(y.dtype)  # the float32 gate must not promote a bf16 output
-        return y
+        if gate is None:
+            return y
+        gate = gate.to(y.dtype)  # the float32 gate must not promote a bf16 output
+        if routing.fixed_gates is None:  # value 1 (hard_top1's): carries the straight-through gradient to the router
+            return _UnitGate.apply(y, gate)
+        return y * gate.view(-1, 1, 1, 1)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels} x {self.n_expert} experts, "

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from models.spec import base_arch, is_moe
 
 from ..errors import UsageError, read_text_lines
-from ..runfiles import read_args, read_json, read_metrics
+from ..runfiles import TEST_KEYS, read_args, read_json, read_metrics
 from ..writes import atomic_file, write_json_atomic, write_text_atomic
 
 RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
@@ -178,6 +178,10 @@ def best_row(rows: list[dict]) -> dict | None:
     scored = [r for r in rows if _float(r.get("ra")) is not None]
     if not scored:
         return None
+    tested = scored[-1].get("test_epoch")
+    if tested is not None:  # --test-at-end: the last row's test keys are of the best epoch's weights
+        at = next((r for r in reversed(rows) if r.get("epoch") == tested), {})
+        return {**at, **{k: v for k, v in scored[-1].items() if k in TEST_KEYS}, "epoch": tested}
     best_epoch = scored[-1].get("best_epoch")  # chosen on the validation split when the run had one
     if best_epoch is not None:
         same = [r for r in scored if r.get("epoch") == best_epoch]

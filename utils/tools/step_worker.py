@@ -32,8 +32,9 @@ def build_steps(cfg):
             model = models.build_model("resnet18_cifar_ori", ratio=ratio)
         else:
             model = models.build_model("resnet18_cifar_moe", ratio=ratio, n_expert=n_expert)
-        if cfg["channels_last"]:  # what `--channels-last` does on CPU (utils.gpu.configure_backends)
-            model = model.to(memory_format=torch.channels_last)
+        if cfg["channels_last"]:  # what `--channels-last` does on CPU, in the tree's own code
+            from utils.gpu import configure_backends
+            configure_backends(torch.device("cpu"), model, channels_last=True)
         step = make_train_step(model.train(), num_steps=cfg["num_steps"], eps=0.1, step_size=0.0625)
         out.append((step, x, y))
     return out
