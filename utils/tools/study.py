@@ -30,6 +30,7 @@ from ..runfiles import read_metrics
 from ..runlog import check_can_create, run_dir
 from ..writes import atomic_file, write_json_atomic, write_text_atomic
 from .jobs import Pipeline, Reporter, Runner
+from .tables import Column, markdown, seed_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -93,6 +94,8 @@ COLUMNS = [("sa", "SA"), ("ra", "PGD-10 RA"), ("aa", "AutoAttack RA"), ("ra_minu
            ("expert_robustness", "expert RA"), ("load_clean_min", "min clean load"), ("load_adv_min", "min adv load"),
            ("margin_p50", "router margin p50"), ("margin_p95", "router margin p95"), ("gflops", "GFLOPs/image"),
            ("minutes", "training minutes")]
+TABLE_COLUMNS = [Column(title, lambda r, key=key: column_value(r, key), 3 if key == "gflops" else 2)
+                 for key, title in COLUMNS]
 
 
 def _without(argv, pair) -> list:
@@ -269,15 +272,6 @@ def column_value(result, key):
     return result.get(key)
 
 
-def _fmt(values, digits=2):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def _routing_cells(r):
     """A job's routing figures for its per-seed line ('' for a dense job or one evaluated without them)."""
     cells = [(label, r.get(key)) for key, label in (("ra_routing_attack", "RA under routing attack"),
@@ -323,14 +317,9 @@ def report(save, results, command, settings=""):
     by_row = {}
     for r in results:
         by_row.setdefault(r["row"], []).append(r)
-    header = ["row", "seeds"] + [title for _, title in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    csv_rows = []
-    for name, rs in by_row.items():
-        cells = [name, str(len(rs))] + [_fmt([column_value(r, k) for r in rs], 3 if k == "gflops" else 2)
-                                            for k, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-        csv_rows.append(dict(zip(header, cells)))
+    header, cells = seed_table(by_row, (["row"], lambda name, rs: [name]), TABLE_COLUMNS)
+    lines = markdown(header, cells)
+    csv_rows = [dict(zip(header, c)) for c in cells]
     aa_n = sorted({r.get("aa_n") for r in results if r.get("aa_n")})
     per_seed = [f"- {name}: " + "; ".join(f"seed {r['seed']} SA {r['sa']:.2f} RA {r['ra']:.2f} AA "
                                           + ("-" if r.get("aa") is None else f"{r['aa']:.2f}")
