@@ -250,9 +250,9 @@ def test_the_report_shows_the_routing_attack_and_the_pgd_autoattack_gap(tmp_path
     header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
     cells = [c.strip() for c in next(line for line in md.splitlines() if "| resnet18" in line).strip("|").split("|")]
     shown = dict(zip(header, cells))
-    assert shown["PGD - AA"] == ("-" if stale else "12.50")
-    assert (shown["RA routing attack"], shown["router rob"], shown["min load clean / adv"]) == \
-        ("66.00", "25.00", "45.0 / 15.0")
+    assert shown["PGD - AA"] == ("-" if stale else "12.50 ± 0.00")
+    assert (shown["RA routing attack"], shown["router rob"], shown["min load clean"], shown["min load adv"]) == \
+        ("66.00 ± 0.00", "25.00 ± 0.00", "45.0 ± 0.0", "15.0 ± 0.0")
 
 
 def test_a_study_job_result_carries_the_evaluation_routing_figures(tmp_path):

@@ -399,7 +399,7 @@ def test_report_reads_the_sweep_manifest(planned):
         ("missing", "resnet18_cifar", "Digits", "dense", 0.25, None, 2),
         ("missing", "resnet18_cifar", "Digits", "dense", 0.125, None, 2),
         ("missing", "resnet18_cifar", "Digits", "joint", 0.125, 2, 2),
-        ("missing", "resnet18_cifar", "Digits", "advmoe", 0.125, 2, 2)]
+        ("missing", "resnet18_cifar", "Digits", "advmoe-released released-recipe", 0.125, 2, 2)]
     assert [r.run_dir for r in got] == [r["run_dir"] for r in rows]
 
 

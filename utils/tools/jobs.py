@@ -36,7 +36,6 @@ from typing import Callable, Optional
 from ..errors import UsageError, read_text_lines
 from ..lock import hold
 from ..runfiles import run_state
-from ..runtime import STOP_SIGNALS, StopFlag
 from ..writes import open_append, write_text_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -289,6 +288,7 @@ class Runner:
 
     def _signals(self):
         """While the runner runs: SIGTERM, SIGINT and SIGUSR1 passed on to the children (main thread only)."""
+        from ..runtime import STOP_SIGNALS, StopFlag  # here: the manifest and the pipeline import no torch
         return StopFlag(STOP_SIGNALS, then=lambda signum: self._forward(signum, None)).installed()
 
     # ---- running -----------------------------------------------------------------------------------------
