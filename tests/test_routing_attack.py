@@ -266,8 +266,8 @@ def test_a_study_job_result_carries_the_evaluation_routing_figures(tmp_path):
            "load_routing_attack": [20.0, 80.0]}
     (out / "evaluate" / "run" / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     (out / "autoattack.json").write_text(json.dumps({"robust_accuracy": 31.0, "n_ex": 360}))
-    p = Pipeline(str(out / "runs" / "none"), str(out / "evaluate" / "run"), "train", aa_out=str(out / "autoattack.json"),
-                 records=str(out))
+    p = Pipeline(str(out / "runs" / "none"), str(out / "evaluate" / "run"), "train",
+                 aa_out=str(out / "autoattack.json"), records=str(out))
     result = study._collect(j, p)
     assert (result["ra_routing_attack"], result["router_robustness"]) == (55.0, 12.0)
     assert result["load_routing_attack"] == [20.0, 80.0] and result["load_adv_min"] == 30.0

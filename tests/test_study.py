@@ -321,4 +321,5 @@ def test_a_finished_job_of_the_old_layout_is_done(tmp_path, capsys, monkeypatch)
     out = capsys.readouterr().out
     assert out.count("(done earlier)") == 3
     assert "| dense r | 3 | 82.00 ± 1.00 | 40.00 ± 0.00 | 30.00 ± 0.00 |" in out
-    assert sorted(os.listdir(tmp_path / "recipe" / "jobs")) == [n for n in sorted(RECIPE_R025) if n.startswith("dense_r-")]
+    dense_r = [n for n in sorted(RECIPE_R025) if n.startswith("dense_r-")]
+    assert sorted(os.listdir(tmp_path / "recipe" / "jobs")) == dense_r

@@ -180,7 +180,7 @@ def test_paper_preset_full_size(tmp_path):
     (["--", "--no-such-flag"], "rejected by"),
     (["--bogus"], "unknown option --bogus"),
     (["--aa-n-ex", "-3"], "--aa-n-ex must be a positive integer"),
-    (["--aa-epsilon", "300"], "--aa-epsilon must be in (0, 255]"),
+    (["--aa-epsilon", "300"], "AutoAttack flags rejected by auto_attack_eval.py: --epsilon must be > 0 and <= 255"),
     (["--aa-version", "nope"], "AutoAttack flags rejected"),
     (["--gpus", "a,b"], "each GPU is a device index"),
     (["--gpus", "0,0"], "names a GPU twice"),

@@ -431,7 +431,8 @@ def collect(paths, manifests=()) -> list[RunRow]:
 def _aa_note(runs) -> str:
     """AutoAttack's version (other than standard), test points and staleness after its cell."""
     details = sorted({r.aa_version for r in runs if r.aa_version and r.aa_version != "standard"})
-    details += [f"n={'/'.join(sorted({str(r.aa_n_ex) for r in runs if r.aa_n_ex}))}"] if any(r.aa_n_ex for r in runs) else []
+    n_ex = sorted({str(r.aa_n_ex) for r in runs if r.aa_n_ex})
+    details += [f"n={'/'.join(n_ex)}"] if n_ex else []
     details += ["stale"] if any(r.aa_stale for r in runs) else []
     return f" ({', '.join(details)})" if details else ""
 

@@ -288,26 +288,18 @@ def aa_flags(s, data_dir) -> list:
 
 
 def check_aa_flags(flags):
-    """auto_attack_eval.py's parser and range checks on the sweep's AutoAttack flags, before anything runs: a dry
-    run then catches what the real run would refuse only at the end."""
-    from args import get_autoattack_parser
+    """auto_attack_eval.py's own parser and checks (args.validate_autoattack_args) on the sweep's AutoAttack flags,
+    before anything runs: a dry run then catches what the real run would refuse only at the end."""
+    from args import get_autoattack_parser, validate_autoattack_args
     parser = get_autoattack_parser()
 
     def refuse(message):
-        raise UsageError(f"AutoAttack flags rejected by auto_attack_eval.py: {message}")
+        raise UsageError(message)
     parser.error = refuse
-    a = parser.parse_args(["--source-net", "CHECKPOINT", *flags])
-    problems = []
-    if a.n_ex is not None and a.n_ex < 1:
-        problems.append(f"--aa-n-ex must be >= 1, got {a.n_ex}")
-    if not a.epsilon > 0 or (a.norm == "Linf" and a.epsilon > 255):
-        problems.append(f"--aa-epsilon must be in (0, 255] (1/255 units), got {a.epsilon:g}")
-    if a.version == "custom" and not a.attacks:
-        problems.append("--aa-version custom needs --aa-attacks")
-    if not 0 <= a.seed <= 2**32 - 1:
-        problems.append(f"--seed must be in [0, 2**32 - 1], got {a.seed}")
-    if problems:
-        raise UsageError("; ".join(problems))
+    try:
+        validate_autoattack_args(parser.parse_args(["--source-net", "CHECKPOINT", *flags]))
+    except UsageError as e:
+        raise UsageError(f"AutoAttack flags rejected by auto_attack_eval.py: {e}") from None
 
 
 def run_dirs(planned) -> list:
