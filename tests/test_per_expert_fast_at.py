@@ -160,8 +160,10 @@ def test_report_table_shows_each_expert_next_to_the_routed_model(tmp_path):
     (folder / "status.json").write_text(json.dumps({"state": "finished", "message": ""}))
     table = report.markdown_table(report.collect([str(tmp_path)]))
     header, _, line = table.splitlines()[:3]
-    assert header.endswith("| experts alone: SA / PGD RA |")
-    assert line.endswith("| 90.00 | 40.00 | - | - | - | - | - | e0 88.50 / 45.00, e1 70.25 / 20.50 |")  # AA .. PGD - AA
+    assert header.endswith("| expert 0 alone: SA | expert 0 alone: PGD RA | expert 1 alone: SA | "
+                           "expert 1 alone: PGD RA |")
+    assert line.endswith("| 90.00 ± 0.00 | 40.00 ± 0.00 | - | - | - | - | - | 88.50 ± 0.00 | 45.00 ± 0.00 | "
+                         "70.25 ± 0.00 | 20.50 ± 0.00 |")  # AA .. PGD - AA: none
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # no training step: no optimizer step

@@ -250,12 +250,13 @@ def test_the_report_shows_the_routing_attack_and_the_pgd_autoattack_gap(tmp_path
     header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
     cells = [c.strip() for c in next(line for line in md.splitlines() if "| resnet18" in line).strip("|").split("|")]
     shown = dict(zip(header, cells))
-    assert shown["PGD - AA"] == ("-" if stale else "12.50")
-    assert (shown["RA routing attack"], shown["router rob"], shown["min load clean / adv"]) == \
-        ("66.00", "25.00", "45.0 / 15.0")
+    assert shown["PGD - AA"] == ("-" if stale else "12.50 ± 0.00")
+    assert (shown["RA routing attack"], shown["router rob"], shown["min load clean"], shown["min load adv"]) == \
+        ("66.00 ± 0.00", "25.00 ± 0.00", "45.0 ± 0.0", "15.0 ± 0.0")
 
 
 def test_a_study_job_result_carries_the_evaluation_routing_figures(tmp_path):
+    from utils.tools.jobs import Pipeline
     a = study.get_args_parser().parse_args(["--seeds", "1", "--save-dir", str(tmp_path)])
     j = next(j for j in study.plan(a, [1]) if j.name == "AdvMoE")
     out = tmp_path / "job"
@@ -265,7 +266,9 @@ def test_a_study_job_result_carries_the_evaluation_routing_figures(tmp_path):
            "load_routing_attack": [20.0, 80.0]}
     (out / "evaluate" / "run" / "metrics.jsonl").write_text(json.dumps(row) + "\n")
     (out / "autoattack.json").write_text(json.dumps({"robust_accuracy": 31.0, "n_ex": 360}))
-    result = study._collect(j, str(out / "runs" / "none"), str(out / "evaluate"), str(out / "autoattack.json"), [])
+    p = Pipeline(str(out / "runs" / "none"), str(out / "evaluate" / "run"), "train",
+                 aa_out=str(out / "autoattack.json"), records=str(out))
+    result = study._collect(j, p)
     assert (result["ra_routing_attack"], result["router_robustness"]) == (55.0, 12.0)
     assert result["load_routing_attack"] == [20.0, 80.0] and result["load_adv_min"] == 30.0
     assert study.column_value(result, "ra_minus_aa") == 9.0

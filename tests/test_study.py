@@ -245,3 +245,81 @@ def test_the_table_gives_welch_p_against_dense_2r(tmp_path):
     p = study.welch_p([8.0, 10.0], [19.0, 20.0])
     assert f"- AdvMoE against dense 2r: AutoAttack RA -10.50, p = {p:.3f}" in table
     assert "dense r against" not in table and "dense 2r against dense 2r" not in table
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 29: the job pipeline behind the study keeps the layout and the keys of studies started before it
+# ------------------------------------------------------------------------------------------------------------
+
+# The job folders of the recipe study run from commit 1ca216a (docs/results/recipe_r025: --rows recipe --ratio 0.25
+# --epochs 10 --seeds 1,2,3 --aa-n-ex 0 --train-extra '--eval-every 1'), as that code named them.
+RECIPE_R025 = """
+    advmoe__released_recipe-seed1-38eb7967ea26 advmoe__released_recipe-seed2-28a6c226453e
+    advmoe__released_recipe-seed3-c97766f6f3e4 advmoe__released_recipe___flip_expert_at-seed1-8a8f5475c4e8
+    advmoe__released_recipe___flip_expert_at-seed2-5718b9391639
+    advmoe__released_recipe___flip_expert_at-seed3-3087e3d4f472
+    advmoe__released_recipe___partition_targets-seed1-e1e74f4bf6f9
+    advmoe__released_recipe___partition_targets-seed2-64ae1d85041a
+    advmoe__released_recipe___partition_targets-seed3-b5fed25af91e
+    advmoe__released_recipe___router_at-seed1-867aea07d289
+    advmoe__released_recipe___router_at-seed2-d17abe70aa94
+    advmoe__released_recipe___router_at-seed3-c8980e3984f6
+    advmoe__released_recipe___router_at___partition_targets-seed1-898326ac5f1a
+    advmoe__released_recipe___router_at___partition_targets-seed2-311169e5b57f
+    advmoe__released_recipe___router_at___partition_targets-seed3-754ad30cc699
+    advmoe__router_kl_in_attacks__no__router_loss__paper-seed1-74530e6b1851
+    advmoe__router_kl_in_attacks__no__router_loss__paper-seed2-0a5f7cd6c9d5
+    advmoe__router_kl_in_attacks__no__router_loss__paper-seed3-e3c8d8e3435c
+    advmoe__router_kl_in_attacks__no__router_loss__released-seed1-0290169f8c2d
+    advmoe__router_kl_in_attacks__no__router_loss__released-seed2-0433ca989fff
+    advmoe__router_kl_in_attacks__no__router_loss__released-seed3-6111a5f86602
+    advmoe__router_kl_in_attacks__yes__router_loss__paper-seed1-8623f2982982
+    advmoe__router_kl_in_attacks__yes__router_loss__paper-seed2-be11fd3842a9
+    advmoe__router_kl_in_attacks__yes__router_loss__paper-seed3-5664bda5f31d
+    advmoe__router_kl_in_attacks__yes__router_loss__released-seed1-b1dc268b5f36
+    advmoe__router_kl_in_attacks__yes__router_loss__released-seed2-c31bc35e18ee
+    advmoe__router_kl_in_attacks__yes__router_loss__released-seed3-cf88ca0b7761 dense_2r-seed1-f0c5b4605b51
+    dense_2r-seed2-88848aea5110 dense_2r-seed3-5d488e222e13 dense_r-seed1-017fef9f2279
+    dense_r-seed2-f29249eec460 dense_r-seed3-c3249d5f7ab0
+""".split()
+RECIPE_ARGS = ["--rows", "recipe", "--ratio", "0.25", "--epochs", "10", "--seeds", "1,2,3", "--aa-n-ex", "0",
+               "--train-extra", "--eval-every 1"]
+
+
+def test_job_folders_and_keys_are_those_of_studies_started_before():
+    a = study.get_args_parser().parse_args(RECIPE_ARGS)
+    folders = [os.path.basename(j.folder("SAVE")) for j in study.plan(a, [1, 2, 3])]
+    assert sorted(folders) == sorted(RECIPE_R025)
+
+
+def _old_job_folder(save, j):
+    """What the study before the pipeline left in a finished job's folder: job.json (the settings), result.json
+    (with the key), the run's folders; no command records."""
+    out = j.folder(save)
+    os.makedirs(os.path.join(out, "runs"))
+    with open(os.path.join(out, "job.json"), "w") as f:
+        json.dump(j.settings, f, indent=1)
+    result = {"row": j.name, "seed": j.seed, "key": j.key, "sa": 80.0 + j.seed, "ra": 40.0, "n": 360, "aa": 30.0,
+              "aa_n": 360, "command": "python train_ori.py ..."}
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(result, f)
+
+
+def test_a_finished_job_of_the_old_layout_is_done(tmp_path, capsys, monkeypatch):
+    """Finished jobs made before the pipeline are done for it: nothing runs, their results make the table."""
+    from utils.tools import jobs
+
+    def no_command(self, argv, out, env=None):
+        raise AssertionError(f"a finished job ran {argv[:2]}")
+    monkeypatch.setattr(jobs.Runner, "call", no_command)
+    argv = RECIPE_ARGS + ["--only", "dense_r", "--save-dir", str(tmp_path)]
+    a = study.get_args_parser().parse_args(argv)
+    todo = study.plan(a, [1, 2, 3])
+    for j in todo:
+        _old_job_folder(str(tmp_path / "recipe"), j)
+    assert study.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("(done earlier)") == 3
+    assert "| dense r | 3 | 82.00 ± 1.00 | 40.00 ± 0.00 | 30.00 ± 0.00 |" in out
+    dense_r = [n for n in sorted(RECIPE_R025) if n.startswith("dense_r-")]
+    assert sorted(os.listdir(tmp_path / "recipe" / "jobs")) == dense_r

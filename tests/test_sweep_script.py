@@ -180,7 +180,7 @@ def test_paper_preset_full_size(tmp_path):
     (["--", "--no-such-flag"], "rejected by"),
     (["--bogus"], "unknown option --bogus"),
     (["--aa-n-ex", "-3"], "--aa-n-ex must be a positive integer"),
-    (["--aa-epsilon", "300"], "--aa-epsilon must be in (0, 255]"),
+    (["--aa-epsilon", "300"], "AutoAttack flags rejected by auto_attack_eval.py: --epsilon must be > 0 and <= 255"),
     (["--aa-version", "nope"], "AutoAttack flags rejected"),
     (["--gpus", "a,b"], "each GPU is a device index"),
     (["--gpus", "0,0"], "names a GPU twice"),
@@ -315,16 +315,16 @@ def py(script, env=None, **kw):
 
 def test_sequential_runs_steps_continues_after_failure_and_skips_done(tmp_path):
     manifest, ran = fake_manifest(tmp_path, [0, 3, 0])
-    r = py(f"print('rc=%d' % run_sequential('{manifest}'))")
+    r = py(f"print('rc=%d' % run_lines('{manifest}'))")
     assert "rc=1" in r.stdout, r.stdout + r.stderr
     assert "[2] train exited with status 3: run1" in r.stdout
     assert ran.read_text().split("\n")[:-1] == [
         "train run0 gpu=none", "eval run0 gpu=none", "aa run0 gpu=none", "train run1 gpu=none",
         "train run2 gpu=none", "eval run2 gpu=none", "aa run2 gpu=none"]
-    done = py(f"for n, x in enumerate(read_manifest('{manifest}'), 1): print(('done' if line_done(x) else 'todo') + str(n))")
+    done = py(f"for n, x in enumerate(read_manifest('{manifest}'), 1): print(('done' if x.done() else 'todo') + str(n))")
     assert done.stdout.split() == ["done1", "todo2", "done3"]
     ran.unlink()
-    again = py(f"import sys; sys.exit(run_sequential('{manifest}', only=1))")
+    again = py(f"import sys; sys.exit(run_lines('{manifest}', only=1))")
     assert again.returncode == 0 and not ran.exists()
     assert again.stdout.splitlines() == ["[1] skip train (finished): run0", "[1] skip eval (done): run0",
                                          "[1] skip autoattack (done): run0"]
@@ -332,7 +332,7 @@ def test_sequential_runs_steps_continues_after_failure_and_skips_done(tmp_path):
 
 def test_interrupted_run_stops_the_sweep(tmp_path):
     manifest, ran = fake_manifest(tmp_path, [75, 0])
-    r = py(f"print('rc=%d' % run_sequential('{manifest}'))")
+    r = py(f"print('rc=%d' % run_lines('{manifest}'))")
     assert "rc=75" in r.stdout and "sweep interrupted at line 1" in r.stdout
     assert ran.read_text().split("\n")[:-1] == ["train run0 gpu=none"]  # line 2 never started
 
@@ -342,8 +342,8 @@ def test_sigterm_is_passed_to_the_run(tmp_path, kind):
     """SLURM's SIGTERM/SIGUSR1 reach the batch shell; the run must get it to write its checkpoint. A step
     without a handler (killed, status 143) also ends the sweep as interrupted (75), not as failed."""
     manifest, ran = fake_manifest(tmp_path, [kind, 0])
-    proc = started_until([sys.executable, "-c", f"import sys; from utils.tools.sweep import run_sequential; "
-                          f"sys.exit(run_sequential('{manifest}'))"], tmp_path / "ready", stdout=subprocess.PIPE,
+    proc = started_until([sys.executable, "-c", f"import sys; from utils.tools.sweep import run_lines; "
+                          f"sys.exit(run_lines('{manifest}'))"], tmp_path / "ready", stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
@@ -355,7 +355,7 @@ def test_sigterm_is_passed_to_the_run(tmp_path, kind):
 
 def test_one_run_per_gpu(tmp_path):
     manifest, ran = fake_manifest(tmp_path, [0, 0, 0, 0])
-    r = py(f"import sys; sys.exit(run_parallel('{manifest}', ['0', '1'], '{tmp_path / 'logs'}'))",
+    r = py(f"import sys; sys.exit(run_lines('{manifest}', ['0', '1'], '{tmp_path / 'logs'}'))",
            env={"FAKE_SLEEP": "0.5"})
     assert r.returncode == 0, r.stdout + r.stderr
     trains = [x for x in ran.read_text().splitlines() if x.startswith("train")]
@@ -399,7 +399,7 @@ def test_report_reads_the_sweep_manifest(planned):
         ("missing", "resnet18_cifar", "Digits", "dense", 0.25, None, 2),
         ("missing", "resnet18_cifar", "Digits", "dense", 0.125, None, 2),
         ("missing", "resnet18_cifar", "Digits", "joint", 0.125, 2, 2),
-        ("missing", "resnet18_cifar", "Digits", "advmoe", 0.125, 2, 2)]
+        ("missing", "resnet18_cifar", "Digits", "advmoe-released released-recipe", 0.125, 2, 2)]
     assert [r.run_dir for r in got] == [r["run_dir"] for r in rows]
 
 

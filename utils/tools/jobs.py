@@ -1,4 +1,12 @@
-"""One job runner for the sweep and the study: launch, resume, skip what is finished, collect.
+"""One job pipeline for the sweep and the study: a run's jobs (train, evaluate, AutoAttack), the one rule for
+"done", the manifest that lists them, and the runner that launches, resumes, skips what is finished and collects.
+
+A run's pipeline (`Pipeline`, one manifest line) is three commands: training with `--resume auto`, then the
+`--evaluate` of its model_best and AutoAttack of it. A step is done when its settings, its status and its result
+agree (`current`): training when its run folder says finished (its settings are the folder's args.yaml, which
+`--resume auto` holds the command to); the evaluation and AutoAttack when their result is not older than
+model_best, the evaluation's folder says finished, and the command recorded after the step succeeded is the one
+asked for now (so changing a setting reruns the step).
 
 A job is a folder and an ordered list of stages. A stage is a command line and a predicate that says its result
 is already there; the runner skips such a stage, so running the same jobs again continues where they stopped
@@ -25,10 +33,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..errors import UsageError
+from ..errors import UsageError, read_text_lines
 from ..lock import hold
-from ..runtime import STOP_SIGNALS, StopFlag
-from ..writes import open_append
+from ..runfiles import run_state
+from ..writes import open_append, write_text_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REQUEUE_EXIT = 75  # the entry scripts' exit status after a SIGTERM/SIGUSR1 checkpoint: run again later
@@ -48,10 +56,9 @@ class Stage:
     done: Callable[[], bool] = _never
     after: Optional[Callable[[], None]] = None
     needs: tuple = ()
-    text: str = ""  # how the command is shown (default: the shell-quoted argv)
 
     def shown(self) -> str:
-        return self.text or shlex.join(map(str, self.argv))
+        return shlex.join(map(str, self.argv))
 
 
 @dataclass
@@ -108,6 +115,114 @@ class Reporter:
     def job_end(self, outcome):
         pass
 
+
+# ---------------------------------------------------------------------------------------------------------
+# A run's pipeline, the rule for "done", the manifest
+# ---------------------------------------------------------------------------------------------------------
+
+# The files that record which command made a step's result (written after it succeeded); named as the sweep first
+# wrote them, so lines finished before stay done.
+RECORDS = {"eval": ".sweep_eval_command", "autoattack": ".sweep_autoattack_command"}
+MANIFEST_HEADER = "#run_dir\teval_dir\tcommand\teval_command\tautoattack_command"
+
+
+def current(result, command="", record="", status="", source="") -> bool:
+    """The one rule for "done": `result` exists and is not older than `source` (the checkpoint it was made of),
+    the run folder `status` (when given) says finished, and the file `record` (when given) holds `command`, the
+    settings asked for now."""
+    try:
+        if source and os.stat(result).st_mtime_ns < os.stat(source).st_mtime_ns:
+            return False
+        if not os.path.exists(result) or (status and run_state(status) != "finished"):
+            return False
+        if record:
+            with open(record, encoding="utf-8") as f:
+                return f.read().rstrip("\n") == command
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Pipeline:
+    """One run's jobs: `train` (its run folder `run_dir`), then `eval` (the `--evaluate` of model_best, into the run
+    folder `eval_dir`) and `aa` (AutoAttack of model_best, writing `aa_out`). Commands are shell-quoted text, as a
+    manifest line holds them ('-': the step is left out). `records`: the folder of the command records (default
+    `run_dir`)."""
+    run_dir: str
+    eval_dir: str
+    train: str
+    eval: str = "-"
+    aa: str = "-"
+    aa_out: str = ""
+    records: str = ""
+
+    def __post_init__(self):
+        self.aa_out = self.aa_out or os.path.join(self.run_dir, "autoattack.json")
+        self.records = self.records or self.run_dir
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.run_dir)
+
+    @property
+    def best(self) -> str:
+        return os.path.join(self.run_dir, "checkpoint", "model_best.pth.tar")
+
+    def step_done(self, step) -> bool:
+        """Whether `step` (train, eval, autoattack) has its current result; a later step only after training."""
+        trained = run_state(self.run_dir) == "finished"
+        if step == "train" or not trained:
+            return trained
+        record = os.path.join(self.records, RECORDS[step])
+        if step == "eval":
+            return current(os.path.join(self.eval_dir, "metrics.jsonl"), self.eval, record, self.eval_dir, self.best)
+        return current(self.aa_out, self.aa, record, source=self.best)
+
+    def steps(self) -> list:
+        return [("train", self.train), ("eval", self.eval), ("autoattack", self.aa)]
+
+    def done(self) -> bool:
+        """Every step of the run that is not left out has its current result."""
+        return all(self.step_done(step) for step, command in self.steps() if command != "-")
+
+    def job(self, name, folder="", **kw) -> "Job":
+        """The run as a job of the runner (kw: Job's lock, log, prepare, done, collect, env): training resumes
+        (`--resume auto`), each later step records its command once it succeeded."""
+        stages = [Stage("train", shlex.split(self.train) + ["--resume", "auto"], done=lambda: self.step_done("train"))]
+        for step, command in self.steps()[1:]:
+            if command != "-":
+                stages.append(Stage(step, shlex.split(command), done=lambda step=step: self.step_done(step),
+                                    needs=("train",), after=self._record(step, command)))
+        return Job(name, folder or self.run_dir, stages, **kw)
+
+    def _record(self, step, command):
+        return lambda: write_text_atomic(os.path.join(self.records, RECORDS[step]), command + "\n")
+
+
+def write_manifest(path, pipelines):
+    """The manifest: a header, then one line per run (run_dir, eval_dir and the three commands, tab-separated)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomic(path, MANIFEST_HEADER + "\n" + "".join(
+        "\t".join([x.run_dir, x.eval_dir, x.train, x.eval, x.aa]) + "\n" for x in pipelines))
+
+
+def read_manifest(path) -> list:
+    """The Pipelines of a manifest ('#' lines are comments); UsageError for a line that is not one."""
+    lines = []
+    for n, text in enumerate(read_text_lines(path, f"manifest {path} is {{why}}"), 1):
+        if text.startswith("#") or not text.strip():
+            continue
+        fields = text.rstrip("\n").split("\t")
+        if len(fields) != 5:
+            raise UsageError(f"{path} line {n} has {len(fields)} fields, not 5: not a sweep manifest")
+        lines.append(Pipeline(*fields))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------------------------------------
 
 def _die_with_parent():
     """In a child (preexec): SIGTERM it when the runner dies, even by kill -9; ignore SIGINT (a terminal's Ctrl-C
@@ -173,6 +288,7 @@ class Runner:
 
     def _signals(self):
         """While the runner runs: SIGTERM, SIGINT and SIGUSR1 passed on to the children (main thread only)."""
+        from ..runtime import STOP_SIGNALS, StopFlag  # here: the manifest and the pipeline import no torch
         return StopFlag(STOP_SIGNALS, then=lambda signum: self._forward(signum, None)).installed()
 
     # ---- running -----------------------------------------------------------------------------------------

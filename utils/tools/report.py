@@ -3,9 +3,11 @@
 Collects every run folder under the given folders (a folder holding `args.yaml`, `metrics.jsonl` or
 `status.json`; training runs and `--evaluate` runs alike) and writes to `--out`:
 
-- `table.md` and `table.csv`: one row per training run: arch, dataset, method, ratio, N, status, epochs,
+- `table.md`: one line per setting, its seeds (run folders that differ only in `-seedS`) aggregated as mean ± std
+  and their number (the study's table, utils/tools/tables.py): arch, dataset, method, ratio, N, status, epochs,
   SA, PGD RA, AA RA, GFLOPs, GPU hours (CPU hours for runs on CPU), PGD RA - AA RA and, for MoE runs, RA under
   the routing attack, router robustness and the least-used expert's loads.
+- `table.csv`: the same columns, one row per training run.
 - `curves.png`: SA and RA per epoch, one panel per run.
 - `expert_load.png`: the last epoch's share of test images per expert (clean and adversarial), one panel per
   MoE run.
@@ -23,16 +25,18 @@ Where the numbers come from:
 - MoE runs (columns that appear when a run has them): RA under the routing attack, router robustness and the
   least-used expert's share of the test images, clean and adversarial, from the same source as the PGD RA.
 
-A manifest (`--manifest FILE`, or `manifest.tsv` found at the top of a given folder; TSV lines starting
-with run_dir, the training command in the column a `#run_dir<TAB>...` header names `command`) lists the
-runs a sweep expects: those without a folder appear as
-`missing`. Failed runs (status failed, or no epoch recorded) appear as `failed`, unfinished ones as
+A manifest (`--manifest FILE`, or `manifest.tsv` found at the top of a given folder), read by the sweep's own
+reader (utils/tools/jobs.py), lists the runs a sweep expects: those without a folder appear as `missing`,
+described by their training command as the entry scripts' parser reads it. Failed runs (status failed, or no epoch recorded) appear as `failed`, unfinished ones as
 `running`/`interrupted`: nothing is silently dropped.
 """
 import argparse
+import contextlib
 import csv
+import io
 import math
 import os
+import re
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
@@ -40,9 +44,11 @@ from dataclasses import asdict, dataclass, field
 
 from models.spec import base_arch, is_moe
 
-from ..errors import UsageError, read_text_lines
+from ..errors import UsageError
 from ..runfiles import TEST_KEYS, read_args, read_json, read_metrics
 from ..writes import atomic_file, write_json_atomic, write_text_atomic
+from .jobs import read_manifest
+from .tables import Column, markdown, seed_table
 
 RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
 METHOD_ORDER = ("dense", "joint", "advmoe")
@@ -354,60 +360,25 @@ def _per_expert(evaluation: dict) -> list:
     return list(zip(evaluation.get("per_expert_sa") or [], evaluation.get("per_expert_ra") or []))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Manifests
-# ----------------------------------------------------------------------------------------------------------
-
-def read_manifest(path: str) -> list[tuple[str, str]]:
-    """[(run folder, training command)] of a sweep manifest.
-
-    TSV, run_dir first; the training command is the column named `command` in a `#run_dir<TAB>...` header
-    line (sh/sweep.sh writes run_dir, eval_dir, command, eval_command, autoattack_command), else the last.
-    """
-    out, column = [], -1
-    lines = read_text_lines(path, f"manifest {path} is {{why}}")
-    for line in lines:
-        if line.startswith("#"):
-            names = line[1:].rstrip("\n").split("\t")
-            if names[0].strip() == "run_dir" and "command" in names:
-                column = names.index("command")
-            continue
-        if not line.strip():
-            continue
-        fields = line.rstrip("\n").split("\t")
-        command = fields[column] if len(fields) > 1 and -len(fields) <= column < len(fields) else ""
-        out.append((os.path.abspath(fields[0]), command))
-    return out
-
-
-def _flags(argv: list[str]) -> dict:
-    flags, i = {}, 0
-    while i < len(argv):
-        tok = argv[i]
-        if tok.startswith("--"):
-            if "=" in tok:
-                k, v = tok[2:].split("=", 1)
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                k, v = tok[2:], argv[i + 1]
-                i += 1
-            else:
-                k, v = tok[2:], True
-            flags[k.replace("-", "_")] = v
-        i += 1
-    return flags
-
-
 def row_from_command(run_dir: str, command: str) -> RunRow:
     """A `missing` row described by the command that would create it."""
     try:
         argv = shlex.split(command)
     except ValueError:
         argv = []
-    script = next((os.path.basename(t)[:-3] for t in argv if t.endswith(".py")), "")
-    args = _flags(argv) or read_args(run_dir)
-    arch = str(args.get("arch", "?"))
-    if script not in ("train_ori", "train_moe"):
+    at = next((i for i, t in enumerate(argv) if os.path.basename(t) in ("train_ori.py", "train_moe.py")), None)
+    args = read_args(run_dir)
+    if at is not None:  # read by the entry scripts' own parser, with its defaults
+        from args import parse_args  # here: the report imports no torch before it needs a model
+        script = os.path.basename(argv[at])[:-3]
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                args = vars(parse_args(argv[at + 1:], script=script))
+        except (UsageError, SystemExit):
+            pass
+    else:
         script = script_of(run_dir, args)
+    arch = str(args.get("arch", "?"))
     n = args.get("n_expert")
     return RunRow(arch=base_arch(arch), registry_arch=arch, dataset=str(args.get("dataset", "CIFAR10")),
                   method=method_of(args, script), ratio=_float(args.get("ratio", 1.0)),
@@ -430,7 +401,7 @@ def _sort_key(row: RunRow):
 def collect(paths, manifests=()) -> list[RunRow]:
     """All rows: manifest runs in manifest order (missing ones included), then other runs found, sorted."""
     folders = find_run_folders(paths)
-    entries = [e for m in manifests for e in read_manifest(m)]
+    entries = [(os.path.abspath(x.run_dir), x.train) for m in manifests for x in read_manifest(m)]
     for run_dir, _ in entries:
         if is_run_folder(run_dir) and run_dir not in folders:
             folders.append(run_dir)
@@ -461,49 +432,62 @@ def collect(paths, manifests=()) -> list[RunRow]:
 # Writing
 # ----------------------------------------------------------------------------------------------------------
 
-def _fmt(x, digits=2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
+def _aa_note(runs) -> str:
+    """AutoAttack's version (other than standard), test points and staleness after its cell."""
+    details = sorted({r.aa_version for r in runs if r.aa_version and r.aa_version != "standard"})
+    n_ex = sorted({str(r.aa_n_ex) for r in runs if r.aa_n_ex})
+    details += [f"n={'/'.join(n_ex)}"] if n_ex else []
+    details += ["stale"] if any(r.aa_stale for r in runs) else []
+    return f" ({', '.join(details)})" if details else ""
+
+
+def _joined(values) -> str:
+    """The values of a setting's seeds: one when they agree, else each with its count ('2 finished, 1 running')."""
+    counts = {v: values.count(v) for v in values}
+    return values[0] if len(counts) == 1 else ", ".join(f"{n} {v}" for v, n in counts.items())
+
+
+def _lead(name, runs):
+    r = runs[0]
+    marks = ("*" if any(x.pgd_source == "training" for x in runs) else "") + \
+        ("†" if any(x.selection == "test" for x in runs) else "")
+    epochs = [f"{x.epochs_done}/{x.epochs}" if x.epochs else str(x.epochs_done or "-") for x in runs]
+    return [r.arch, r.dataset, r.method, "-" if r.ratio is None else str(r.ratio),
+            str(r.n_expert) if r.n_expert else "-", _joined([x.status for x in runs]), _joined(epochs), marks]
 
 
 def markdown_table(rows: list[RunRow]) -> str:
-    """table.md: the paper's columns plus status and epochs; notes below explain marks and sources."""
-    head = ["arch", "dataset", "method", "ratio", "N", "status", "epochs", "SA", "PGD RA", "AA RA", "GFLOPs",
-            "GPU h", "CPU h", "PGD - AA"]
+    """table.md: one line per setting, its seeds (run folders that differ only in `-seedS`) aggregated as mean ±
+    std; the paper's columns plus status and epochs; notes below explain marks and sources."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(re.sub(r"-seed[0-9]+$", "", r.run_dir), []).append(r)
+    columns = [Column("SA", lambda r: r.sa), Column("PGD RA", lambda r: r.pgd_ra),
+               Column("AA RA", lambda r: r.aa_ra, note=_aa_note), Column("GFLOPs", lambda r: r.gflops, 3),
+               Column("GPU h", lambda r: r.gpu_hours, 3), Column("CPU h", lambda r: r.cpu_hours, 3),
+               Column("PGD - AA", lambda r: r.pgd_aa_gap)]
     routing = any(r.router_robustness is not None or r.ra_routing_attack is not None for r in rows)
     if routing:  # MoE columns appear when some run has the numbers
-        head += ["RA routing attack", "router rob", "min load clean / adv"]
-    per_expert = any(r.per_expert for r in rows)
-    if per_expert:
-        head.append("experts alone: SA / PGD RA")
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rows:
-        mark = ("*" if r.pgd_source == "training" else "") + ("†" if r.selection == "test" else "")
-        aa = _fmt(r.aa_ra)
-        if r.aa_ra is not None:
-            details = [r.aa_version] if r.aa_version and r.aa_version != "standard" else []
-            details += [f"n={r.aa_n_ex}"] if r.aa_n_ex else []
-            details += ["stale"] if r.aa_stale else []
-            aa += f" ({', '.join(details)})" if details else ""
-        epochs = f"{r.epochs_done}/{r.epochs}" if r.epochs else str(r.epochs_done or "-")
-        cells = [r.arch, r.dataset, r.method, "-" if r.ratio is None else str(r.ratio),
-                 str(r.n_expert) if r.n_expert else "-", r.status, epochs,
-                 _fmt(r.sa) + (mark if r.sa is not None else ""), _fmt(r.pgd_ra) + (mark if r.pgd_ra is not None else ""),
-                 aa, _fmt(r.gflops, 3), _fmt(r.gpu_hours, 3), _fmt(r.cpu_hours, 3), _fmt(r.pgd_aa_gap)]
-        if routing:
-            loads = "-" if r.load_clean_min is None else f"{_fmt(r.load_clean_min, 1)} / {_fmt(r.load_adv_min, 1)}"
-            cells += [_fmt(r.ra_routing_attack), _fmt(r.router_robustness), loads]
-        if per_expert:
-            cells.append(", ".join(f"e{e} {_fmt(sa)} / {_fmt(ra)}" for e, (sa, ra) in enumerate(r.per_expert)) or "-")
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    notes = ["", "SA, RA: % of test images; PGD RA of the best-RA checkpoint from its `--evaluate` run "
-             "(`*`: from the training log's best-RA epoch instead). AA RA: AutoAttack on the first n test images. "
-             "GFLOPs: inference, per image. GPU h / CPU h: training epochs' wall time x processes. PGD - AA: "
-             "PGD RA minus AA RA of the same checkpoint (AA on its first n test images)."
+        columns += [Column("RA routing attack", lambda r: r.ra_routing_attack),
+                    Column("router rob", lambda r: r.router_robustness),
+                    Column("min load clean", lambda r: r.load_clean_min, 1),
+                    Column("min load adv", lambda r: r.load_adv_min, 1)]
+    experts = max((len(r.per_expert) for r in rows), default=0)
+    for e in range(experts):
+        columns += [Column(f"expert {e} alone: SA", lambda r, e=e: r.per_expert[e][0] if r.per_expert else None),
+                    Column(f"expert {e} alone: PGD RA", lambda r, e=e: r.per_expert[e][1] if r.per_expert else None)]
+    header, cells = seed_table(groups, (["arch", "dataset", "method", "ratio", "N", "status", "epochs", "marks"],
+                                        _lead), columns)
+    notes = ["", "Mean ± std over the seeds of each setting (n in 'seeds'). SA, RA: % of test images; PGD RA of the "
+             "best-RA checkpoint from its `--evaluate` run (`*`: from the training log's best-RA epoch instead, for "
+             "some seed). AA RA: AutoAttack on the first n test images. GFLOPs: inference, per image. GPU h / CPU "
+             "h: training epochs' wall time x processes. PGD - AA: PGD RA minus AA RA of the same checkpoint (AA on "
+             "its first n test images)."
              + (" RA routing attack: the whole MoE on PGD examples that push the router towards another expert; "
                 "router rob: % of routing decisions they leave unchanged; min load: % of test images on the "
                 "least-used expert, clean / under the straight-through attack." if routing else "")
              + (" Experts alone: every test image forced to one expert (`--evaluate --per-expert`)."
-                if per_expert else "")]
+                if experts else "")]
     if any(r.selection == "test" for r in rows):
         notes += ["", "†: the best epoch was chosen by test RA (the run had no validation split, or its log records "
                   "no validation selection): selection on the test set, an optimistic figure."]
@@ -512,7 +496,7 @@ def markdown_table(rows: list[RunRow]) -> str:
         notes.append("")
         notes += [f"- {r.status}: {r.label}" + (f": {r.message}" if r.message else "") + f" ({r.run_dir})"
                   for r in problems]
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(markdown(header, cells) + notes) + "\n"
 
 
 def write_csv(rows: list[RunRow], path: str) -> None:

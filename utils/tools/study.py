@@ -5,15 +5,15 @@
     python -m utils.tools.study --rows recipe ...   (the released recipe's ingredients, robust-routing methods)
     python -m utils.tools.study --report-only ...   (the table from what has finished)
 
-Each (row, seed) is one job: train with `--resume auto` (a finished run is skipped, a killed one resumes), then
-`--evaluate` of its best checkpoint on the whole test set (PGD-10, MoE dissection), then AutoAttack (APGD-CE then
-APGD-T) on the whole test set, then GFLOPs per image. Every stage is skipped when its result exists, so rerunning
-the same command continues where it stopped. `--jobs` jobs run at once, each on one thread. The table
+Each (row, seed) is one job of the pipeline in utils/tools/jobs.py: train with `--resume auto` (a finished run is
+skipped, a killed one resumes), then `--evaluate` of its best checkpoint on the whole test set (PGD-10, MoE
+dissection), then AutoAttack (APGD-CE then APGD-T) on the whole test set, then GFLOPs per image, in a folder named
+by the hash of every setting. A job whose result.json records that hash is done; a step is skipped when its result
+is current (jobs.current), so rerunning the same command continues where it stopped. `--jobs` jobs run at once, each on one thread. The table
 (`SAVE/table.md`, `SAVE/table.csv`) gives mean ± std over seeds and n, with the command that made it.
 """
 import argparse
 import csv
-import glob
 import hashlib
 import json
 import os
@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from ..cli import run_main
 from ..errors import UsageError
 from ..lock import hold
-from ..runfiles import read_metrics, run_state
-from ..runlog import check_can_create, metrics_rows, run_dir
+from ..runfiles import read_metrics
+from ..runlog import check_can_create, run_dir
 from ..writes import atomic_file, write_json_atomic, write_text_atomic
-from .jobs import Job as RunnerJob, Reporter, Runner, Stage
+from .jobs import Pipeline, Reporter, Runner
+from .tables import Column, markdown, seed_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -93,6 +94,8 @@ COLUMNS = [("sa", "SA"), ("ra", "PGD-10 RA"), ("aa", "AutoAttack RA"), ("ra_minu
            ("expert_robustness", "expert RA"), ("load_clean_min", "min clean load"), ("load_adv_min", "min adv load"),
            ("margin_p50", "router margin p50"), ("margin_p95", "router margin p95"), ("gflops", "GFLOPs/image"),
            ("minutes", "training minutes")]
+TABLE_COLUMNS = [Column(title, lambda r, key=key: column_value(r, key), 3 if key == "gflops" else 2)
+                 for key, title in COLUMNS]
 
 
 def _without(argv, pair) -> list:
@@ -109,18 +112,6 @@ def _without(argv, pair) -> list:
 
 def slug(name):
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
-
-
-def _metrics(folder):
-    path = os.path.join(folder, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    return [row for _, row in metrics_rows(path)]
-
-
-def _eval_rows(folder):
-    found = glob.glob(os.path.join(folder, "**", "metrics.jsonl"), recursive=True)
-    return read_metrics(found[0]) if found else []
 
 
 @dataclass(frozen=True)
@@ -144,12 +135,26 @@ class Job:
     def folder(self, save) -> str:
         return os.path.join(save, "jobs", f"{slug(self.name)}-seed{self.seed}-{self.key}")
 
-    def run_folder(self, out) -> str:
-        """The training run folder, computed by the entry scripts' own parser (no glob that could match another
-        setting's run)."""
+    def run_folder(self, save_dir, evaluate=False) -> str:
+        """The training (or `--evaluate`) run folder under `save_dir`, computed by the entry scripts' own parser
+        (no glob that could match another setting's run)."""
         from args import parse_args
-        return run_dir(parse_args([*self.argv, "--save-dir", os.path.join(out, "runs")], script=self.script),
-                       self.script)
+        return run_dir(parse_args([*self.argv, "--save-dir", save_dir], script=self.script), self.script, evaluate)
+
+    def pipeline(self, save) -> Pipeline:
+        """Train, evaluate, attack in the job's folder (command records there too)."""
+        out = self.folder(save)
+        runs, evaluations = os.path.join(out, "runs"), os.path.join(out, "evaluate")
+        run = self.run_folder(runs)
+        best = os.path.join(run, "checkpoint", "model_best.pth.tar")
+        program = [sys.executable, f"{self.script}.py", *self.argv]
+        aa_out = os.path.join(out, "autoattack.json")
+        aa = [sys.executable, "auto_attack_eval.py", "--source-net", best, "--version", "custom", "--attacks",
+              *AA_ATTACKS, "--epsilon", f"{EPS * 255:g}", "--num-workers", "0", "--no-progress",
+              "--seed", str(self.seed), "--out", aa_out] + (["--n-ex", str(self.aa_n_ex)] if self.aa_n_ex else [])
+        return Pipeline(run, self.run_folder(evaluations, evaluate=True), shlex.join([*program, "--save-dir", runs]),
+                        shlex.join([*program, "--save-dir", evaluations, "--evaluate", "--resume", best]),
+                        shlex.join(aa), aa_out=aa_out, records=out)
 
 
 def make_job(name, script, flags, seed, a) -> Job:
@@ -201,41 +206,25 @@ class StudyLog(Reporter):
         print(f"{outcome.job.name}: {result_line(outcome)}", flush=True)
 
 
-FAILED = {"train": "training failed", "evaluate": "evaluation failed", "autoattack": "AutoAttack failed"}
+FAILED = {"train": "training failed", "eval": "evaluation failed", "autoattack": "AutoAttack failed"}
 
 
-def study_job(save, j: Job) -> RunnerJob:
-    """Train, evaluate, attack one (row, seed) in its own keyed folder (locked while it runs); the result is
-    result.json there (a job that has one is done)."""
-    out = j.folder(save)
+def study_job(save, j: Job):
+    """One (row, seed) as a job of the runner, locked while it runs; done when its result.json records its key
+    (and then collected from it), else collected from its steps' results into result.json."""
+    out, p = j.folder(save), j.pipeline(save)
     result_path = os.path.join(out, "result.json")
-    run = j.run_folder(out)
-    argv = list(j.argv)
-    train = [sys.executable, f"{j.script}.py", *argv, "--save-dir", os.path.join(out, "runs"), "--resume", "auto"]
-    best = os.path.join(run, "checkpoint", "model_best.pth.tar")
-    eval_dir = os.path.join(out, "evaluate")
-    evaluate = [sys.executable, f"{j.script}.py", *argv, "--save-dir", eval_dir, "--evaluate", "--resume", best]
-    aa_path = os.path.join(out, "autoattack.json")
-    aa = [sys.executable, "auto_attack_eval.py", "--source-net", best, "--version", "custom", "--attacks",
-          *AA_ATTACKS, "--epsilon", f"{EPS * 255:g}", "--num-workers", "0", "--no-progress",
-          "--seed", str(j.seed), "--out", aa_path]
-    if j.aa_n_ex:
-        aa += ["--n-ex", str(j.aa_n_ex)]
-    stages = [Stage("train", train, done=lambda: run_state(run) == "finished"),
-              Stage("evaluate", evaluate, done=lambda: bool(_eval_rows(eval_dir))),
-              Stage("autoattack", aa, done=lambda: os.path.exists(aa_path))]
-    return RunnerJob(f"{j.name} seed {j.seed}", out, stages, lock="study job", log=os.path.join(out, "job.log"),
-                     prepare=lambda: check_job_folder(j, out),
-                     done=lambda: read_result(result_path, j.key) is not None,
-                     collect=lambda: read_result(result_path, j.key) or _collect(j, run, eval_dir, aa_path, train))
+    return p.job(f"{j.name} seed {j.seed}", out, lock="study job", log=os.path.join(out, "job.log"),
+                 prepare=lambda: check_job_folder(j, out), done=lambda: read_result(result_path, j.key) is not None,
+                 collect=lambda: read_result(result_path, j.key) or _collect(j, p))
 
 
-def _collect(j: Job, run, eval_dir, aa_path, train):
-    """result.json of a job whose stages are done."""
-    ev = _eval_rows(eval_dir)[-1]
-    with open(aa_path) as f:
+def _collect(j: Job, p: Pipeline):
+    """result.json of a job whose steps are done."""
+    ev = read_metrics(os.path.join(p.eval_dir, "metrics.jsonl"))[-1]
+    with open(p.aa_out) as f:
         aa_report = json.load(f)
-    rows = _metrics(run)
+    rows = read_metrics(os.path.join(p.run_dir, "metrics.jsonl"))
     best_epoch = rows[-1].get("best_epoch") if rows else None
     at_best = next((r for r in rows if r.get("epoch") == best_epoch), {})  # the evaluated checkpoint's epoch
     result = {"row": j.name, "seed": j.seed, "key": j.key, "sa": ev["sa"], "ra": ev["ra"], "n": ev["n"],
@@ -248,8 +237,8 @@ def _collect(j: Job, run, eval_dir, aa_path, train):
               "load_adv_min": min(ev["load_adv"]) if ev.get("load_adv") else None,
               "margin_p50": at_best.get("router_margin_p50"), "margin_p95": at_best.get("router_margin_p95"),
               "gflops": _gflops(j.argv), "minutes": sum(r.get("seconds", 0) for r in rows) / 60,
-              "last_epoch": rows[-1] if rows else None, "command": shlex.join(train)}
-    write_json_atomic(os.path.join(os.path.dirname(aa_path), "result.json"), result)
+              "last_epoch": rows[-1] if rows else None, "command": p.train + " --resume auto"}
+    write_json_atomic(os.path.join(p.records, "result.json"), result)
     return result
 
 
@@ -281,15 +270,6 @@ def column_value(result, key):
         ra, aa = result.get("ra"), result.get("aa")
         return None if ra is None or aa is None else ra - aa
     return result.get(key)
-
-
-def _fmt(values, digits=2):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _routing_cells(r):
@@ -337,14 +317,9 @@ def report(save, results, command, settings=""):
     by_row = {}
     for r in results:
         by_row.setdefault(r["row"], []).append(r)
-    header = ["row", "seeds"] + [title for _, title in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    csv_rows = []
-    for name, rs in by_row.items():
-        cells = [name, str(len(rs))] + [_fmt([column_value(r, k) for r in rs], 3 if k == "gflops" else 2)
-                                            for k, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-        csv_rows.append(dict(zip(header, cells)))
+    header, cells = seed_table(by_row, (["row"], lambda name, rs: [name]), TABLE_COLUMNS)
+    lines = markdown(header, cells)
+    csv_rows = [dict(zip(header, c)) for c in cells]
     aa_n = sorted({r.get("aa_n") for r in results if r.get("aa_n")})
     per_seed = [f"- {name}: " + "; ".join(f"seed {r['seed']} SA {r['sa']:.2f} RA {r['ra']:.2f} AA "
                                           + ("-" if r.get("aa") is None else f"{r['aa']:.2f}")

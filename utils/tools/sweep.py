@@ -44,6 +44,7 @@ The lines run through utils/tools/jobs.py (one job per line: train, eval, autoat
 computed by the entry scripts' own parser and `utils.runlog.run_dir`, so the sweep and the runs cannot
 disagree on names. A SLURM array task runs `python -m utils.tools.sweep --array-task MANIFEST N`.
 """
+import argparse
 import os
 import re
 import shlex
@@ -51,17 +52,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..cli import run_main
 from ..errors import UsageError
 from ..runfiles import run_state
 from ..writes import write_text_atomic
-from .jobs import REQUEUE_EXIT, ROOT, Job, Reporter, Runner, Stage
+from .jobs import MANIFEST_HEADER, REQUEUE_EXIT, ROOT, Pipeline, Reporter, Runner, read_manifest, write_manifest
 
-MANIFEST_HEADER = "#run_dir\teval_dir\tcommand\teval_command\tautoattack_command"
-EVAL_RECORD = ".sweep_eval_command"  # the command that made the current evaluation (written after it succeeded)
-AA_RECORD = ".sweep_autoattack_command"
 METHODS = ("dense", "joint", "advmoe", "advmoe-reference")
 DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits")
 FAMILIES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wrn_28_4", "wrn_28_10", "wrn_34_10",
@@ -70,15 +68,13 @@ FAMILIES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wrn_2
 OWN_FLAGS = ("--exp-identifier", "--save-dir", "--resume", "--evaluate", "--arch", "--dataset", "--ratio",
              "--n-expert", "--moe-training", "--epochs", "--seed")
 INTERRUPTED = "run the same command again to continue (training resumes from its checkpoint)"
-OPTIONS = {  # option -> setting it fills (every one takes a value)
-    "--preset": "preset", "--backend": "backend", "--gpus": "gpus", "--datasets": "datasets", "--archs": "archs",
-    "--methods": "methods", "--epochs": "epochs", "--seed": "seed", "--dense-ratios": "dense_ratios",
-    "--moe-ratio": "moe_ratio", "--n-expert": "n_expert", "--save-dir": "save_dir", "--data-dir": "data_dir",
-    "--tag": "tag", "--manifest": "manifest", "--report-dir": "report_dir", "--aa-n-ex": "aa_n_ex",
-    "--aa-version": "aa_version", "--aa-attacks": "aa_attacks", "--aa-epsilon": "aa_epsilon",
-    "--sbatch-args": "sbatch_args", "--max-parallel": "max_parallel"}
-SWITCHES = {"--no-eval": "no_eval", "--no-autoattack": "no_autoattack", "--no-report": "no_report",
-            "--dry-run": "dry_run"}
+# option -> the SWEEP_* variable that gives its default (every option takes a value)
+OPTIONS = {"--preset": "SWEEP_PRESET", "--backend": "SWEEP_BACKEND", "--gpus": "SWEEP_GPUS", "--datasets": None,
+           "--archs": None, "--methods": None, "--epochs": "SWEEP_EPOCHS", "--seed": None, "--dense-ratios": None,
+           "--moe-ratio": None, "--n-expert": None, "--save-dir": "SWEEP_SAVE_DIR", "--data-dir": None, "--tag": None,
+           "--manifest": None, "--report-dir": None, "--aa-n-ex": None, "--aa-version": None, "--aa-attacks": None,
+           "--aa-epsilon": None, "--sbatch-args": "SWEEP_SBATCH_ARGS", "--max-parallel": None}
+SWITCHES = ("--no-eval", "--no-autoattack", "--no-report", "--dry-run")
 
 
 def python() -> str:
@@ -110,67 +106,48 @@ def arch_base(dataset, family):
 # Settings: the command line, the environment, the preset
 # ---------------------------------------------------------------------------------------------------------
 
-@dataclass
-class Settings:
-    preset: str = ""
-    backend: str = ""
-    gpus: str = ""
-    datasets: str = ""
-    archs: str = ""
-    methods: str = ""
-    epochs: str = ""
-    seed: str = ""
-    dense_ratios: str = ""
-    moe_ratio: str = ""
-    n_expert: str = ""
-    save_dir: str = ""
-    data_dir: str = ""
-    tag: str = ""
-    manifest: str = ""
-    report_dir: str = ""
-    aa_n_ex: str = ""
-    aa_version: str = ""
-    aa_attacks: str = ""
-    aa_epsilon: str = ""
-    sbatch_args: str = ""
-    max_parallel: str = ""
-    no_eval: bool = False
-    no_autoattack: bool = False
-    no_report: bool = False
-    dry_run: bool = False
-    extra: list = field(default_factory=list)  # flags after --
-    # from the preset
-    preset_args: list = field(default_factory=list)  # every command of a run
-    train_only_args: list = field(default_factory=list)  # training only (not its evaluation)
-    aa_extra: list = field(default_factory=list)
-    gres: str = "gpu:1"
-    report_flags: list = field(default_factory=list)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2 (utils.cli.run_main), not argparse's usage and message
+        raise UsageError(f"{message} (see sh/sweep.sh --help)")
+
+
+def _value(flag):
+    def check(text):
+        if not text:
+            raise argparse.ArgumentTypeError(f"{flag} needs a value")
+        return text
+    return check
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The sweep's options; an unset option defaults to its SWEEP_* variable, else to None (then '': the preset
+    fills it)."""
+    p = _Parser(prog="sh/sweep.sh", add_help=False, allow_abbrev=False)
+    p.add_argument("-h", "--help", action="store_true")
+    for flag, var in OPTIONS.items():
+        p.add_argument(flag, type=_value(flag), default=(os.environ.get(var) if var else None) or None)
+    for flag in SWITCHES:
+        p.add_argument(flag, action="store_true")
+    return p
 
 
 def parse_command_line(argv):
-    """The Settings of these options and the SWEEP_* environment (None for --help)."""
-    env = os.environ
-    s = Settings(preset=env.get("SWEEP_PRESET") or "paper", backend=env.get("SWEEP_BACKEND") or "local",
-                 gpus=env.get("SWEEP_GPUS", ""), save_dir=env.get("SWEEP_SAVE_DIR", ""),
-                 sbatch_args=env.get("SWEEP_SBATCH_ARGS", ""), epochs=env.get("SWEEP_EPOCHS", ""))
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a in ("-h", "--help"):
-            return None
-        if a in OPTIONS:
-            if i + 1 >= len(argv) or not argv[i + 1]:
-                raise UsageError(f"{a} needs a value (see sh/sweep.sh --help)")
-            setattr(s, OPTIONS[a], argv[i + 1])
-            i += 2
-        elif a in SWITCHES:
-            setattr(s, SWITCHES[a], True)
-            i += 1
-        elif a == "--":
-            s.extra = list(argv[i + 1:])
-            break
-        else:
-            raise UsageError(f"unknown option {a} (flags for the training scripts go after --; see sh/sweep.sh --help)")
+    """The settings of these options and the SWEEP_* environment (None for --help); the flags after `--` go to
+    `extra` (for the training scripts)."""
+    cut_at = argv.index("--") if "--" in argv else len(argv)
+    s, unknown = get_args_parser().parse_known_args(argv[:cut_at])
+    if s.help:
+        return None
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]} (flags for the training scripts go after --; see "
+                         f"sh/sweep.sh --help)")
+    for name, value in vars(s).items():
+        if value is None:
+            setattr(s, name, "")
+    s.preset, s.backend = s.preset or "paper", s.backend or "local"
+    s.extra = list(argv[cut_at + 1:])
+    # filled by the preset
+    s.preset_args, s.train_only_args, s.aa_extra, s.gres, s.report_flags = [], [], [], "gpu:1", []
     return s
 
 
@@ -182,7 +159,7 @@ def _env_float(name, default) -> float:
         raise UsageError(f"{name}={text} is not a number") from None
 
 
-def apply_preset(s: Settings):
+def apply_preset(s):
     """Fill what the options left empty from the preset (options win)."""
     def default(name, value):
         if not getattr(s, name):
@@ -223,7 +200,7 @@ def apply_preset(s: Settings):
         raise UsageError(f"unknown --preset {s.preset} (paper or digits)")
 
 
-def check_settings(s: Settings):
+def check_settings(s):
     """UsageError for settings the sweep cannot run (before anything is written)."""
     if s.backend not in ("local", "slurm"):
         raise UsageError(f"unknown --backend {s.backend} (local or slurm)")
@@ -262,24 +239,6 @@ def check_settings(s: Settings):
 # ---------------------------------------------------------------------------------------------------------
 
 @dataclass
-class Line:
-    """One manifest line: a training run, its evaluation and its AutoAttack ('-' for a step switched off)."""
-    run_dir: str
-    eval_dir: str
-    train: str
-    eval: str
-    aa: str
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(self.run_dir)
-
-    @property
-    def best(self) -> str:
-        return os.path.join(self.run_dir, "checkpoint", "model_best.pth.tar")
-
-
-@dataclass
 class Planned:
     """A run of the grid before its folders are known."""
     script: str
@@ -288,7 +247,7 @@ class Planned:
     eval_base: list  # the same without training-only flags
 
 
-def grid(s: Settings, save_dir, data_dir) -> list:
+def grid(s, save_dir, data_dir) -> list:
     """The runs of the sweep: datasets x archs x methods (dense at each of its ratios)."""
     common = (["--seed", s.seed] if s.seed else []) + (["--data-dir", data_dir] if data_dir else [])
     moe = ["--n-expert", s.n_expert]
@@ -317,7 +276,7 @@ def grid(s: Settings, save_dir, data_dir) -> list:
     return runs
 
 
-def aa_flags(s: Settings, data_dir) -> list:
+def aa_flags(s, data_dir) -> list:
     """The AutoAttack flags of every line other than --source-net, --out and --dataset."""
     flags = ["--epsilon", s.aa_epsilon, "--version", s.aa_version]
     if s.aa_attacks:
@@ -329,26 +288,18 @@ def aa_flags(s: Settings, data_dir) -> list:
 
 
 def check_aa_flags(flags):
-    """auto_attack_eval.py's parser and range checks on the sweep's AutoAttack flags, before anything runs: a dry
-    run then catches what the real run would refuse only at the end."""
-    from args import get_autoattack_parser
+    """auto_attack_eval.py's own parser and checks (args.validate_autoattack_args) on the sweep's AutoAttack flags,
+    before anything runs: a dry run then catches what the real run would refuse only at the end."""
+    from args import get_autoattack_parser, validate_autoattack_args
     parser = get_autoattack_parser()
 
     def refuse(message):
-        raise UsageError(f"AutoAttack flags rejected by auto_attack_eval.py: {message}")
+        raise UsageError(message)
     parser.error = refuse
-    a = parser.parse_args(["--source-net", "CHECKPOINT", *flags])
-    problems = []
-    if a.n_ex is not None and a.n_ex < 1:
-        problems.append(f"--aa-n-ex must be >= 1, got {a.n_ex}")
-    if not a.epsilon > 0 or (a.norm == "Linf" and a.epsilon > 255):
-        problems.append(f"--aa-epsilon must be in (0, 255] (1/255 units), got {a.epsilon:g}")
-    if a.version == "custom" and not a.attacks:
-        problems.append("--aa-version custom needs --aa-attacks")
-    if not 0 <= a.seed <= 2**32 - 1:
-        problems.append(f"--seed must be in [0, 2**32 - 1], got {a.seed}")
-    if problems:
-        raise UsageError("; ".join(problems))
+    try:
+        validate_autoattack_args(parser.parse_args(["--source-net", "CHECKPOINT", *flags]))
+    except UsageError as e:
+        raise UsageError(f"AutoAttack flags rejected by auto_attack_eval.py: {e}") from None
 
 
 def run_dirs(planned) -> list:
@@ -369,7 +320,7 @@ def run_dirs(planned) -> list:
     return dirs
 
 
-def plan_lines(s: Settings, planned, dirs, aa) -> list:
+def plan_lines(s, planned, dirs, aa) -> list:
     lines = []
     for p, (run, ev) in zip(planned, dirs):
         best = os.path.join(run, "checkpoint", "model_best.pth.tar")
@@ -377,7 +328,7 @@ def plan_lines(s: Settings, planned, dirs, aa) -> list:
         aa_cmd = "-" if s.no_autoattack else shlex.join(
             [python(), "auto_attack_eval.py", "--source-net", best, "--out", os.path.join(run, "autoattack.json"),
              "--dataset", p.dataset, *aa])
-        lines.append(Line(run, ev, shlex.join(p.train), eval_cmd, aa_cmd))
+        lines.append(Pipeline(run, ev, shlex.join(p.train), eval_cmd, aa_cmd))
     return lines
 
 
@@ -395,93 +346,13 @@ def check_manifest_path(path):
                          "this script writes): choose another --manifest")
 
 
-def write_manifest(path, lines):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_text_atomic(path, MANIFEST_HEADER + "\n" + "".join(
-        "\t".join([x.run_dir, x.eval_dir, x.train, x.eval, x.aa]) + "\n" for x in lines))
-
-
-def read_manifest(path) -> list:
-    """The Lines of a manifest ('#' lines are comments)."""
-    lines = []
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, 1):
-            if text.startswith("#") or not text.strip():
-                continue
-            fields = text.rstrip("\n").split("\t")
-            if len(fields) != 5:
-                raise UsageError(f"{path} line {n} has {len(fields)} fields, not 5: not a sweep manifest")
-            lines.append(Line(*fields))
-    return lines
-
-
-# ---------------------------------------------------------------------------------------------------------
-# What is done
-# ---------------------------------------------------------------------------------------------------------
-
-def fresh(result, checkpoint) -> bool:
-    """`result` exists and is not older than `checkpoint`."""
-    try:
-        return os.stat(result).st_mtime_ns >= os.stat(checkpoint).st_mtime_ns
-    except OSError:
-        return False
-
-
-def same_command(record, command) -> bool:
-    try:
-        with open(record, encoding="utf-8") as f:
-            return f.read().rstrip("\n") == command
-    except OSError:
-        return False
-
-
-def train_done(x: Line) -> bool:
-    return run_state(x.run_dir) == "finished"
-
-
-def eval_done(x: Line) -> bool:
-    return (run_state(x.eval_dir) == "finished" and fresh(os.path.join(x.eval_dir, "metrics.jsonl"), x.best)
-            and same_command(os.path.join(x.run_dir, EVAL_RECORD), x.eval))
-
-
-def aa_done(x: Line) -> bool:
-    return (fresh(os.path.join(x.run_dir, "autoattack.json"), x.best)
-            and same_command(os.path.join(x.run_dir, AA_RECORD), x.aa))
-
-
-def line_done(x: Line) -> bool:
-    """Every step of the line has its up-to-date result."""
-    return train_done(x) and (x.eval == "-" or eval_done(x)) and (x.aa == "-" or aa_done(x))
-
-
-def _record(path, command):
-    def write():
-        write_text_atomic(path, command + "\n")
-    return write
-
-
-def line_job(x: Line, n, log=None) -> Job:
-    """Line n as a job: train (`--resume auto`; skipped when finished), then the evaluation and AutoAttack of
-    model_best (each skipped when its result is current; the command is recorded after it succeeded)."""
-    stages = [Stage("train", shlex.split(x.train) + ["--resume", "auto"], done=lambda: train_done(x),
-                    text=f"{x.train} --resume auto")]
-    # an evaluation is current only after finished training (in a dry run: training that would not run)
-    if x.eval != "-":
-        stages.append(Stage("eval", shlex.split(x.eval), done=lambda: train_done(x) and eval_done(x), needs=("train",),
-                            after=_record(os.path.join(x.run_dir, EVAL_RECORD), x.eval), text=x.eval))
-    if x.aa != "-":
-        stages.append(Stage("autoattack", shlex.split(x.aa), done=lambda: train_done(x) and aa_done(x),
-                            needs=("train",), after=_record(os.path.join(x.run_dir, AA_RECORD), x.aa), text=x.aa))
-    return Job(str(n), x.run_dir, stages, log=log)
-
-
 class LineMessages(Reporter):
     """`[N] start train: CMD`, `[N] skip eval (done): NAME`, ...; with GPUs, `[gpu G] line N ...` on stdout."""
 
     def __init__(self, lines, dry_run=False):
         self.lines, self.dry_run = lines, dry_run
 
-    def _line(self, job) -> Line:
+    def _line(self, job) -> Pipeline:
         return self.lines[int(job.name) - 1]
 
     def skip(self, job, stage, out):
@@ -522,39 +393,27 @@ class LineMessages(Reporter):
 # Backends
 # ---------------------------------------------------------------------------------------------------------
 
-def run_sequential(manifest, dry_run=False, only=None) -> int:
-    """Every line in order (or line `only`): a failed line does not stop the others, an interrupted one (75 or a
-    signal) stops the sweep. Returns 0, 1 (some line failed) or 75."""
+def run_lines(manifest, gpus=None, logdir=None, dry_run=False, only=None) -> int:
+    """Every line of `manifest` (or line `only`), in order or one per GPU at a time (`gpus`: lines claimed as GPUs
+    free up, each line's output in LOGDIR/NAME.log). A failed line does not stop the others, an interrupted one (75
+    or a signal) stops the sweep. Returns 0, 1 (some line failed; `only`: its status) or 75."""
     lines = read_manifest(manifest)
     numbers = range(1, len(lines) + 1) if only is None else [only]
-    runner = Runner(dry_run=dry_run, reporter=LineMessages(lines, dry_run))
-    outcomes = runner.run([line_job(lines[n - 1], n) for n in numbers])
+    if logdir:
+        os.makedirs(logdir, exist_ok=True)
+    runner = Runner(gpus=gpus, dry_run=dry_run, reporter=LineMessages(lines, dry_run))
+    outcomes = runner.run([lines[n - 1].job(str(n), log=logdir and os.path.join(logdir, f"{lines[n - 1].name}.log"))
+                           for n in numbers])
     stopped = next((n for n, o in zip(numbers, outcomes) if o is None or o.interrupted), None)
-    if stopped is not None:
-        print(f"sweep interrupted at line {stopped}; {INTERRUPTED}", flush=True)
+    if stopped is not None or runner.signalled:
+        print(f"sweep interrupted{'' if gpus else f' at line {stopped}'}; {INTERRUPTED}", flush=True)
         return REQUEUE_EXIT
     if only is not None:
         return outcomes[0].rc
     failed = sum(o.rc != 0 for o in outcomes)
     if failed:
-        print(f"{failed} of {len(lines)} lines failed (see the messages above and each run's setup.log)", flush=True)
-        return 1
-    return 0
-
-
-def run_parallel(manifest, gpus, logdir) -> int:
-    """One line per GPU at a time (lines claimed as GPUs free up), each line's output in LOGDIR/NAME.log.
-    Returns 0, 1 (failures) or 75."""
-    lines = read_manifest(manifest)
-    os.makedirs(logdir, exist_ok=True)
-    runner = Runner(gpus=gpus, reporter=LineMessages(lines))
-    outcomes = runner.run([line_job(x, n, log=os.path.join(logdir, f"{x.name}.log")) for n, x in enumerate(lines, 1)])
-    if runner.signalled or any(o is None or o.interrupted for o in outcomes):
-        print(f"sweep interrupted; {INTERRUPTED}", flush=True)
-        return REQUEUE_EXIT
-    failed = sum(o.rc != 0 for o in outcomes)
-    if failed:
-        print(f"{failed} lines failed (logs in {logdir})", flush=True)
+        print(f"{failed} of {len(lines)} lines failed ("
+              + (f"logs in {logdir})" if logdir else "see the messages above and each run's setup.log)"), flush=True)
         return 1
     return 0
 
@@ -593,19 +452,19 @@ def array_task(manifest, task) -> int:
     lines = read_manifest(manifest)
     if not re.fullmatch(r"[0-9]+", task) or not 1 <= int(task) <= len(lines):
         raise UsageError(f"{manifest} has no line {task}")
-    rc = run_sequential(manifest, only=int(task))
+    rc = run_lines(manifest, only=int(task))
     if rc == REQUEUE_EXIT:
         job = f"{os.environ.get('SLURM_ARRAY_JOB_ID', '')}_{task}"
         subprocess.run(["scontrol", "requeue", job], check=False)
     return rc
 
 
-def submit_slurm(s: Settings, manifest, sweep_dir, report_cmd) -> int:
+def submit_slurm(s, manifest, sweep_dir, report_cmd) -> int:
     """Freeze the manifest, write the array script, submit the lines not yet done (and a report job after them)."""
     lines = read_manifest(manifest)
     todo = []
     for n, x in enumerate(lines, 1):
-        if line_done(x):
+        if x.done():
             print(f"[{n}] skip (done): {x.name}")
         else:
             todo.append(n)
@@ -682,13 +541,11 @@ def main(argv=None) -> int:
     if s.dry_run:
         if s.gpus:
             print(f"dry run: lines would be spread over GPUs {s.gpus} (one run per GPU at a time)")
-        status = run_sequential(manifest, dry_run=True)
+        status = run_lines(manifest, dry_run=True)
         print(f"dry run: then {report_cmd}")
         return status
-    if s.gpus:
-        status = run_parallel(manifest, split_list(s.gpus), os.path.join(save_dir, "sweep_logs"))
-    else:
-        status = run_sequential(manifest)
+    gpus = split_list(s.gpus)
+    status = run_lines(manifest, gpus, os.path.join(save_dir, "sweep_logs") if gpus else None)
     if not s.no_report and status != REQUEUE_EXIT:
         print(f"report: {report_cmd}", flush=True)
         if subprocess.run(shlex.split(report_cmd), cwd=ROOT).returncode != 0:
