@@ -323,3 +323,46 @@ def test_a_finished_job_of_the_old_layout_is_done(tmp_path, capsys, monkeypatch)
     assert "| dense r | 3 | 82.00 ± 1.00 | 40.00 ± 0.00 | 30.00 ± 0.00 |" in out
     dense_r = [n for n in sorted(RECIPE_R025) if n.startswith("dense_r-")]
     assert sorted(os.listdir(tmp_path / "recipe" / "jobs")) == dense_r
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 27: the Fashion-MNIST rows (16x16, 60,000 / 10,000 images)
+# ------------------------------------------------------------------------------------------------------------
+
+FMNIST_ARGS = ["--rows", "fmnist", "--epochs", "5", "--seeds", "1", "--aa-n-ex", "1000"]
+
+
+def test_fmnist_rows_train_on_fashion_mnist_with_their_own_eps_and_selection():
+    """The fmnist rows use the setting of issue 27 (not the digits'): FashionMNIST16 at eps 0.1 in training, PGD
+    and AutoAttack, validation every epoch with the test set once at the end, dense 2r and the cost-matched dense
+    beside the two MoE rows; --data-dir reaches every command but not the key."""
+    from args import parse_args
+    a = study.get_args_parser().parse_args(FMNIST_ARGS)
+    jobs = {j.name: j for j in study.plan(a, [1])}
+    assert list(jobs)[:4] == ["dense 2r", study.COST_MATCHED, "AdvMoE, released recipe",
+                              "AdvMoE, router KL in attacks: yes, router loss: released"]
+    ratios = {name: parse_args(list(j.argv), script=j.script).ratio for name, j in jobs.items()}
+    assert ratios["dense 2r"] == 0.5 and ratios[study.COST_MATCHED] == 0.390625
+    assert ratios["AdvMoE, released recipe"] == 0.25
+    for name, j in jobs.items():
+        t = parse_args(list(j.argv), script=j.script)
+        assert (t.dataset, t.epsilon, t.epsilon_test, t.batch_size, t.epochs) == ("FashionMNIST16", 0.1, 0.1, 128, 5)
+        assert t.test_at_end and t.eval_every == 1 and t.data_fraction == 0.9 and t.at == "trades", name
+        assert t.num_steps == 2 and t.lr_schedule == "cosine", name
+        aa = j.pipeline("SAVE").aa
+        assert "--epsilon 25.5" in aa and "--n-ex 1000" in aa, name
+        assert j.settings["aa_eps"] == 0.1
+    released = parse_args(list(jobs["AdvMoE, released recipe"].argv), script="train_moe")
+    assert released.advmoe_recipe == "released" and released.n_expert == 2
+    placed = study.get_args_parser().parse_args(FMNIST_ARGS + ["--data-dir", "/data/fm"])
+    moved = {j.name: j for j in study.plan(placed, [1])}
+    for name, j in moved.items():
+        assert j.key == jobs[name].key, name
+        p = j.pipeline("SAVE")
+        assert all("--data-dir /data/fm" in c for c in (p.train, p.eval, p.aa)), name
+
+
+def test_fmnist_rows_refuse_another_ratio(tmp_path, capsys):
+    code, err = cli(study_main, FMNIST_ARGS + ["--ratio", "0.125", "--save-dir", tmp_path / "s"], capsys)
+    assert_one_line(code, err, "--ratio 0.25")
+    assert not (tmp_path / "s").exists()

@@ -3,6 +3,7 @@
     python -m utils.tools.study --rows main --seeds 1,2,3 --save-dir results/routing_study [--jobs 2]
     python -m utils.tools.study --rows balance ...  (AdvMoE under each balancing mode, and the reference objective)
     python -m utils.tools.study --rows recipe ...   (the released recipe's ingredients, robust-routing methods)
+    python -m utils.tools.study --rows fmnist --epochs 5 --aa-n-ex 1000 --data-dir DIR ...  (Fashion-MNIST at 16x16)
     python -m utils.tools.study --report-only ...   (the table from what has finished)
 
 Each (row, seed) is one job of the pipeline in utils/tools/jobs.py: train with `--resume auto` (a finished run is
@@ -41,6 +42,27 @@ COMMON = ["--dataset", "Digits16", "--batch-size", "32", "--test-batch-size", "1
           "--epsilon", str(EPS), "--step-size", str(EPS * 5 / 8), "--epsilon-test", str(EPS),
           "--step-size-test", str(EPS / 4), "--no-progress", "--device", "cpu"]
 AA_ATTACKS = ("apgd-ce", "apgd-t")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a row set shares: the flags every job adds after its row's (`common`), the eps of training, PGD and
+    AutoAttack, and whether the jobs evaluate every epoch (else only the last)."""
+    common: tuple
+    eps: float
+    every_epoch: bool = False
+    ratio: float | None = None  # the only --ratio the rows are made for (None: any)
+
+
+DIGITS = Setting(tuple(COMMON), EPS)
+# Issue 27: all 60,000 / 10,000 Fashion-MNIST images at 16x16, its README defaults (eps 0.1, step sizes, batch 128,
+# TRADES with 2-step attacks, SGD 0.1, cosine), 10% of the training set for the validation split that picks the
+# best epoch at every epoch, the test set once at the end on that epoch's weights, the CPU's faster conv layout.
+FMNIST_EPS = 0.1
+FMNIST = Setting(("--dataset", "FashionMNIST16", "--epsilon", str(FMNIST_EPS), "--epsilon-test", str(FMNIST_EPS),
+                  "--batch-size", "128", "--test-batch-size", "128", "--num-workers", "0", "--data-fraction", "0.9",
+                  "--test-at-end", "--channels-last", "--no-progress", "--device", "cpu"),
+                 FMNIST_EPS, every_epoch=True, ratio=0.25)
 MOE = ["--arch", "resnet18_cifar_moe", "--n-expert", "2"]
 # The rows below that mean the paper's AdvMoE name its recipe: `released` became train_moe.py's default after the
 # recipe study (docs/routing.md). `paper` was the default when those rows were first run, so `Job.key` leaves the
@@ -89,6 +111,21 @@ ROWS["recipe"] = [
     ("AdvMoE, released recipe + flip-expert AT", "train_moe",
      MOE + ["--ratio", "{r}", *RELEASED, "--flip-expert-at", FLIP_EXPERT_AT]),
 ]
+# Issue 27: the paper's trade-off on Fashion-MNIST at 16x16 (setting FMNIST), MoE r = 0.25 against dense 2r (the same
+# parameters) and the dense ratio whose inference GFLOPs match the MoE's at 16x16 (0.0426 against 0.0425 per image,
+# `python -m utils.tools.flops --dataset FashionMNIST16`; 0.375 matches at 28x28 only). The MoE rows: the released
+# recipe, and the recipe study's best robust routing (the grid's router KL in the attacks with the released router
+# loss: docs/study.md, issue 26); the paper-reading AdvMoE last, as the budget allows.
+COST_MATCHED = "dense cost-matched"  # r = 0.390625
+ROWS["fmnist"] = [
+    ("dense 2r", "train_ori", DENSE + ["--ratio", "{r2}"]),
+    (COST_MATCHED, "train_ori", DENSE + ["--ratio", "0.390625"]),
+    ("AdvMoE, released recipe", "train_moe", MOE + ["--ratio", "{r}", *RELEASED]),
+    ("AdvMoE, router KL in attacks: yes, router loss: released", "train_moe",
+     ADVMOE + ["--ratio", "{r}", "--attack-router-kl", "both", "--router-objective", "released"]),
+    ("AdvMoE, paper recipe", "train_moe", ADVMOE + ["--ratio", "{r}"]),
+]
+SETTINGS = {"fmnist": FMNIST}  # the other row sets: DIGITS
 COLUMNS = [("sa", "SA"), ("ra", "PGD-10 RA"), ("aa", "AutoAttack RA"), ("ra_minus_aa", "PGD RA - AA RA"),
            ("ra_routing_attack", "RA under routing attack"), ("router_robustness", "router robustness"),
            ("expert_robustness", "expert RA"), ("load_clean_min", "min clean load"), ("load_adv_min", "min adv load"),
@@ -122,11 +159,13 @@ class Job:
     argv: tuple  # the training flags, fully resolved (row flags, COMMON, epochs, seed, --train-extra)
     seed: int
     aa_n_ex: int
+    eps: float = EPS
+    data_dir: tuple = ()  # ("--data-dir", DIR) or (): where the data is, not a setting (not in `key`)
 
     @property
     def settings(self) -> dict:
         return {"row": self.name, "script": self.script, "argv": _without(self.argv, PAPER), "seed": self.seed,
-                "aa_n_ex": self.aa_n_ex, "aa_eps": EPS, "aa_attacks": list(AA_ATTACKS)}
+                "aa_n_ex": self.aa_n_ex, "aa_eps": self.eps, "aa_attacks": list(AA_ATTACKS)}
 
     @property
     def key(self) -> str:
@@ -147,10 +186,10 @@ class Job:
         runs, evaluations = os.path.join(out, "runs"), os.path.join(out, "evaluate")
         run = self.run_folder(runs)
         best = os.path.join(run, "checkpoint", "model_best.pth.tar")
-        program = [sys.executable, f"{self.script}.py", *self.argv]
+        program = [sys.executable, f"{self.script}.py", *self.argv, *self.data_dir]
         aa_out = os.path.join(out, "autoattack.json")
         aa = [sys.executable, "auto_attack_eval.py", "--source-net", best, "--version", "custom", "--attacks",
-              *AA_ATTACKS, "--epsilon", f"{EPS * 255:g}", "--num-workers", "0", "--no-progress",
+              *AA_ATTACKS, "--epsilon", f"{self.eps * 255:g}", "--num-workers", "0", "--no-progress", *self.data_dir,
               "--seed", str(self.seed), "--out", aa_out] + (["--n-ex", str(self.aa_n_ex)] if self.aa_n_ex else [])
         return Pipeline(run, self.run_folder(evaluations, evaluate=True), shlex.join([*program, "--save-dir", runs]),
                         shlex.join([*program, "--save-dir", evaluations, "--evaluate", "--resume", best]),
@@ -158,9 +197,10 @@ class Job:
 
 
 def make_job(name, script, flags, seed, a) -> Job:
-    argv = [*flags, *COMMON, "--epochs", str(a.epochs), "--eval-every", str(a.epochs), "--seed", str(seed),
-            "--exp-identifier", slug(name), *shlex.split(a.train_extra)]
-    return Job(name, script, tuple(argv), seed, a.aa_n_ex)
+    s = SETTINGS.get(a.rows, DIGITS)
+    argv = [*flags, *s.common, "--epochs", str(a.epochs), "--eval-every", str(1 if s.every_epoch else a.epochs),
+            "--seed", str(seed), "--exp-identifier", slug(name), *shlex.split(a.train_extra)]
+    return Job(name, script, tuple(argv), seed, a.aa_n_ex, s.eps, ("--data-dir", a.data_dir) if a.data_dir else ())
 
 
 def read_result(path, key):
@@ -282,7 +322,7 @@ def _routing_cells(r):
 
 
 # Welch's t-test (two-sided, unequal variances) of each row against these, where both have at least 2 seeds.
-BASELINES = ("dense 2r", "AdvMoE, released recipe")
+BASELINES = ("dense 2r", COST_MATCHED, "AdvMoE, released recipe")
 WELCH_KEYS = (("aa", "AutoAttack RA"), ("router_robustness", "router robustness"))
 
 
@@ -312,7 +352,7 @@ def welch_lines(by_row) -> list:
     return lines
 
 
-def report(save, results, command, settings=""):
+def report(save, results, command, settings="", eps=EPS):
     """table.md and table.csv of `results` (mean ± std over seeds); `settings` says what made them."""
     by_row = {}
     for r in results:
@@ -326,7 +366,7 @@ def report(save, results, command, settings=""):
                                           + _routing_cells(r) for r in rs) for name, rs in by_row.items()]
     text = "\n".join(lines) + (
         f"\n\nMean ± std over seeds (n in 'seeds'). PGD-10 on {results[0]['n'] if results else '-'} test images "
-        f"(eps {EPS}); AutoAttack APGD-CE then APGD-T on {aa_n or '-'} test images. MoE PGD RA: the per-image "
+        f"(eps {eps}); AutoAttack APGD-CE then APGD-T on {aa_n or '-'} test images. MoE PGD RA: the per-image "
         f"worst of the straight-through, fixed-routing and routing attacks (docs/evaluation.md; a job evaluated "
         f"before the routing attack joined it shows '-' under routing attack, and its PGD RA is the worst of the "
         f"first two). PGD RA - AA RA: per seed, then mean ± std (AutoAttack finds what PGD misses). RA under "
@@ -357,6 +397,9 @@ def get_args_parser():
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--save-dir", default="results/routing_study")
     p.add_argument("--only", default="", help="comma-separated row names in slug form (e.g. dense_r,advmoe)")
+    p.add_argument("--data-dir", default=None,
+                   help="where the training scripts and AutoAttack find the data (--rows fmnist: the Fashion-MNIST "
+                        "files, e.g. /usr/share/datasets/fashion-mnist); not a setting: jobs keep their keys")
     p.add_argument("--train-extra", default="", help="extra flags for the training scripts (e.g. '--max-batches 2')")
     p.add_argument("--report-only", action="store_true",
                    help="the table from the finished jobs of exactly these settings (nothing is run)")
@@ -382,6 +425,10 @@ def check_study_args(a):
     top = 0.5 if any("{r2}" in flags for _, _, flags in ROWS[a.rows]) else 1.0  # rows with a dense model at 2r
     if not 0 < a.ratio <= top:
         raise UsageError(f"--ratio must be in (0, {top:g}] for --rows {a.rows}, got {a.ratio}")
+    fixed = SETTINGS.get(a.rows, DIGITS).ratio
+    if fixed is not None and a.ratio != fixed:
+        raise UsageError(f"--rows {a.rows} is made for --ratio {fixed:g} (its dense rows are cost-matched to that "
+                         f"MoE), got {a.ratio:g}")
     names = [slug(name) for name, _, _ in ROWS[a.rows]]
     unknown = [n for n in a.only.split(",") if n and n not in names] if a.only else []
     if unknown:
@@ -435,7 +482,7 @@ def main(argv=None):
     order = {name: i for i, (name, _, _) in enumerate(ROWS[a.rows])}
     results.sort(key=lambda r: (order.get(r["row"], 99), r["seed"]))
     with hold(save, "study folder"):  # one table writer at a time (the jobs hold their own folders)
-        print(report(save, results, command, settings_line(a, todo)))
+        print(report(save, results, command, settings_line(a, todo), SETTINGS.get(a.rows, DIGITS).eps))
     print(f"wall time {(time.time() - t0) / 60:.1f} min")
     if len(results) != len(todo):
         print(f"{len(todo) - len(results)} of {len(todo)} jobs have no result", file=sys.stderr)
