@@ -366,3 +366,18 @@ def test_fmnist_rows_refuse_another_ratio(tmp_path, capsys):
     code, err = cli(study_main, FMNIST_ARGS + ["--ratio", "0.125", "--save-dir", tmp_path / "s"], capsys)
     assert_one_line(code, err, "--ratio 0.25")
     assert not (tmp_path / "s").exists()
+
+
+def test_fmnist28_rows_are_two_fmnist_rows_at_28x28_costed_at_their_size():
+    from args import parse_args
+    from utils.flops import inference_gflops
+    import models
+    from utils.run import model_spec
+    a = study.get_args_parser().parse_args(["--rows", "fmnist28"] + FMNIST_ARGS[2:])
+    jobs = {j.name: j for j in study.plan(a, [1])}
+    assert list(jobs) == ["dense 2r", "AdvMoE, released recipe"]
+    for name, j in jobs.items():
+        t = parse_args(list(j.argv), script=j.script)
+        assert t.dataset == "FashionMNIST" and t.epsilon == 0.1 and t.test_at_end, name
+        at28 = inference_gflops(models.build_model(model_spec(t)), image_size=28)["total"]
+        assert study._gflops(j.argv) == at28, name

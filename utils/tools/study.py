@@ -4,6 +4,7 @@
     python -m utils.tools.study --rows balance ...  (AdvMoE under each balancing mode, and the reference objective)
     python -m utils.tools.study --rows recipe ...   (the released recipe's ingredients, robust-routing methods)
     python -m utils.tools.study --rows fmnist --epochs 5 --aa-n-ex 1000 --data-dir DIR ...  (Fashion-MNIST at 16x16)
+    python -m utils.tools.study --rows fmnist28 ...  (two of those rows at 28x28: does the finding depend on the size?)
     python -m utils.tools.study --report-only ...   (the table from what has finished)
 
 Each (row, seed) is one job of the pipeline in utils/tools/jobs.py: train with `--resume auto` (a finished run is
@@ -59,10 +60,11 @@ DIGITS = Setting(tuple(COMMON), EPS)
 # TRADES with 2-step attacks, SGD 0.1, cosine), 10% of the training set for the validation split that picks the
 # best epoch at every epoch, the test set once at the end on that epoch's weights, the CPU's faster conv layout.
 FMNIST_EPS = 0.1
-FMNIST = Setting(("--dataset", "FashionMNIST16", "--epsilon", str(FMNIST_EPS), "--epsilon-test", str(FMNIST_EPS),
-                  "--batch-size", "128", "--test-batch-size", "128", "--num-workers", "0", "--data-fraction", "0.9",
-                  "--test-at-end", "--channels-last", "--no-progress", "--device", "cpu"),
-                 FMNIST_EPS, every_epoch=True, ratio=0.25)
+_FMNIST_FLAGS = ("--epsilon", str(FMNIST_EPS), "--epsilon-test", str(FMNIST_EPS), "--batch-size", "128",
+                 "--test-batch-size", "128", "--num-workers", "0", "--data-fraction", "0.9", "--test-at-end",
+                 "--channels-last", "--no-progress", "--device", "cpu")
+FMNIST = Setting(("--dataset", "FashionMNIST16", *_FMNIST_FLAGS), FMNIST_EPS, every_epoch=True, ratio=0.25)
+FMNIST28 = Setting(("--dataset", "FashionMNIST", *_FMNIST_FLAGS), FMNIST_EPS, every_epoch=True, ratio=0.25)
 MOE = ["--arch", "resnet18_cifar_moe", "--n-expert", "2"]
 # The rows below that mean the paper's AdvMoE name its recipe: `released` became train_moe.py's default after the
 # recipe study (docs/routing.md). `paper` was the default when those rows were first run, so `Job.key` leaves the
@@ -125,7 +127,8 @@ ROWS["fmnist"] = [
      ADVMOE + ["--ratio", "{r}", "--attack-router-kl", "both", "--router-objective", "released"]),
     ("AdvMoE, paper recipe", "train_moe", ADVMOE + ["--ratio", "{r}"]),
 ]
-SETTINGS = {"fmnist": FMNIST}  # the other row sets: DIGITS
+ROWS["fmnist28"] = [row for row in ROWS["fmnist"] if row[0] in ("dense 2r", "AdvMoE, released recipe")]
+SETTINGS = {"fmnist": FMNIST, "fmnist28": FMNIST28}  # the other row sets: DIGITS
 COLUMNS = [("sa", "SA"), ("ra", "PGD-10 RA"), ("aa", "AutoAttack RA"), ("ra_minus_aa", "PGD RA - AA RA"),
            ("ra_routing_attack", "RA under routing attack"), ("router_robustness", "router robustness"),
            ("expert_robustness", "expert RA"), ("load_clean_min", "min clean load"), ("load_adv_min", "min adv load"),
@@ -293,14 +296,16 @@ def result_line(o) -> str:
 
 
 def _gflops(argv):
-    """Inference GFLOPs per 16x16 image of the row's model (global router or per-layer routers included)."""
+    """Inference GFLOPs per image (of the row's dataset's size) of the row's model (global router or per-layer
+    routers included)."""
     import models
     from args import parse_args
+    from ..data import dataset_info
     from ..flops import inference_gflops
     from ..run import model_spec
     a = parse_args(list(argv), script="train_moe" if "--n-expert" in argv else "train_ori")
     model = models.build_model(model_spec(a))
-    return inference_gflops(model, image_size=16)["total"]
+    return inference_gflops(model, image_size=dataset_info(a.dataset).image_size)["total"]
 
 
 def column_value(result, key):
