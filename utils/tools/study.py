@@ -15,7 +15,6 @@ is current (jobs.current), so rerunning the same command continues where it stop
 (`SAVE/table.md`, `SAVE/table.csv`) gives mean ± std over seeds and n, with the command that made it.
 """
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -30,9 +29,9 @@ from ..errors import UsageError
 from ..lock import hold
 from ..runfiles import read_metrics
 from ..runlog import check_can_create, run_dir
-from ..writes import atomic_file, write_json_atomic, write_text_atomic
+from ..writes import write_json_atomic, write_text_atomic
 from .jobs import Pipeline, Reporter, Runner
-from .tables import Column, markdown, seed_table
+from .tables import Column, markdown, seed_table, write_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -364,7 +363,6 @@ def report(save, results, command, settings="", eps=EPS):
         by_row.setdefault(r["row"], []).append(r)
     header, cells = seed_table(by_row, (["row"], lambda name, rs: [name]), TABLE_COLUMNS)
     lines = markdown(header, cells)
-    csv_rows = [dict(zip(header, c)) for c in cells]
     aa_n = sorted({r.get("aa_n") for r in results if r.get("aa_n")})
     per_seed = [f"- {name}: " + "; ".join(f"seed {r['seed']} SA {r['sa']:.2f} RA {r['ra']:.2f} AA "
                                           + ("-" if r.get("aa") is None else f"{r['aa']:.2f}")
@@ -385,10 +383,7 @@ def report(save, results, command, settings="", eps=EPS):
            if (welch := welch_lines(by_row)) else "")
         + (f"\n{settings}\n" if settings else ""))
     write_text_atomic(os.path.join(save, "table.md"), text)
-    with atomic_file(os.path.join(save, "table.csv")) as f:
-        w = csv.DictWriter(f, fieldnames=header)
-        w.writeheader()
-        w.writerows(csv_rows)
+    write_csv(os.path.join(save, "table.csv"), header, cells)
     return text
 
 
