@@ -48,7 +48,7 @@ from ..errors import UsageError
 from ..lock import hold
 from ..runfiles import TEST_KEYS, read_args, read_json, read_metrics
 from ..writes import atomic_file, write_json_atomic, write_text_atomic
-from .jobs import read_manifest
+from .jobs import read_manifest, training_args
 from .tables import Column, markdown, seed_table, write_csv
 
 RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
@@ -370,12 +370,11 @@ def row_from_command(run_dir: str, command: str) -> RunRow:
     at = next((i for i, t in enumerate(argv) if os.path.basename(t) in ("train_ori.py", "train_moe.py")), None)
     args = read_args(run_dir)
     if at is not None:  # read by the entry scripts' own parser, with its defaults
-        from args import parse_args  # here: the report imports no torch before it needs a model
         script = os.path.basename(argv[at])[:-3]
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                args = vars(parse_args(argv[at + 1:], script=script))
-        except (UsageError, SystemExit):
+                args = vars(training_args(argv[at + 1:], script, run_dir))
+        except UsageError:
             pass
     else:
         script = script_of(run_dir, args)

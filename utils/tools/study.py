@@ -28,9 +28,9 @@ from ..cli import run_main
 from ..errors import UsageError
 from ..lock import hold
 from ..runfiles import read_metrics
-from ..runlog import check_can_create, run_dir
+from ..runlog import check_can_create
 from ..writes import write_json_atomic, write_text_atomic
-from .jobs import Pipeline, Reporter, Runner
+from .jobs import Pipeline, Reporter, Runner, run_folders, training_args
 from .tables import Column, markdown, seed_table, write_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -176,24 +176,20 @@ class Job:
     def folder(self, save) -> str:
         return os.path.join(save, "jobs", f"{slug(self.name)}-seed{self.seed}-{self.key}")
 
-    def run_folder(self, save_dir, evaluate=False) -> str:
-        """The training (or `--evaluate`) run folder under `save_dir`, computed by the entry scripts' own parser
-        (no glob that could match another setting's run)."""
-        from args import parse_args
-        return run_dir(parse_args([*self.argv, "--save-dir", save_dir], script=self.script), self.script, evaluate)
-
     def pipeline(self, save) -> Pipeline:
-        """Train, evaluate, attack in the job's folder (command records there too)."""
+        """Train, evaluate, attack in the job's folder (command records there too); the run folders are computed by
+        the entry scripts' own parser (no glob that could match another setting's run)."""
         out = self.folder(save)
         runs, evaluations = os.path.join(out, "runs"), os.path.join(out, "evaluate")
-        run = self.run_folder(runs)
+        run, _ = run_folders([*self.argv, "--save-dir", runs], self.script, self.name)
+        _, evaluated = run_folders([*self.argv, "--save-dir", evaluations], self.script, self.name)
         best = os.path.join(run, "checkpoint", "model_best.pth.tar")
         program = [sys.executable, f"{self.script}.py", *self.argv, *self.data_dir]
         aa_out = os.path.join(out, "autoattack.json")
         aa = [sys.executable, "auto_attack_eval.py", "--source-net", best, "--version", "custom", "--attacks",
               *AA_ATTACKS, "--epsilon", f"{self.eps * 255:g}", "--num-workers", "0", "--no-progress", *self.data_dir,
               "--seed", str(self.seed), "--out", aa_out] + (["--n-ex", str(self.aa_n_ex)] if self.aa_n_ex else [])
-        return Pipeline(run, self.run_folder(evaluations, evaluate=True), shlex.join([*program, "--save-dir", runs]),
+        return Pipeline(run, evaluated, shlex.join([*program, "--save-dir", runs]),
                         shlex.join([*program, "--save-dir", evaluations, "--evaluate", "--resume", best]),
                         shlex.join(aa), aa_out=aa_out, records=out)
 
@@ -298,11 +294,10 @@ def _gflops(argv):
     """Inference GFLOPs per image (of the row's dataset's size) of the row's model (global router or per-layer
     routers included)."""
     import models
-    from args import parse_args
     from ..data import dataset_info
     from ..flops import inference_gflops
     from ..run import model_spec
-    a = parse_args(list(argv), script="train_moe" if "--n-expert" in argv else "train_ori")
+    a = training_args(argv, "train_moe" if "--n-expert" in argv else "train_ori", "the GFLOPs' model")
     model = models.build_model(model_spec(a))
     return inference_gflops(model, image_size=dataset_info(a.dataset).image_size)["total"]
 
@@ -442,18 +437,12 @@ def check_study_args(a):
 
 def plan(a, seeds) -> list:
     """The jobs of these settings, each checked by the training script's parser before anything runs."""
-    from args import parse_args
     fill = {"r": f"{a.ratio:g}", "r2": f"{2 * a.ratio:g}"}
     todo = [make_job(name, script, [f.format(**fill) for f in flags], seed, a)
             for seed in seeds for name, script, flags in ROWS[a.rows]
             if not a.only or slug(name) in a.only.split(",")]
     for j in todo:
-        try:
-            parse_args(list(j.argv), script=j.script)
-        except UsageError as e:
-            raise UsageError(f"{j.name}: {e}") from None
-        except SystemExit:
-            raise UsageError(f"{j.name}: the training script refuses its flags (see above)") from None
+        training_args(j.argv, j.script, j.name)
     return todo
 
 

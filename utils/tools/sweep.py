@@ -58,7 +58,8 @@ from ..cli import run_main
 from ..errors import UsageError
 from ..runfiles import run_state
 from ..writes import write_text_atomic
-from .jobs import MANIFEST_HEADER, REQUEUE_EXIT, ROOT, Pipeline, Reporter, Runner, read_manifest, write_manifest
+from .jobs import (MANIFEST_HEADER, REQUEUE_EXIT, ROOT, Pipeline, Reporter, Runner, read_manifest, run_folders,
+                   write_manifest)
 
 METHODS = ("dense", "joint", "advmoe", "advmoe-reference")
 DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits")
@@ -303,21 +304,9 @@ def check_aa_flags(flags):
 
 
 def run_dirs(planned) -> list:
-    """(run_dir, eval_dir) of each planned run, from the entry scripts' parser (which also rejects bad flags here,
-    before anything runs)."""
-    from args import parse_args
-    from ..runlog import run_dir
-    dirs = []
-    for n, p in enumerate(planned, 1):
-        line = shlex.join(p.train)
-        try:
-            args = parse_args(p.train[2:], script=p.script)
-        except SystemExit:
-            raise UsageError(f"sweep command {n} is rejected by {p.script}.py (message above): {line}") from None
-        except UsageError as e:
-            raise UsageError(f"sweep command {n} is rejected by {p.script}.py: {e}: {line}") from None
-        dirs.append((os.path.abspath(run_dir(args, p.script)), os.path.abspath(run_dir(args, p.script, evaluate=True))))
-    return dirs
+    """(run_dir, eval_dir) of each planned run (its bad flags refused here, before anything runs)."""
+    return [run_folders(p.train[2:], p.script, f"sweep command {n} ({shlex.join(p.train)})")
+            for n, p in enumerate(planned, 1)]
 
 
 def plan_lines(s, planned, dirs, aa) -> list:
