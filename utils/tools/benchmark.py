@@ -85,16 +85,14 @@ def get_args_parser():
 
 def check_args(args):
     """UsageError (one line, exit 2) for sizes that would time nothing or fail deep in a model."""
+    from args import check_flags
     from utils.errors import UsageError
-    if not 0 < args.ratio <= 1:
-        raise UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
+    check_flags(args, ("ratio",), lambda v: 0 < v <= 1, "in (0, 1]")
     if not args.experts or min(args.experts) < 1:
         raise UsageError(f"--experts must be whole numbers >= 1, got {' '.join(map(str, args.experts))}")
-    for name, low in (("batch", 1), ("train_batch", 1), ("num_steps", 0), ("repeats", 1), ("warmup", 0),
-                      ("train_repeats", 1), ("threads", 1), ("image_size", 8)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    check_flags(args, ("batch", "train_batch", "repeats", "train_repeats", "threads"), lambda v: v >= 1, ">= 1")
+    check_flags(args, ("num_steps", "warmup"), lambda v: v >= 0, ">= 0")
+    check_flags(args, ("image_size",), lambda v: v >= 8, ">= 8")
 
 
 def _sync(device):

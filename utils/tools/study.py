@@ -24,6 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from args import SEED_RANGE, check_flags
+
 from ..cli import run_main
 from ..errors import UsageError
 from ..lock import hold
@@ -406,7 +408,7 @@ def parse_seeds(text):
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise UsageError(f"--seeds {text!r}: expected comma-separated whole numbers such as 1,2,3") from None
-    if any(s < 0 or s > 2**32 - 1 for s in seeds) or len(set(seeds)) != len(seeds):
+    if any(not SEED_RANGE[0] <= s <= SEED_RANGE[1] for s in seeds) or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {text!r}: seeds are distinct whole numbers in [0, 2**32 - 1]")
     return seeds
 
@@ -414,9 +416,8 @@ def parse_seeds(text):
 def check_study_args(a):
     """UsageError for settings that cannot make a table; returns the seeds."""
     seeds = parse_seeds(a.seeds)
-    for name, value, low in (("--epochs", a.epochs, 1), ("--jobs", a.jobs, 1), ("--aa-n-ex", a.aa_n_ex, 0)):
-        if value < low:
-            raise UsageError(f"{name} must be >= {low}, got {value}")
+    check_flags(a, ("epochs", "jobs"), lambda v: v >= 1, ">= 1")
+    check_flags(a, ("aa_n_ex",), lambda v: v >= 0, ">= 0")
     top = 0.5 if any("{r2}" in flags for _, _, flags in ROWS[a.rows]) else 1.0  # rows with a dense model at 2r
     if not 0 < a.ratio <= top:
         raise UsageError(f"--ratio must be in (0, {top:g}] for --rows {a.rows}, got {a.ratio}")
