@@ -40,6 +40,7 @@ import models
 from models import ModelSpec
 from ..flops import make_train_step, train_step_gflops
 from .flops import flops_rows
+from .jobs import ROOT
 from ..gpu import Precision, backend_flags, configure_backends, maybe_compile
 
 ARCH = "resnet18_cifar"
@@ -283,12 +284,11 @@ def step_times(args, rows):
     """{side: [[(wall, CPU) seconds of each repeat] per row]} for 'this' tree and, with --against, 'main';
     interleaved ABAB."""
     from utils.errors import UsageError
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if args.against is not None and not os.path.isfile(os.path.join(args.against, "utils", "flops.py")):
         raise UsageError(f"--against {args.against}: not a source tree of this project (no utils/flops.py)")
     cfg = dict(rows=[[m.kind, m.ratio, m.n_expert] for m in rows], image_size=args.image_size, batch=args.train_batch,
                num_steps=args.num_steps, threads=args.threads, warmup=args.warmup)
-    sides = {"this": (here, args.channels_last)}
+    sides = {"this": (ROOT, args.channels_last)}
     if args.against is not None:
         sides = {"main": (os.path.abspath(args.against), False), **sides}
     workers = {}

@@ -35,8 +35,6 @@ from ..writes import write_json_atomic, write_text_atomic
 from .jobs import Pipeline, Reporter, Runner, run_folders, training_args
 from .tables import Column, markdown, seed_table, write_csv
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 # The cheap setting (README: Routing study): 16x16 digits, ResNet-18 at ratio 0.25 (MoE, N=2) against dense at
 # 0.25 (same per-image cost) and 0.5 (the paper's "original dense CNN"); eps 0.15 for training and test.
 EPS = 0.15
