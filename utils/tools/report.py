@@ -291,13 +291,10 @@ def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
     if best is not None:
         row.best_epoch = best.get("epoch")
         row.selection = selection_of(rows, best)
-        row.sa, row.pgd_ra, row.pgd_source = _float(best.get("sa")), _float(best.get("ra")), "training"
-        _routing_fields(row, best)
+        take_figures(row, best, "training")
     model_best = os.path.join(folder, "checkpoint", "model_best.pth.tar")
     if evaluation and _newer(evaluation["_metrics"], model_best):
-        row.sa, row.pgd_ra, row.pgd_source = _float(evaluation.get("sa")), _float(evaluation["ra"]), "evaluate"
-        row.per_expert = _per_expert(evaluation)
-        _routing_fields(row, evaluation)
+        take_figures(row, evaluation, "evaluate")
     aa = read_json(os.path.join(folder, "autoattack.json"))
     if isinstance(aa, dict) and _float(aa.get("robust_accuracy")) is not None:
         row.aa_ra, row.aa_sa = _float(aa["robust_accuracy"]), _float(aa.get("clean_accuracy"))
@@ -339,26 +336,22 @@ def summarize_evaluation_only(folder: str) -> RunRow:
     row = described(args, script_of(folder, args), folder, status="evaluated" if evals else "failed",
                     message=str(status.get("message") or ""))
     if evals:
-        row.sa, row.pgd_ra, row.pgd_source = _float(evals[-1].get("sa")), _float(evals[-1]["ra"]), "evaluate"
+        take_figures(row, evals[-1], "evaluate")
         row.message = row.message or f"evaluation only: {evals[-1].get('checkpoint', '')}"
-        row.per_expert = _per_expert(evals[-1])
-        _routing_fields(row, evals[-1])
     return row
 
 
-def _routing_fields(row: RunRow, source: dict) -> None:
-    """The MoE's routing figures of a metrics row (an epoch's or an `--evaluate`'s) into the table row; a field
+def take_figures(row: RunRow, source: dict, where: str) -> None:
+    """SA, PGD RA, each expert's alone (`--evaluate --per-expert`) and the MoE's routing figures of a metrics row
+    into the table row; `where` names the row ("training": the best epoch's, "evaluate": an `--evaluate`'s). A field
     the source lacks is left empty (a log written before the tool recorded it)."""
+    row.sa, row.pgd_ra, row.pgd_source = _float(source.get("sa")), _float(source.get("ra")), where
+    row.per_expert = list(zip(source.get("per_expert_sa") or [], source.get("per_expert_ra") or []))
     row.ra_routing_attack = _float(source.get("ra_routing_attack"))
     row.router_robustness = _float(source.get("router_robustness"))
     for key in ("load_clean", "load_adv"):
         loads = [_float(v) for v in source.get(key) or []] if isinstance(source.get(key), list) else []
         setattr(row, f"{key}_min", min(loads) if loads and None not in loads else None)
-
-
-def _per_expert(evaluation: dict) -> list:
-    """[(SA, PGD RA)] of each expert alone from an `--evaluate --per-expert` row ([] without them)."""
-    return list(zip(evaluation.get("per_expert_sa") or [], evaluation.get("per_expert_ra") or []))
 
 
 def row_from_command(run_dir: str, command: str) -> RunRow:
