@@ -403,7 +403,8 @@ def _check_recipe(args, spec):
                          "--router-objective reference|released or --router-at > 0")
 
 
-def _check(args, names, ok, rule):
+def check_flags(args, names, ok, rule):
+    """UsageError naming the first of the flags `names` whose value (None: not given) is not `ok`."""
     for name in names:
         value = getattr(args, name, None)
         if value is not None and not ok(value):
@@ -412,16 +413,16 @@ def _check(args, names, ok, rule):
 
 def validate_args(args):
     """Range and consistency checks of the training parser's values; raises UsageError naming the flag."""
-    _check(args, ("ratio", "data_fraction"), lambda v: 0 < v <= 1, "in (0, 1]")
-    _check(args, ("epsilon", "epsilon_test"), lambda v: 0 <= v <= 1, "in [0, 1] (pixel units, e.g. 8/255)")
-    _check(args, ("seed",), lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], "in [0, 2**32 - 1]")
-    _check(args, ("momentum",), lambda v: 0 <= v < 1, "in [0, 1)")
-    _check(args, ("step_size", "step_size_test", "lr", "router_lr", "wd", "beta", "alpha",
+    check_flags(args, ("ratio", "data_fraction"), lambda v: 0 < v <= 1, "in (0, 1]")
+    check_flags(args, ("epsilon", "epsilon_test"), lambda v: 0 <= v <= 1, "in [0, 1] (pixel units, e.g. 8/255)")
+    check_flags(args, ("seed",), lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], "in [0, 2**32 - 1]")
+    check_flags(args, ("momentum",), lambda v: 0 <= v < 1, "in [0, 1)")
+    check_flags(args, ("step_size", "step_size_test", "lr", "router_lr", "wd", "beta", "alpha",
                   "balance_strength", "router_logit_cap", "router_grad_clip", "grad_clip", "router_at",
                   "flip_expert_at"),
            lambda v: v >= 0, ">= 0")
-    _check(args, ("num_steps", "num_steps_test", "num_workers"), lambda v: v >= 0, ">= 0")
-    _check(args, ("epochs", "batch_size", "test_batch_size", "eval_every", "max_batches", "max_test_batches"),
+    check_flags(args, ("num_steps", "num_steps_test", "num_workers"), lambda v: v >= 0, ">= 0")
+    check_flags(args, ("epochs", "batch_size", "test_batch_size", "eval_every", "max_batches", "max_test_batches"),
            lambda v: v >= 1, ">= 1")
     from utils.run import model_spec  # lazy: imports torch
     spec = model_spec(args)  # --arch, --n-expert, --top-k, --moe-stages, ... checked against each other
@@ -567,9 +568,9 @@ def validate_autoattack_args(args):
     if not args.epsilon > 0 or (args.norm == "Linf" and args.epsilon > 255):
         raise UsageError(f"--epsilon must be > 0{' and <= 255' if args.norm == 'Linf' else ''} (in 1/255 "
                          f"units), got {args.epsilon:g}")
-    _check(args, ("seed",), lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], "in [0, 2**32 - 1]")
-    _check(args, ("num_workers",), lambda v: v >= 0, ">= 0")
-    _check(args, ("batch_size", "chunk_size", "n_ex"), lambda v: v >= 1, ">= 1")
+    check_flags(args, ("seed",), lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1], "in [0, 2**32 - 1]")
+    check_flags(args, ("num_workers",), lambda v: v >= 0, ">= 0")
+    check_flags(args, ("batch_size", "chunk_size", "n_ex"), lambda v: v >= 1, ">= 1")
 
 
 def flags_table(parser=None) -> str:

@@ -2,7 +2,7 @@
 import json
 import os
 
-from utils.tools import study
+from utils.tools import jobs, study
 
 
 REPORT = ["--report-only", "--seeds", "1,2"]
@@ -97,7 +97,7 @@ def test_a_rerun_with_other_epochs_or_ratio_computes_anew(tmp_path):
     results = []
     for extra in (["--epochs", "1", "--ratio", "0.0625"], ["--epochs", "2", "--ratio", "0.0625"],
                   ["--epochs", "1", "--ratio", "0.125"]):
-        p = subprocess.run(base + extra, cwd=study.ROOT, env=env, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(base + extra, cwd=jobs.ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
         found = sorted((tmp_path / "main" / "jobs").glob("*/result.json"), key=os.path.getmtime)
         results.append(json.loads(found[-1].read_text()))
@@ -117,7 +117,7 @@ def test_the_training_child_dies_with_a_killed_study(tmp_path):
     from utils.lock import hold
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "utils.tools.study", "--only", "dense_r", "--seeds", "1", "--epochs", "50",
-                          "--ratio", "0.0625", "--save-dir", str(tmp_path)], cwd=study.ROOT, env=env,
+                          "--ratio", "0.0625", "--save-dir", str(tmp_path)], cwd=jobs.ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     child = None
     for _ in range(600):

@@ -31,11 +31,16 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 import models
-from ..flops import inference_gflops, make_train_step, train_step_gflops
+from models import ModelSpec
+from ..flops import make_train_step, train_step_gflops
+from .flops import flops_rows
+from .jobs import ROOT
 from ..gpu import Precision, backend_flags, configure_backends, maybe_compile
 
 ARCH = "resnet18_cifar"
@@ -81,16 +86,14 @@ def get_args_parser():
 
 def check_args(args):
     """UsageError (one line, exit 2) for sizes that would time nothing or fail deep in a model."""
+    from args import check_flags
     from utils.errors import UsageError
-    if not 0 < args.ratio <= 1:
-        raise UsageError(f"--ratio must be in (0, 1], got {args.ratio}")
+    check_flags(args, ("ratio",), lambda v: 0 < v <= 1, "in (0, 1]")
     if not args.experts or min(args.experts) < 1:
         raise UsageError(f"--experts must be whole numbers >= 1, got {' '.join(map(str, args.experts))}")
-    for name, low in (("batch", 1), ("train_batch", 1), ("num_steps", 0), ("repeats", 1), ("warmup", 0),
-                      ("train_repeats", 1), ("threads", 1), ("image_size", 8)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    check_flags(args, ("batch", "train_batch", "repeats", "train_repeats", "threads"), lambda v: v >= 1, ">= 1")
+    check_flags(args, ("num_steps", "warmup"), lambda v: v >= 0, ">= 0")
+    check_flags(args, ("image_size",), lambda v: v >= 8, ">= 8")
 
 
 def _sync(device):
@@ -155,21 +158,40 @@ def balance_routing(model):
     return model.router.register_forward_hook(hook)
 
 
-def build(kind, n_or_ratio, sparse, ratio, device):
-    """A model of the comparison: ('dense', ratio) or ('moe', N) at `ratio`, balanced routing, on `device`."""
-    torch.manual_seed(0)
-    if kind == "dense":
-        model = models.build_model(f"{ARCH}_ori", ratio=n_or_ratio)
-    else:
-        model = models.build_model(f"{ARCH}_moe", ratio=ratio, n_expert=n_or_ratio, sparse=sparse)
-        balance_routing(model)
-    return model.to(device)
+@dataclass(frozen=True)
+class Model:
+    """A model of the comparison: ResNet-18 CIFAR at width `ratio`, dense (`n_expert` None) or an MoE with
+    `n_expert` experts, sparse or dense-masked (the reference's computation)."""
+    ratio: float
+    n_expert: Optional[int] = None
+    sparse: bool = True
 
+    @property
+    def kind(self) -> str:
+        return "dense" if self.n_expert is None else "moe"
 
-def label(kind, n_or_ratio, sparse, ratio):
-    if kind == "dense":
-        return f"dense r={n_or_ratio:g}"
-    return f"MoE r={ratio:g} N={n_or_ratio} {'sparse' if sparse else 'dense-masked'}"
+    @property
+    def label(self) -> str:
+        if self.n_expert is None:
+            return f"dense r={self.ratio:g}"
+        return f"MoE r={self.ratio:g} N={self.n_expert} {'sparse' if self.sparse else 'dense-masked'}"
+
+    @property
+    def step_label(self) -> str:
+        """--steps' label: the model and its training step."""
+        if self.n_expert is None:
+            return f"dense r={self.ratio:g} TRADES"
+        return f"MoE r={self.ratio:g} N={self.n_expert} AdvMoE"
+
+    def build(self, device="cpu", balanced=False):
+        """The model from seed 0 on `device`; `balanced`: image i routed to expert i mod N (`balance_routing`)."""
+        torch.manual_seed(0)
+        if self.n_expert is None:
+            return models.build_model(f"{ARCH}_ori", ratio=self.ratio).to(device)
+        model = models.build_model(f"{ARCH}_moe", ratio=self.ratio, n_expert=self.n_expert, sparse=self.sparse)
+        if balanced:
+            balance_routing(model)
+        return model.to(device)
 
 
 def ratio_text(value, base):
@@ -201,34 +223,29 @@ def train_throughput(args, configs, prepared, precision, device, warmup, train_b
         steps[cfg] = with_own_flags(backends, train_step)
     timed = interleaved_times(steps, device, warmup, train_repeats)
     rates = {cfg: train_batch / t for cfg, (t, _, _) in timed.items()}
-    base = rates[("dense", r, True)]
+    base = rates[Model(r)]
     print(f"{'model':<32} {'images/s':>9} {'/ dense r':>10} {'peak MiB':>9}")
     for cfg, rate in rates.items():
-        print(f"{label(*cfg, r):<32} {rate:9.1f} {ratio_text(rate, base):>10} {memory_text(timed[cfg][2])}")
+        print(f"{cfg.label:<32} {rate:9.1f} {ratio_text(rate, base):>10} {memory_text(timed[cfg][2])}")
     return rates
 
 
-def parse_row(text):
-    """'dense:0.5' -> ('dense', 0.5, None); 'moe:0.25:2' -> ('moe', 0.25, 2); UsageError otherwise."""
+def parse_row(text) -> Model:
+    """'dense:0.5' -> Model(0.5); 'moe:0.25:2' -> Model(0.25, 2); UsageError otherwise."""
     from utils.errors import UsageError
     parts = text.split(":")
     try:
         if parts[0] == "dense" and len(parts) == 2:
-            row = ("dense", float(parts[1]), None)
+            row = Model(float(parts[1]))
         elif parts[0] == "moe" and len(parts) == 3:
-            row = ("moe", float(parts[1]), int(parts[2]))
+            row = Model(float(parts[1]), int(parts[2]))
         else:
             raise ValueError
     except ValueError:
         raise UsageError(f"--rows: {text!r} is not dense:RATIO or moe:RATIO:N") from None
-    if not 0 < row[1] <= 1 or (row[2] is not None and row[2] < 1):
+    if not 0 < row.ratio <= 1 or (row.n_expert is not None and row.n_expert < 1):
         raise UsageError(f"--rows: {text!r}: the ratio must be in (0, 1] and N >= 1")
     return row
-
-
-def row_label(row):
-    kind, ratio, n = row
-    return f"dense r={ratio:g} TRADES" if kind == "dense" else f"MoE r={ratio:g} N={n} AdvMoE"
 
 
 class StepWorker:
@@ -267,12 +284,11 @@ def step_times(args, rows):
     """{side: [[(wall, CPU) seconds of each repeat] per row]} for 'this' tree and, with --against, 'main';
     interleaved ABAB."""
     from utils.errors import UsageError
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if args.against is not None and not os.path.isfile(os.path.join(args.against, "utils", "flops.py")):
         raise UsageError(f"--against {args.against}: not a source tree of this project (no utils/flops.py)")
-    cfg = dict(rows=[list(r) for r in rows], image_size=args.image_size, batch=args.train_batch,
+    cfg = dict(rows=[[m.kind, m.ratio, m.n_expert] for m in rows], image_size=args.image_size, batch=args.train_batch,
                num_steps=args.num_steps, threads=args.threads, warmup=args.warmup)
-    sides = {"this": (here, args.channels_last)}
+    sides = {"this": (ROOT, args.channels_last)}
     if args.against is not None:
         sides = {"main": (os.path.abspath(args.against), False), **sides}
     workers = {}
@@ -306,14 +322,8 @@ def steps_main(args):
           f"{'channels-last' if args.channels_last else 'default layout'}; load average {load0:.1f} on {cores} cores")
     times = step_times(args, rows)
     load1 = os.getloadavg()[0]
-    from ..flops import train_step_gflops
-    gflops = []
-    for kind, ratio, n in rows:
-        torch.manual_seed(0)
-        model = (models.build_model(f"{ARCH}_ori", ratio=ratio) if kind == "dense" else
-                 models.build_model(f"{ARCH}_moe", ratio=ratio, n_expert=n))
-        gflops.append(train_step_gflops(model, "auto", image_size=args.image_size, batch=8,
-                                        num_steps=args.num_steps))
+    gflops = [train_step_gflops(m.build(), "auto", image_size=args.image_size, batch=8, num_steps=args.num_steps)
+              for m in rows]
     med = {side: [statistics.median(w for w, _ in t) for t in per_row] for side, per_row in times.items()}
     cpu = {side: [statistics.median(c for _, c in t) for t in per_row] for side, per_row in times.items()}
     head = f"{'row':<26} {'GF/image':>9}"
@@ -321,7 +331,7 @@ def steps_main(args):
     head += f" {'this s/batch':>13}" + (f" {'speed-up':>9}" if "main" in med else "")
     print(head + "   (wall; CPU seconds of the step's process in brackets)")
     for i, row in enumerate(rows):
-        line = f"{row_label(row):<26} {gflops[i]:9.3f}"
+        line = f"{row.step_label:<26} {gflops[i]:9.3f}"
         if "main" in med:
             line += f" {med['main'][i]:6.3f} ({cpu['main'][i]:5.3f})"
         line += f" {med['this'][i]:6.3f} ({cpu['this'][i]:5.3f})"
@@ -329,16 +339,16 @@ def steps_main(args):
             line += f" {med['main'][i] / med['this'][i]:5.2f}x ({cpu['main'][i] / cpu['this'][i]:.2f}x)"
         print(line)
     print(f"# load average {load1:.1f} at the end; every wall time of each side: "
-          + "; ".join(f"{side} {row_label(rows[i])}: {' '.join(f'{w:.2f}' for w, _ in ts)}"
+          + "; ".join(f"{side} {rows[i].step_label}: {' '.join(f'{w:.2f}' for w, _ in ts)}"
                       for side, per_row in times.items() for i, ts in enumerate(per_row)))
-    dense = next((i for i, r in enumerate(rows) if r[0] == "dense"), None)
+    dense = next((i for i, m in enumerate(rows) if m.n_expert is None), None)
     for i, row in enumerate(rows):
-        if row[0] != "moe" or dense is None:
+        if row.n_expert is None or dense is None:
             continue
         for side in med:
             for what, t in (("wall", med[side]), ("CPU", cpu[side])):
                 per_flop = (t[i] / t[dense]) / (gflops[i] / gflops[dense])
-                print(f"per FLOP ({side}, {what}): {row_label(row)} over {row_label(rows[dense])}: s/batch ratio "
+                print(f"per FLOP ({side}, {what}): {row.step_label} over {rows[dense].step_label}: s/batch ratio "
                       f"{t[i] / t[dense]:.2f} / GFLOPs ratio {gflops[i] / gflops[dense]:.2f} = "
                       f"{per_flop:.2f} (goal <= {PER_FLOP_GOAL}: {_met(per_flop <= PER_FLOP_GOAL)})")
     if "main" in med:
@@ -366,9 +376,7 @@ def main(args):
     train_repeats = args.train_repeats or (1 if args.quick else 10 if cuda else 2)
     precision = Precision(device, args.amp)
     r = args.ratio
-    configs = [("dense", 1.0, True), ("dense", r, True)]
-    for n in args.experts:
-        configs += [("moe", n, True), ("moe", n, False)]
+    configs = [Model(1.0), Model(r)] + [Model(r, n, sparse) for n in args.experts for sparse in (True, False)]
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     load, cores = os.getloadavg()[0], os.cpu_count()
     print(f"# {ARCH}, random CIFAR-shaped images (synthetic), 10 classes; device {device} ({name}); "
@@ -380,7 +388,7 @@ def main(args):
               f"(multi-threaded runs of many small operations suffer most: try --threads 1)")
 
     def prepared(cfg, train):
-        model = build(*cfg, r, device)
+        model = cfg.build(device, balanced=True)
         backends = configure_backends(device, model)
         maybe_compile(model, args.compile and not model.is_moe)
         return model.train(train), backends
@@ -401,10 +409,10 @@ def main(args):
     timed = interleaved_times(forwards, device, warmup, repeats)
     times = {cfg: t[0] for cfg, t in timed.items()}
     del forwards
-    base = times[("dense", r, True)]
+    base = times[Model(r)]
     print(f"{'model':<32} {'median':>9} {'best':>9} {'/ dense r':>10} {'peak MiB':>9}")
     for cfg, (t, best, peak) in timed.items():
-        print(f"{label(*cfg, r):<32} {1e3 * t:9.1f} {1e3 * best:9.1f} {ratio_text(t, base):>10} "
+        print(f"{cfg.label:<32} {1e3 * t:9.1f} {1e3 * best:9.1f} {ratio_text(t, base):>10} "
               f"{memory_text(peak)}")
 
     flops = {} if args.skip_flops else gflops_table(args, configs, device)
@@ -413,40 +421,41 @@ def main(args):
         rates = train_throughput(args, configs, prepared, precision, device, warmup, train_batch, train_repeats)
     print(f"\ntargets (ResNet-18 CIFAR, ratio {r:g}; reported, not asserted):")
     for n in args.experts:
-        t_ratio = times[("moe", n, True)] / times[("dense", r, True)]
+        t_ratio = times[Model(r, n)] / times[Model(r)]
         line = f"  N={n}: forward time / dense r={r:g} {t_ratio:.2f} <= 1.6: {_met(t_ratio <= 1.6)}"
-        if ("moe", n, True) in rates:
-            rate_ratio = rates[("moe", n, True)] / rates[("dense", r, True)]
+        if Model(r, n) in rates:
+            rate_ratio = rates[Model(r, n)] / rates[Model(r)]
             line += f"; AdvMoE images/s / dense TRADES {rate_ratio:.2f} >= 0.35: {_met(rate_ratio >= 0.35)}"
         if flops:
-            inf, step = flops[("moe", n, True)]
-            line += (f"; inference {inf['total']:.3f} GFLOPs <= 0.39: {_met(inf['total'] <= 0.39)}; "
+            inf, step = flops[Model(r, n)]["total"], flops[Model(r, n)]["step"]
+            line += (f"; inference {inf:.3f} GFLOPs <= 0.39: {_met(inf <= 0.39)}; "
                      f"AdvMoE step {step:.2f} GFLOPs <= 8.5: {_met(step <= 8.5)}")
         print(line)
     return 0
 
 
 def gflops_table(args, configs, device):
-    """(b): prints GFLOPs per image of inference and of a training update; returns {config: (inference, step)}."""
+    """(b): prints GFLOPs per image of inference and of a training update, as counted by the FLOP table
+    (utils/tools/flops.py); returns {model: that table's row}."""
     r = args.ratio
     print(f"\n(b) GFLOPs per image: inference, and one training update ({args.num_steps}-step attacks, batch 8; "
           f"TRADES for dense, AdvMoE for MoE)")
     flops = {}
-    for cfg in configs:
-        model = build(*cfg, r, device)
-        inf = inference_gflops(model, batch=8, device=device)
-        step = train_step_gflops(model, "auto", batch=8, num_steps=args.num_steps, device=device)
-        flops[cfg] = (inf, step)
-    base_inf, base_step = flops[("dense", r, True)][0]["total"], flops[("dense", r, True)][1]
+    for n in args.experts:  # each: the dense models at 1.0 and r, then the MoE sparse and dense-masked
+        counted = flops_rows(ModelSpec(f"{ARCH}_moe", ratio=r, n_expert=n), train_step=True,
+                             num_steps=args.num_steps, device=device)
+        flops.update(zip(dict.fromkeys([Model(1.0), Model(r), Model(r, n), Model(r, n, False)]), counted))
+    base_inf, base_step = flops[Model(r)]["total"], flops[Model(r)]["step"]
     print(f"{'model':<32} {'infer':>7} {'backbone':>9} {'router':>7} {'/ dense r':>10} {'ref':>6}"
           f" | {'step':>7} {'/ dense r':>10} {'ref':>6}")
-    for cfg, (inf, step) in flops.items():
-        kind, n, sparse = cfg
-        ref = REFERENCE_GFLOPS.get((kind, n)) if not sparse else None
-        ref_step = REFERENCE_STEP_GFLOPS.get((kind, n)) if (kind == "dense" or not sparse) else None
-        print(f"{label(*cfg, r):<32} {inf['total']:7.3f} {inf.get('backbone', inf['total']):9.3f} "
-              f"{inf.get('router', 0.0):7.3f} {ratio_text(inf['total'], base_inf):>10} "
-              f"{ref if ref else '-':>6} | {step:7.2f} {ratio_text(step, base_step):>10} "
+    for cfg in dict.fromkeys(configs):
+        row = flops[cfg]
+        key = (cfg.kind, cfg.ratio if cfg.n_expert is None else cfg.n_expert)
+        ref = REFERENCE_GFLOPS.get(key) if not cfg.sparse else None
+        ref_step = REFERENCE_STEP_GFLOPS.get(key) if cfg.n_expert is None or not cfg.sparse else None
+        print(f"{cfg.label:<32} {row['total']:7.3f} {row.get('backbone', row['total']):9.3f} "
+              f"{row.get('router', 0.0):7.3f} {ratio_text(row['total'], base_inf):>10} "
+              f"{ref if ref else '-':>6} | {row['step']:7.2f} {ratio_text(row['step'], base_step):>10} "
               f"{ref_step if ref_step else '-':>6}")
     print("ref: the reference's measured cost (its MoE computes every expert; its AdvMoE step also runs extra passes)")
     return flops

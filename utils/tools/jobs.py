@@ -200,6 +200,26 @@ class Pipeline:
         return lambda: write_text_atomic(os.path.join(self.records, RECORDS[step]), command + "\n")
 
 
+def training_args(argv, script, what):
+    """`argv`, an entry script's flags, read by `script`'s own parser (its defaults filled in); UsageError naming
+    `what` when the parser refuses them (argparse's own message then stands above)."""
+    from args import parse_args
+    try:
+        return parse_args(list(argv), script=script)
+    except UsageError as e:
+        raise UsageError(f"{what} is rejected by {script}.py: {e}") from None
+    except SystemExit:
+        raise UsageError(f"{what} is rejected by {script}.py (message above)") from None
+
+
+def run_folders(argv, script, what) -> tuple:
+    """(training run folder, `--evaluate` run folder) of `script` run with `argv`, as the entry scripts name them
+    (utils.runlog.run_dir): the jobs and the runs cannot disagree on names."""
+    from ..runlog import run_dir
+    args = training_args(argv, script, what)
+    return os.path.abspath(run_dir(args, script)), os.path.abspath(run_dir(args, script, evaluate=True))
+
+
 def write_manifest(path, pipelines):
     """The manifest: a header, then one line per run (run_dir, eval_dir and the three commands, tab-separated)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -32,30 +32,27 @@ described by their training command as the entry scripts' parser reads it. Faile
 """
 import argparse
 import contextlib
-import csv
 import io
 import math
 import os
 import re
 import shlex
 import sys
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, fields
 
 
 from models.spec import base_arch, is_moe
 
 from ..errors import UsageError
+from ..lock import hold
 from ..runfiles import TEST_KEYS, read_args, read_json, read_metrics
 from ..writes import atomic_file, write_json_atomic, write_text_atomic
-from .jobs import read_manifest
-from .tables import Column, markdown, seed_table
+from .jobs import read_manifest, training_args
+from .tables import Column, markdown, seed_table, write_csv
 
 RUN_MARKERS = ("args.yaml", "metrics.jsonl", "status.json")
 METHOD_ORDER = ("dense", "joint", "advmoe")
-CSV_FIELDS = ("arch", "dataset", "method", "ratio", "n_expert", "status", "epochs_done", "epochs", "best_epoch",
-              "selection", "sa", "pgd_ra", "pgd_source", "aa_ra", "aa_sa", "aa_n_ex", "aa_version", "aa_stale",
-              "sa_final", "ra_final", "pgd_aa_gap", "ra_routing_attack", "router_robustness", "load_clean_min",
-              "load_adv_min", "gflops", "gpu_hours", "cpu_hours", "device", "world_size", "message", "run_dir")
 
 
 @dataclass
@@ -93,7 +90,7 @@ class RunRow:
     world_size: int | None = None
     message: str = ""
     run_dir: str = ""
-    # for the plots, not the table
+    # not in table.csv: the registry name (for the FLOP count), the plots' data
     registry_arch: str = ""
     curves: list = field(default_factory=list)  # [(epoch, sa, ra)]
     load: dict = field(default_factory=dict)  # {"clean": [...%], "adv": [...%]} of the last epoch
@@ -104,6 +101,9 @@ class RunRow:
         n = f" N={self.n_expert}" if self.n_expert else ""
         r = f" r={self.ratio:g}" if self.ratio is not None else ""
         return f"{self.arch} {self.dataset} {self.method}{r}{n}"
+
+
+CSV_FIELDS = tuple(f.name for f in fields(RunRow) if f.name not in ("registry_arch", "curves", "load", "per_expert"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -250,6 +250,14 @@ def referenced_runs(eval_folder: str) -> set:
             for r in read_metrics(os.path.join(eval_folder, "metrics.jsonl")) if r.get("checkpoint")}
 
 
+def described(args: dict, script: str, run_dir: str, **kw) -> RunRow:
+    """A table row of the run that `args` (a run's arguments) describe; `kw`: its other fields."""
+    arch, n = str(args.get("arch", "?")), args.get("n_expert")
+    return RunRow(arch=base_arch(arch), registry_arch=arch, dataset=str(args.get("dataset", "?")),
+                  method=method_of(args, script), ratio=_float(args.get("ratio")),
+                  n_expert=n if script == "train_moe" and type(n) is int else None, run_dir=run_dir, **kw)
+
+
 def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
     """The table row of one training run folder."""
     args = read_args(folder)
@@ -257,11 +265,7 @@ def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
     problems = []
     rows = [r for r in read_metrics(os.path.join(folder, "metrics.jsonl"), problems) if _is_epoch(r.get("epoch"))]
     status = read_json(os.path.join(folder, "status.json")) or {}
-    arch = str(args.get("arch", "?"))
-    row = RunRow(arch=base_arch(arch), registry_arch=arch, dataset=str(args.get("dataset", "?")),
-                 method=method_of(args, script), ratio=_float(args.get("ratio")),
-                 n_expert=args.get("n_expert") if script == "train_moe" else None,
-                 epochs=args.get("epochs"), epochs_done=len({r["epoch"] for r in rows}), run_dir=folder)
+    row = described(args, script, folder, epochs=args.get("epochs"), epochs_done=len({r["epoch"] for r in rows}))
     state = status.get("state")
     row.message = str(status.get("message") or "")
     if state == "failed":
@@ -287,13 +291,10 @@ def summarize_run(folder: str, evaluation: dict | None = None) -> RunRow:
     if best is not None:
         row.best_epoch = best.get("epoch")
         row.selection = selection_of(rows, best)
-        row.sa, row.pgd_ra, row.pgd_source = _float(best.get("sa")), _float(best.get("ra")), "training"
-        _routing_fields(row, best)
+        take_figures(row, best, "training")
     model_best = os.path.join(folder, "checkpoint", "model_best.pth.tar")
     if evaluation and _newer(evaluation["_metrics"], model_best):
-        row.sa, row.pgd_ra, row.pgd_source = _float(evaluation.get("sa")), _float(evaluation["ra"]), "evaluate"
-        row.per_expert = _per_expert(evaluation)
-        _routing_fields(row, evaluation)
+        take_figures(row, evaluation, "evaluate")
     aa = read_json(os.path.join(folder, "autoattack.json"))
     if isinstance(aa, dict) and _float(aa.get("robust_accuracy")) is not None:
         row.aa_ra, row.aa_sa = _float(aa["robust_accuracy"]), _float(aa.get("clean_accuracy"))
@@ -332,32 +333,25 @@ def summarize_evaluation_only(folder: str) -> RunRow:
     args = read_args(folder)
     evals = [r for r in read_metrics(os.path.join(folder, "metrics.jsonl")) if _float(r.get("ra")) is not None]
     status = read_json(os.path.join(folder, "status.json")) or {}
-    arch = str(args.get("arch", "?"))
-    row = RunRow(arch=base_arch(arch), registry_arch=arch, dataset=str(args.get("dataset", "?")),
-                 method=method_of(args, script_of(folder, args)), ratio=_float(args.get("ratio")),
-                 n_expert=args.get("n_expert") if is_moe(arch) else None, run_dir=folder,
-                 status="evaluated" if evals else "failed", message=str(status.get("message") or ""))
+    row = described(args, script_of(folder, args), folder, status="evaluated" if evals else "failed",
+                    message=str(status.get("message") or ""))
     if evals:
-        row.sa, row.pgd_ra, row.pgd_source = _float(evals[-1].get("sa")), _float(evals[-1]["ra"]), "evaluate"
+        take_figures(row, evals[-1], "evaluate")
         row.message = row.message or f"evaluation only: {evals[-1].get('checkpoint', '')}"
-        row.per_expert = _per_expert(evals[-1])
-        _routing_fields(row, evals[-1])
     return row
 
 
-def _routing_fields(row: RunRow, source: dict) -> None:
-    """The MoE's routing figures of a metrics row (an epoch's or an `--evaluate`'s) into the table row; a field
+def take_figures(row: RunRow, source: dict, where: str) -> None:
+    """SA, PGD RA, each expert's alone (`--evaluate --per-expert`) and the MoE's routing figures of a metrics row
+    into the table row; `where` names the row ("training": the best epoch's, "evaluate": an `--evaluate`'s). A field
     the source lacks is left empty (a log written before the tool recorded it)."""
+    row.sa, row.pgd_ra, row.pgd_source = _float(source.get("sa")), _float(source.get("ra")), where
+    row.per_expert = list(zip(source.get("per_expert_sa") or [], source.get("per_expert_ra") or []))
     row.ra_routing_attack = _float(source.get("ra_routing_attack"))
     row.router_robustness = _float(source.get("router_robustness"))
     for key in ("load_clean", "load_adv"):
         loads = [_float(v) for v in source.get(key) or []] if isinstance(source.get(key), list) else []
         setattr(row, f"{key}_min", min(loads) if loads and None not in loads else None)
-
-
-def _per_expert(evaluation: dict) -> list:
-    """[(SA, PGD RA)] of each expert alone from an `--evaluate --per-expert` row ([] without them)."""
-    return list(zip(evaluation.get("per_expert_sa") or [], evaluation.get("per_expert_ra") or []))
 
 
 def row_from_command(run_dir: str, command: str) -> RunRow:
@@ -369,22 +363,17 @@ def row_from_command(run_dir: str, command: str) -> RunRow:
     at = next((i for i, t in enumerate(argv) if os.path.basename(t) in ("train_ori.py", "train_moe.py")), None)
     args = read_args(run_dir)
     if at is not None:  # read by the entry scripts' own parser, with its defaults
-        from args import parse_args  # here: the report imports no torch before it needs a model
         script = os.path.basename(argv[at])[:-3]
         try:
             with contextlib.redirect_stderr(io.StringIO()):
-                args = vars(parse_args(argv[at + 1:], script=script))
-        except (UsageError, SystemExit):
+                args = vars(training_args(argv[at + 1:], script, run_dir))
+        except UsageError:
             pass
     else:
         script = script_of(run_dir, args)
-    arch = str(args.get("arch", "?"))
-    n = args.get("n_expert")
-    return RunRow(arch=base_arch(arch), registry_arch=arch, dataset=str(args.get("dataset", "CIFAR10")),
-                  method=method_of(args, script), ratio=_float(args.get("ratio", 1.0)),
-                  n_expert=int(n) if n not in (None, True) and script == "train_moe" else None,
-                  epochs=int(args["epochs"]) if str(args.get("epochs", "")).isdigit() else None,
-                  status="missing", message="in the manifest, no run folder", run_dir=run_dir)
+    return described({"dataset": "CIFAR10", "ratio": 1.0, **args}, script, run_dir, status="missing",
+                     epochs=int(args["epochs"]) if str(args.get("epochs", "")).isdigit() else None,
+                     message="in the manifest, no run folder")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -499,91 +488,63 @@ def markdown_table(rows: list[RunRow]) -> str:
     return "\n".join(markdown(header, cells) + notes) + "\n"
 
 
-def write_csv(rows: list[RunRow], path: str) -> None:
-    with atomic_file(path, newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            d = asdict(r)
-            w.writerow({k: ("" if d[k] is None else d[k]) for k in CSV_FIELDS})
-
-
-def _grid(plt, n, title, width=4.0, height=3.0):
-    cols = max(1, min(4, n))
-    rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
-    fig.suptitle(title)
-    for ax in axes.flat[n:]:
+def save_panels(runs: list[RunRow], path: str, title: str, draw, empty: str) -> None:
+    """A PNG of one panel per run, four to a line: `draw(ax, run)` fills each; `empty` is said when there is none."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if runs:
+        cols = min(4, len(runs))
+        lines = math.ceil(len(runs) / cols)
+        fig, axes = plt.subplots(lines, cols, figsize=(4.0 * cols, 3.0 * lines), squeeze=False)
+        fig.suptitle(title)
+        for ax in axes.flat[len(runs):]:
+            ax.axis("off")
+        for ax, r in zip(axes.flat, runs):
+            draw(ax, r)
+            ax.set_ylim(0, 100)
+            ax.tick_params(labelsize=7)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+    else:
+        fig, ax = plt.subplots(figsize=(5, 2))
         ax.axis("off")
-    return fig, list(axes.flat)
-
-
-def _empty(plt, path, text):
-    fig, ax = plt.subplots(figsize=(5, 2))
-    ax.axis("off")
-    ax.text(0.5, 0.5, text, ha="center", va="center")
+        ax.text(0.5, 0.5, empty, ha="center", va="center")
     with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=80)
+        fig.savefig(f, format="png", dpi=90 if runs else 80)
     plt.close(fig)
 
 
 def plot_curves(rows: list[RunRow], path: str, title: str = "SA and PGD RA per epoch") -> None:
     """curves.png: one panel per run with epochs, SA solid and RA dashed (% of test images)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-    runs = [r for r in rows if r.curves]
-    if not runs:
-        return _empty(plt, path, "no epochs recorded yet")
-    fig, axes = _grid(plt, len(runs), title)
-    for ax, r in zip(axes, runs):
+    def draw(ax, r):
+        from matplotlib.ticker import MaxNLocator
         epochs = [c[0] for c in r.curves]
         ax.plot(epochs, [c[1] for c in r.curves], "o-", ms=3, label="SA")
         ax.plot(epochs, [c[2] for c in r.curves], "s--", ms=3, label="PGD RA")
         ax.set_title(r.label + ("" if r.status == "finished" else f" [{r.status}]"), fontsize=8)
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylabel("accuracy (%)", fontsize=8)
-        ax.set_ylim(0, 100)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
+    save_panels([r for r in rows if r.curves], path, title, draw, "no epochs recorded yet")
 
 
 def plot_expert_load(rows: list[RunRow], path: str, title: str = "Expert load, last epoch") -> None:
     """expert_load.png: per MoE run, % of test images routed to each expert (clean and adversarial)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = [r for r in rows if r.load.get("clean")]
-    if not runs:
-        return _empty(plt, path, "no MoE run with expert load recorded")
-    fig, axes = _grid(plt, len(runs), title)
-    for ax, r in zip(axes, runs):
-        n = len(r.load["clean"])
-        xs = list(range(n))
+    def draw(ax, r):
+        xs = list(range(len(r.load["clean"])))
         adv = r.load.get("adv") or []
         width = 0.4 if adv else 0.8
         ax.bar([x - width / 2 if adv else x for x in xs], r.load["clean"], width, label="clean")
         if adv:
             ax.bar([x + width / 2 for x in xs[:len(adv)]], adv, width, label="adversarial")
-        ax.axhline(100.0 / n, color="grey", lw=0.8, ls=":", label="uniform")
+        ax.axhline(100.0 / len(xs), color="grey", lw=0.8, ls=":", label="uniform")
         ax.set_xticks(xs)
         ax.set_xticklabels([f"expert {i}" for i in xs], fontsize=7)
-        ax.set_ylim(0, 100)
         ax.set_ylabel("% of test images", fontsize=8)
         ax.set_title(r.label, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
+    save_panels([r for r in rows if r.load.get("clean")], path, title, draw, "no MoE run with expert load recorded")
 
 
 def add_computed_flops(rows: list[RunRow]) -> None:
@@ -639,7 +600,7 @@ def write_report(rows: list[RunRow], out: str, title: str = "", command: str = "
     md = markdown_table(rows)
     write_text_atomic(paths["table.md"], (f"# {title}\n\n" if title else "") + md
                       + (f"\nMade by: `{command}`\n" if command else ""))
-    write_csv(rows, paths["table.csv"])
+    write_csv(paths["table.csv"], CSV_FIELDS, [[getattr(r, k) for k in CSV_FIELDS] for r in rows])
     suffix = f" ({title})" if title else ""
     plot_curves(rows, paths["curves.png"], "SA and PGD RA per epoch" + suffix)
     plot_expert_load(rows, paths["expert_load.png"], "Expert load, last epoch" + suffix)
@@ -661,41 +622,34 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    command = "python -m utils.tools.report " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        return make_report(args, command)
+    except (UsageError, OSError, UnicodeDecodeError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def make_report(args, command) -> int:
+    """The report of the parsed command line; UsageError (or OSError) before anything is written for bad input."""
     missing = [p for p in args.paths + (args.manifest or []) if not os.path.exists(p)]
     if missing:
-        print(f"error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"no such file or folder: {', '.join(missing)}")
     manifests = args.manifest
     if manifests is None:
         manifests = [os.path.join(p, "manifest.tsv") for p in args.paths
                      if os.path.isfile(os.path.join(p, "manifest.tsv"))]
         for m in manifests:
             print(f"using manifest {m}")
-    try:
-        check_out(args.out)
-        rows = collect(args.paths, manifests)
-    except UsageError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_out(args.out)
+    rows = collect(args.paths, manifests)
     if args.compute_flops:
         add_computed_flops(rows)
-    from ..lock import hold
-    command = "python -m utils.tools.report " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
-        with hold(args.out, "report folder"):
-            paths = write_report(rows, args.out, args.title, command)
-    except UsageError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    with hold(args.out, "report folder"):
+        paths = write_report(rows, args.out, args.title, command)
     print(markdown_table(rows) + f"\nMade by: `{command}`\n", end="")
-    counts = {}
-    for r in rows:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    print(f"{len(rows)} runs ({', '.join(f'{n} {s}' for s, n in counts.items())}); wrote "
-          + ", ".join(paths.values()))
+    counts = Counter(r.status for r in rows)
+    print(f"{len(rows)} runs ({', '.join(f'{n} {s}' for s, n in counts.items())}); wrote " + ", ".join(paths.values()))
     return 0
 
 

@@ -15,7 +15,6 @@ is current (jobs.current), so rerunning the same command continues where it stop
 (`SAVE/table.md`, `SAVE/table.csv`) gives mean ± std over seeds and n, with the command that made it.
 """
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -25,16 +24,16 @@ import sys
 import time
 from dataclasses import dataclass
 
+from args import SEED_RANGE, check_flags
+
 from ..cli import run_main
 from ..errors import UsageError
 from ..lock import hold
 from ..runfiles import read_metrics
-from ..runlog import check_can_create, run_dir
-from ..writes import atomic_file, write_json_atomic, write_text_atomic
-from .jobs import Pipeline, Reporter, Runner
-from .tables import Column, markdown, seed_table
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ..runlog import check_can_create
+from ..writes import write_json_atomic, write_text_atomic
+from .jobs import Pipeline, Reporter, Runner, run_folders, training_args
+from .tables import Column, markdown, seed_table, write_csv
 
 # The cheap setting (README: Routing study): 16x16 digits, ResNet-18 at ratio 0.25 (MoE, N=2) against dense at
 # 0.25 (same per-image cost) and 0.5 (the paper's "original dense CNN"); eps 0.15 for training and test.
@@ -177,24 +176,20 @@ class Job:
     def folder(self, save) -> str:
         return os.path.join(save, "jobs", f"{slug(self.name)}-seed{self.seed}-{self.key}")
 
-    def run_folder(self, save_dir, evaluate=False) -> str:
-        """The training (or `--evaluate`) run folder under `save_dir`, computed by the entry scripts' own parser
-        (no glob that could match another setting's run)."""
-        from args import parse_args
-        return run_dir(parse_args([*self.argv, "--save-dir", save_dir], script=self.script), self.script, evaluate)
-
     def pipeline(self, save) -> Pipeline:
-        """Train, evaluate, attack in the job's folder (command records there too)."""
+        """Train, evaluate, attack in the job's folder (command records there too); the run folders are computed by
+        the entry scripts' own parser (no glob that could match another setting's run)."""
         out = self.folder(save)
         runs, evaluations = os.path.join(out, "runs"), os.path.join(out, "evaluate")
-        run = self.run_folder(runs)
+        run, _ = run_folders([*self.argv, "--save-dir", runs], self.script, self.name)
+        _, evaluated = run_folders([*self.argv, "--save-dir", evaluations], self.script, self.name)
         best = os.path.join(run, "checkpoint", "model_best.pth.tar")
         program = [sys.executable, f"{self.script}.py", *self.argv, *self.data_dir]
         aa_out = os.path.join(out, "autoattack.json")
         aa = [sys.executable, "auto_attack_eval.py", "--source-net", best, "--version", "custom", "--attacks",
               *AA_ATTACKS, "--epsilon", f"{self.eps * 255:g}", "--num-workers", "0", "--no-progress", *self.data_dir,
               "--seed", str(self.seed), "--out", aa_out] + (["--n-ex", str(self.aa_n_ex)] if self.aa_n_ex else [])
-        return Pipeline(run, self.run_folder(evaluations, evaluate=True), shlex.join([*program, "--save-dir", runs]),
+        return Pipeline(run, evaluated, shlex.join([*program, "--save-dir", runs]),
                         shlex.join([*program, "--save-dir", evaluations, "--evaluate", "--resume", best]),
                         shlex.join(aa), aa_out=aa_out, records=out)
 
@@ -299,11 +294,10 @@ def _gflops(argv):
     """Inference GFLOPs per image (of the row's dataset's size) of the row's model (global router or per-layer
     routers included)."""
     import models
-    from args import parse_args
     from ..data import dataset_info
     from ..flops import inference_gflops
     from ..run import model_spec
-    a = parse_args(list(argv), script="train_moe" if "--n-expert" in argv else "train_ori")
+    a = training_args(argv, "train_moe" if "--n-expert" in argv else "train_ori", "the GFLOPs' model")
     model = models.build_model(model_spec(a))
     return inference_gflops(model, image_size=dataset_info(a.dataset).image_size)["total"]
 
@@ -364,7 +358,6 @@ def report(save, results, command, settings="", eps=EPS):
         by_row.setdefault(r["row"], []).append(r)
     header, cells = seed_table(by_row, (["row"], lambda name, rs: [name]), TABLE_COLUMNS)
     lines = markdown(header, cells)
-    csv_rows = [dict(zip(header, c)) for c in cells]
     aa_n = sorted({r.get("aa_n") for r in results if r.get("aa_n")})
     per_seed = [f"- {name}: " + "; ".join(f"seed {r['seed']} SA {r['sa']:.2f} RA {r['ra']:.2f} AA "
                                           + ("-" if r.get("aa") is None else f"{r['aa']:.2f}")
@@ -385,10 +378,7 @@ def report(save, results, command, settings="", eps=EPS):
            if (welch := welch_lines(by_row)) else "")
         + (f"\n{settings}\n" if settings else ""))
     write_text_atomic(os.path.join(save, "table.md"), text)
-    with atomic_file(os.path.join(save, "table.csv")) as f:
-        w = csv.DictWriter(f, fieldnames=header)
-        w.writeheader()
-        w.writerows(csv_rows)
+    write_csv(os.path.join(save, "table.csv"), header, cells)
     return text
 
 
@@ -416,7 +406,7 @@ def parse_seeds(text):
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise UsageError(f"--seeds {text!r}: expected comma-separated whole numbers such as 1,2,3") from None
-    if any(s < 0 or s > 2**32 - 1 for s in seeds) or len(set(seeds)) != len(seeds):
+    if any(not SEED_RANGE[0] <= s <= SEED_RANGE[1] for s in seeds) or len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds {text!r}: seeds are distinct whole numbers in [0, 2**32 - 1]")
     return seeds
 
@@ -424,9 +414,8 @@ def parse_seeds(text):
 def check_study_args(a):
     """UsageError for settings that cannot make a table; returns the seeds."""
     seeds = parse_seeds(a.seeds)
-    for name, value, low in (("--epochs", a.epochs, 1), ("--jobs", a.jobs, 1), ("--aa-n-ex", a.aa_n_ex, 0)):
-        if value < low:
-            raise UsageError(f"{name} must be >= {low}, got {value}")
+    check_flags(a, ("epochs", "jobs"), lambda v: v >= 1, ">= 1")
+    check_flags(a, ("aa_n_ex",), lambda v: v >= 0, ">= 0")
     top = 0.5 if any("{r2}" in flags for _, _, flags in ROWS[a.rows]) else 1.0  # rows with a dense model at 2r
     if not 0 < a.ratio <= top:
         raise UsageError(f"--ratio must be in (0, {top:g}] for --rows {a.rows}, got {a.ratio}")
@@ -447,18 +436,12 @@ def check_study_args(a):
 
 def plan(a, seeds) -> list:
     """The jobs of these settings, each checked by the training script's parser before anything runs."""
-    from args import parse_args
     fill = {"r": f"{a.ratio:g}", "r2": f"{2 * a.ratio:g}"}
     todo = [make_job(name, script, [f.format(**fill) for f in flags], seed, a)
             for seed in seeds for name, script, flags in ROWS[a.rows]
             if not a.only or slug(name) in a.only.split(",")]
     for j in todo:
-        try:
-            parse_args(list(j.argv), script=j.script)
-        except UsageError as e:
-            raise UsageError(f"{j.name}: {e}") from None
-        except SystemExit:
-            raise UsageError(f"{j.name}: the training script refuses its flags (see above)") from None
+        training_args(j.argv, j.script, j.name)
     return todo
 
 

@@ -54,16 +54,17 @@ import sys
 import time
 from dataclasses import dataclass
 
+from models.spec import base_arch
+
 from ..cli import run_main
 from ..errors import UsageError
 from ..runfiles import run_state
 from ..writes import write_text_atomic
-from .jobs import MANIFEST_HEADER, REQUEUE_EXIT, ROOT, Pipeline, Reporter, Runner, read_manifest, write_manifest
+from .jobs import (MANIFEST_HEADER, REQUEUE_EXIT, ROOT, Pipeline, Reporter, Runner, read_manifest, run_folders,
+                   write_manifest)
 
 METHODS = ("dense", "joint", "advmoe", "advmoe-reference")
 DATASETS = ("CIFAR10", "CIFAR100", "TinyImageNet", "ImageNet", "Digits")
-FAMILIES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wrn_28_4", "wrn_28_10", "wrn_34_10",
-            "densenet")
 # flags after -- that would break the sweep's naming (the sweep sets them itself)
 OWN_FLAGS = ("--exp-identifier", "--save-dir", "--resume", "--evaluate", "--arch", "--dataset", "--ratio",
              "--n-expert", "--moe-training", "--epochs", "--seed")
@@ -92,14 +93,13 @@ def calc(value) -> str:
 
 
 def arch_base(dataset, family):
-    """The registry base name (no _ori/_moe) of an arch family for a dataset: CIFAR-style nets on 32x32 data,
-    ImageNet-style ResNet/WRN/DenseNet on TinyImageNet and ImageNet, vgg16_bn everywhere; a full base name
-    (resnet18_imagenet) as given. None for an unknown family."""
-    if family.endswith(("_cifar", "_imagenet")) or family in ("vgg16", "vgg16_bn"):
-        return family
-    if family in FAMILIES:
-        return f"{family}_{'imagenet' if dataset in ('TinyImageNet', 'ImageNet') else 'cifar'}"
-    return None
+    """The registry base name (no _ori/_moe) of an arch family for a dataset: its CIFAR variant on 32x32 data and
+    its ImageNet variant on TinyImageNet and ImageNet where the registry has both (resnet18, wrn_28_10, densenet),
+    else the name as given when the registry has it (vgg16_bn, resnet18_imagenet). None for an unknown family."""
+    import models
+    bases = {base_arch(name) for name in models.list_models()}
+    variant = f"{family}_{'imagenet' if dataset in ('TinyImageNet', 'ImageNet') else 'cifar'}"
+    return variant if variant in bases else family if family in bases else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,21 +303,9 @@ def check_aa_flags(flags):
 
 
 def run_dirs(planned) -> list:
-    """(run_dir, eval_dir) of each planned run, from the entry scripts' parser (which also rejects bad flags here,
-    before anything runs)."""
-    from args import parse_args
-    from ..runlog import run_dir
-    dirs = []
-    for n, p in enumerate(planned, 1):
-        line = shlex.join(p.train)
-        try:
-            args = parse_args(p.train[2:], script=p.script)
-        except SystemExit:
-            raise UsageError(f"sweep command {n} is rejected by {p.script}.py (message above): {line}") from None
-        except UsageError as e:
-            raise UsageError(f"sweep command {n} is rejected by {p.script}.py: {e}: {line}") from None
-        dirs.append((os.path.abspath(run_dir(args, p.script)), os.path.abspath(run_dir(args, p.script, evaluate=True))))
-    return dirs
+    """(run_dir, eval_dir) of each planned run (its bad flags refused here, before anything runs)."""
+    return [run_folders(p.train[2:], p.script, f"sweep command {n} ({shlex.join(p.train)})")
+            for n, p in enumerate(planned, 1)]
 
 
 def plan_lines(s, planned, dirs, aa) -> list:

@@ -3,9 +3,12 @@
     header, lines = seed_table({"dense r": [r1, r2]}, lead=("row", lambda name, rs: [name]),
                                columns=[Column("SA", lambda r: r["sa"])])
 """
+import csv
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from ..writes import atomic_file
 
 
 @dataclass
@@ -46,3 +49,11 @@ def markdown(header, rows) -> list:
     """The lines of a markdown table ('|' inside a cell becomes '/')."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |" for cells in rows]
+
+
+def write_csv(path, header, rows):
+    """A CSV file of `rows` (lists of cells, None written as an empty cell) under `header`, written atomically."""
+    with atomic_file(path, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(["" if c is None else c for c in cells] for cells in rows)

@@ -18,7 +18,8 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .jobs import ROOT
+
 COMMON = ["--dataset", "Digits", "--ratio", "0.125", "--epochs", "2", "--max-batches", "4", "--batch-size", "32",
           "--test-batch-size", "50", "--max-test-batches", "1", "--epsilon", "0.1", "--epsilon-test", "0.1", "--num-steps", "2",
           "--num-steps-test", "3", "--seed", "7", "--no-progress"]
