@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 
+import models
 from utils.runfiles import TEST_KEYS
 from utils.tools import report
 
@@ -237,6 +238,31 @@ def test_compute_flops_fills_the_column(tmp_path):
     by_ratio = {r.ratio: r.gflops for r in rows}
     assert by_ratio[1.0] == pytest.approx(1.11, rel=0.05)  # the reference's ResNet-18 CIFAR figure
     assert by_ratio[0.5] == pytest.approx(by_ratio[1.0] / 4, rel=0.1)  # width x 0.5: about a quarter
+
+
+def test_compute_flops_counts_each_runs_own_model(tmp_path):
+    """An MoE's GFLOPs follow its routing, top-k and MoE stages, not only arch, ratio and N: each row's figure is
+    the count of the model its own flags build."""
+    from args import parse_args
+    from utils.flops import inference_gflops
+    from utils.run import model_spec
+    save = tmp_path / "s"
+    variants = {"global": {}, "layer": {"routing": "layer"}, "top2": {"top_k": 2}, "stage4": {"moe_stages": [4]}}
+    for name, kw in variants.items():
+        make_run(save, "train_moe", f"{name}_Digits-resnet18_cifar_moe-ratio0.25-expert2-seed1",
+                 args_of("resnet18_cifar_moe", 0.25, dataset="Digits16", epochs=1, n_expert=2, **kw),
+                 epochs([(50.0, 20.0)], moe=True))
+    rows = report.collect([str(save)])
+    report.add_computed_flops(rows)
+    got = {r.run_dir.rsplit("/", 1)[-1].split("_", 1)[0]: r.gflops for r in rows}
+    for name, kw in variants.items():
+        flags = ["--arch", "resnet18_cifar_moe", "--ratio", "0.25", "--n-expert", "2", "--dataset", "Digits16"]
+        a = parse_args(flags, script="train_moe")
+        vars(a).update(kw)
+        want = inference_gflops(models.build_model(model_spec(a)), image_size=16, batch=2)["total"]
+        assert got[name] == pytest.approx(want, rel=1e-9), name
+    # per-layer routers cost less than the global router here, top-2 more; MoE stages alone cost as top-1 does
+    assert len({got["global"], got["layer"], got["top2"]}) == 3
 
 
 def test_selection_on_the_test_set_is_said_in_the_table(tmp_path):

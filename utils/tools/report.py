@@ -33,6 +33,7 @@ described by their training command as the entry scripts' parser reads it. Faile
 import argparse
 import contextlib
 import io
+import json
 import math
 import os
 import re
@@ -90,8 +91,9 @@ class RunRow:
     world_size: int | None = None
     message: str = ""
     run_dir: str = ""
-    # not in table.csv: the registry name (for the FLOP count), the plots' data
-    registry_arch: str = ""
+    # not in table.csv: the run's flags and script (for the FLOP count), the plots' data
+    run_args: dict = field(default_factory=dict)
+    script: str = ""
     curves: list = field(default_factory=list)  # [(epoch, sa, ra)]
     load: dict = field(default_factory=dict)  # {"clean": [...%], "adv": [...%]} of the last epoch
     per_expert: list = field(default_factory=list)  # [(SA, PGD RA)] of each expert alone (`--per-expert`)
@@ -103,7 +105,8 @@ class RunRow:
         return f"{self.arch} {self.dataset} {self.method}{r}{n}"
 
 
-CSV_FIELDS = tuple(f.name for f in fields(RunRow) if f.name not in ("registry_arch", "curves", "load", "per_expert"))
+CSV_FIELDS = tuple(f.name for f in fields(RunRow)
+                   if f.name not in ("run_args", "script", "curves", "load", "per_expert"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,7 +256,7 @@ def referenced_runs(eval_folder: str) -> set:
 def described(args: dict, script: str, run_dir: str, **kw) -> RunRow:
     """A table row of the run that `args` (a run's arguments) describe; `kw`: its other fields."""
     arch, n = str(args.get("arch", "?")), args.get("n_expert")
-    return RunRow(arch=base_arch(arch), registry_arch=arch, dataset=str(args.get("dataset", "?")),
+    return RunRow(arch=base_arch(arch), run_args=dict(args), script=script, dataset=str(args.get("dataset", "?")),
                   method=method_of(args, script), ratio=_float(args.get("ratio")),
                   n_expert=n if script == "train_moe" and type(n) is int else None, run_dir=run_dir, **kw)
 
@@ -548,23 +551,29 @@ def plot_expert_load(rows: list[RunRow], path: str, title: str = "Expert load, l
 
 
 def add_computed_flops(rows: list[RunRow]) -> None:
-    """Fill missing GFLOPs by counting one inference of each (arch, ratio, N, dataset) model once."""
+    """Fill missing GFLOPs by counting one inference of each run's model (its arch, ratio, N, routing, MoE
+    stages, top-k and sparsity, at its dataset's image size), each distinct model once."""
     import models
+    from args import parse_args
     from ..data import dataset_info
     from ..flops import inference_gflops
+    from ..run import model_spec
     cache = {}
     for r in rows:
-        if r.gflops is not None or r.registry_arch not in models.list_models() or r.ratio is None:
+        arch = r.run_args.get("arch")
+        if r.gflops is not None or r.script not in ("train_ori", "train_moe") or arch not in models.list_models():
             continue
+        n = ["--n-expert", str(r.n_expert)] if r.n_expert else []
+        a = parse_args(["--arch", arch, *n], script=r.script)  # the defaults, for flags older runs did not record
+        vars(a).update(r.run_args)
         try:
-            info = dataset_info(r.dataset)
-        except UsageError:  # an unknown dataset name: leave the cell empty
+            info = dataset_info(a.dataset)
+            spec = model_spec(a, info)
+        except (UsageError, KeyError, TypeError):  # an unknown dataset or arch, or a damaged args.yaml
             continue
-        key = (r.registry_arch, r.ratio, r.n_expert, info.num_classes, info.image_size)
+        key = (json.dumps(spec.record(), sort_keys=True, default=str), spec.sparse, info.image_size)
         if key not in cache:
-            kw = {"n_expert": r.n_expert} if r.n_expert else {}
-            model = models.build_model(r.registry_arch, num_classes=info.num_classes, ratio=r.ratio, **kw)
-            cache[key] = inference_gflops(model, image_size=info.image_size, batch=2)["total"]
+            cache[key] = inference_gflops(models.build_model(spec), image_size=info.image_size, batch=2)["total"]
         r.gflops = cache[key]
 
 
