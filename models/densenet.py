@@ -29,6 +29,7 @@ whole concatenated map) and the classifier stay dense. The global router (`route
 Initialisation as in `base.init_weights` (Kaiming-normal fan-out convs, per expert; identity BN).
 """
 from collections import OrderedDict
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -123,12 +124,6 @@ class _DenseNet(RoutedNet):
         return self.classifier(x)  # (B, classes)
 
 
-# One builder per variant, registered as `<name>_ori` (dense) and `<name>_moe` (the spec's experts decide).
-@register_variant
-def densenet_cifar(spec):
-    return _DenseNet(spec, **_CIFAR)
-
-
-@register_variant
-def densenet_imagenet(spec):
-    return _DenseNet(spec, **_IMAGENET)
+# Registered once each, as `<name>_ori` (dense) and `<name>_moe` (the spec's experts decide).
+register_variant("densenet_cifar", partial(_DenseNet, **_CIFAR))
+register_variant("densenet_imagenet", partial(_DenseNet, **_IMAGENET))

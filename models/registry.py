@@ -7,15 +7,14 @@ from .spec import ModelSpec
 _BUILDERS: dict[str, Callable] = {}
 
 
-def register_variant(fn: Callable) -> Callable:
-    """Decorator: register a builder `fn(spec) -> model` under its dense and MoE names, `<fn name>_ori` and
-    `<fn name>_moe` (one class builds both: the spec's experts make the difference). Names are unique."""
-    names = (f"{fn.__name__}_ori", f"{fn.__name__}_moe")
-    for name in names:
-        if name in _BUILDERS:
-            raise ValueError(f"model {name!r} is registered twice")
-    _BUILDERS.update(dict.fromkeys(names, fn))
-    return fn
+def register_variant(name: str, build: Callable) -> None:
+    """Register `build(spec) -> model` under its dense and MoE names, `<name>_ori` and `<name>_moe` (one class
+    builds both: the spec's experts make the difference). Names are unique."""
+    names = (f"{name}_ori", f"{name}_moe")
+    for arch in names:
+        if arch in _BUILDERS:
+            raise ValueError(f"model {arch!r} is registered twice")
+    _BUILDERS.update(dict.fromkeys(names, build))
 
 
 def _families():

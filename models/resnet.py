@@ -29,6 +29,8 @@ global router (`router.*`) comes last in the state dict (`RoutedNet.finish`).
 Initialisation: every conv (each expert on its own) Kaiming-normal with fan-out, BatchNorm weight 1 and
 bias 0, the classifier PyTorch's default.
 """
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -150,56 +152,10 @@ class _ResNet(RoutedNet):
         return getattr(self, self.head_name)(out)  # (B, classes)
 
 
-_B, _BN = _BasicBlock, _Bottleneck
-_D18, _D34, _D50, _D101, _D152 = (2, 2, 2, 2), (3, 4, 6, 3), (3, 4, 6, 3), (3, 4, 23, 3), (3, 8, 36, 3)
-
-
-# One builder per variant, registered as `<name>_ori` (dense) and `<name>_moe` (the spec's experts decide).
-@register_variant
-def resnet18_cifar(spec):
-    return _ResNet(spec, _B, _D18, "cifar")
-
-
-@register_variant
-def resnet34_cifar(spec):
-    return _ResNet(spec, _B, _D34, "cifar")
-
-
-@register_variant
-def resnet50_cifar(spec):
-    return _ResNet(spec, _BN, _D50, "cifar")
-
-
-@register_variant
-def resnet101_cifar(spec):
-    return _ResNet(spec, _BN, _D101, "cifar")
-
-
-@register_variant
-def resnet152_cifar(spec):
-    return _ResNet(spec, _BN, _D152, "cifar")
-
-
-@register_variant
-def resnet18_imagenet(spec):
-    return _ResNet(spec, _B, _D18, "imagenet")
-
-
-@register_variant
-def resnet34_imagenet(spec):
-    return _ResNet(spec, _B, _D34, "imagenet")
-
-
-@register_variant
-def resnet50_imagenet(spec):
-    return _ResNet(spec, _BN, _D50, "imagenet")
-
-
-@register_variant
-def resnet101_imagenet(spec):
-    return _ResNet(spec, _BN, _D101, "imagenet")
-
-
-@register_variant
-def resnet152_imagenet(spec):
-    return _ResNet(spec, _BN, _D152, "imagenet")
+# Each (depth, stem) variant registered once, as `resnet<depth>_<stem>_ori` (dense) and `_moe` (the spec's experts
+# decide): the block type and the blocks per stage.
+_DEPTHS = {18: (_BasicBlock, (2, 2, 2, 2)), 34: (_BasicBlock, (3, 4, 6, 3)), 50: (_Bottleneck, (3, 4, 6, 3)),
+           101: (_Bottleneck, (3, 4, 23, 3)), 152: (_Bottleneck, (3, 8, 36, 3))}
+for _stem in ("cifar", "imagenet"):
+    for _depth, (_block, _blocks) in _DEPTHS.items():
+        register_variant(f"resnet{_depth}_{_stem}", partial(_ResNet, block=_block, depths=_blocks, stem=_stem))

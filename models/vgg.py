@@ -26,6 +26,8 @@ Our choices where the reference gives no listing or is wrong:
 - Initialisation as in `base.init_weights` (Kaiming-normal fan-out convs, per expert; identity BN),
   which is also torchvision's VGG conv initialisation and keeps the BN-free VGG-16 trainable.
 """
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -81,12 +83,6 @@ class _VGG(RoutedNet):
         return self.classifier(x)  # (B, classes)
 
 
-# One builder per variant, registered as `<name>_ori` (dense) and `<name>_moe` (the spec's experts decide).
-@register_variant
-def vgg16(spec):
-    return _VGG(spec, _VGG16, batch_norm=False)
-
-
-@register_variant
-def vgg16_bn(spec):
-    return _VGG(spec, _VGG16, batch_norm=True)
+# Registered once each, as `<name>_ori` (dense) and `<name>_moe` (the spec's experts decide).
+register_variant("vgg16", partial(_VGG, config=_VGG16, batch_norm=False))
+register_variant("vgg16_bn", partial(_VGG, config=_VGG16, batch_norm=True))

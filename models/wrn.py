@@ -27,6 +27,8 @@ ours has int(16 r), the same layout at r = 1.
 
 Initialisation as in `base.init_weights` (Kaiming-normal fan-out convs, per expert; identity BN).
 """
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -114,32 +116,7 @@ class _WideResNet(RoutedNet):
         return self.fc(out)  # (B, classes)
 
 
-# One builder per variant, registered as `<name>_ori` (dense) and `<name>_moe` (the spec's experts decide).
-@register_variant
-def wrn_28_4_cifar(spec):
-    return _WideResNet(spec, 28, 4, "cifar")
-
-
-@register_variant
-def wrn_28_10_cifar(spec):
-    return _WideResNet(spec, 28, 10, "cifar")
-
-
-@register_variant
-def wrn_34_10_cifar(spec):
-    return _WideResNet(spec, 34, 10, "cifar")
-
-
-@register_variant
-def wrn_28_4_imagenet(spec):
-    return _WideResNet(spec, 28, 4, "imagenet")
-
-
-@register_variant
-def wrn_28_10_imagenet(spec):
-    return _WideResNet(spec, 28, 10, "imagenet")
-
-
-@register_variant
-def wrn_34_10_imagenet(spec):
-    return _WideResNet(spec, 34, 10, "imagenet")
+# Each (depth, widen factor, stem) variant registered once, as `wrn_<depth>_<widen>_<stem>_ori` (dense) and `_moe`.
+for _stem in ("cifar", "imagenet"):
+    for _depth, _widen in ((28, 4), (28, 10), (34, 10)):
+        register_variant(f"wrn_{_depth}_{_widen}_{_stem}", partial(_WideResNet, depth=_depth, widen=_widen, stem=_stem))

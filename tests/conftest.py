@@ -193,3 +193,37 @@ def finished(tmp_path_factory):
         train_ori.main(TWO_EPOCHS + ["--save-dir", str(save)])
     folder = os.path.join(save, "training", "train_ori", os.listdir(save / "training" / "train_ori")[0])
     return save, folder, os.path.join(folder, "checkpoint", "checkpoint.pth.tar")
+
+
+def moe_convs(model):
+    """The model's MoE conv layers, in module order."""
+    from models.layers import MoEConv2d
+    return [m for m in model.modules() if isinstance(m, MoEConv2d)]
+
+
+def forward_backward(model, x, expert, out_weight):
+    """Output, input gradient, parameter gradients and routing of one forward/backward of `out * out_weight`."""
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out, info = model(x, expert=expert, return_routing=True)
+    (out * out_weight).sum().backward()
+    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}, info
+
+
+def spread_router(model, x):
+    """Make the router (layer routing: the first MoE layer's) send image e of batch `x` to expert e for e < N:
+    its last layer becomes a nearest-prototype classifier over the features it reads, the first N images the
+    prototypes. A batch the router really splits among all experts (a fresh router sends all to one)."""
+    fc = model.router.fc if model.routing_mode == "global" else moe_convs(model)[0].router.fc
+    seen = []
+    handle = fc.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    feats = seen[0]  # (B, C): the features fc reads, the same in the next pass (only fc changes)
+    mean = feats.mean(0)
+    proto = feats[:fc.out_features] - mean
+    proto = 10 * proto / proto.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        fc.weight.copy_(proto)
+        fc.bias.copy_(-proto @ mean)

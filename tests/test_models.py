@@ -309,7 +309,7 @@ def test_every_variant_registers_once_under_both_names():
     assert names == sorted(n for b in bases for n in (f"{b}_ori", f"{b}_moe"))
     assert all(registry._BUILDERS[f"{b}_ori"] is registry._BUILDERS[f"{b}_moe"] for b in bases)
     with pytest.raises(ValueError, match="registered twice"):
-        registry.register_variant(registry._BUILDERS["vgg16_bn_ori"])
+        registry.register_variant("vgg16_bn", registry._BUILDERS["vgg16_bn_ori"])
 
 
 @pytest.mark.parametrize("spec", [

@@ -10,7 +10,7 @@ import torchvision  # layouts to compare with
 
 import models
 from models.layers import MoEConv2d
-from conftest import seeded
+from conftest import forward_backward, moe_convs, seeded, spread_router
 
 RATIO, CLASSES = 0.125, 5
 STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
@@ -221,43 +221,10 @@ def test_normalize_is_honoured(arch):
 
 # ---------------------------------------------------------------- sparse == dense-masked
 
-def moe_convs(model):
-    return [m for m in model.modules() if isinstance(m, MoEConv2d)]
-
-
 def forced(n_expert, batch, gen):
     """Unsorted experts with expert 1 idle: N=2 sends everything to expert 0 (expert 1 gets no image)."""
     allowed = torch.tensor([e for e in range(n_expert) if e != 1])
     return allowed[torch.randint(len(allowed), (batch,), generator=gen)]
-
-
-def spread_router(model, x):
-    """Make the router send image e of batch x to expert e (e < N): a fresh router sends a batch to one expert.
-
-    The router's last layer (layer routing: the first MoE layer's router) becomes a nearest-prototype
-    classifier over the features it reads, the first N images being the prototypes.
-    """
-    fc = model.router.fc if model.routing_mode == "global" else moe_convs(model)[0].router.fc
-    seen = []
-    handle = fc.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    feats = seen[0]  # (B, C); unchanged in the next pass, since only fc changes
-    mean = feats.mean(0)
-    proto = feats[:fc.out_features] - mean
-    proto = 10 * proto / proto.norm(dim=1, keepdim=True)
-    with torch.no_grad():
-        fc.weight.copy_(proto)
-        fc.bias.copy_(-proto @ mean)
-
-
-def run(model, x, expert, weight):
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    out, info = model(x, expert=expert, return_routing=True)
-    (out * weight).sum().backward()
-    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}, info
 
 
 @pytest.mark.parametrize("scenario", ["router", "forced_idle_expert"])
@@ -281,8 +248,8 @@ def test_sparse_equals_dense_masked(arch, n_expert, routing, scenario):
     else:
         expert = [forced(n_expert, batch, gen) for _ in moe_convs(sparse)]
 
-    out_s, gx_s, grads_s, info_s = run(sparse, x, expert, weight)
-    out_d, gx_d, grads_d, info_d = run(dense, x, expert, weight)
+    out_s, gx_s, grads_s, info_s = forward_backward(sparse, x, expert, weight)
+    out_d, gx_d, grads_d, info_d = forward_backward(dense, x, expert, weight)
     chosen_s = info_s.expert if routing == "global" else torch.stack(info_s.expert)
     chosen_d = info_d.expert if routing == "global" else torch.stack(info_d.expert)
     assert torch.equal(chosen_s, chosen_d)

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import models
-from conftest import seeded
+from conftest import forward_backward, moe_convs, seeded, spread_router
 from models.layers import LayerRouter, MoEConv2d, Routing, hard_top1
-from conftest import seeded
 
 RATIO, CLASSES = 0.125, 5
 # Representatives: basic and bottleneck ResNets (dense vs MoE shortcuts), both WRN stems; every other
@@ -36,10 +35,6 @@ def input_size(arch):
     return 64 if "imagenet" in arch else 32
 
 
-def moe_layers(model):
-    return [m for m in model.modules() if isinstance(m, MoEConv2d)]
-
-
 def layer_routers(model):
     return [m for m in model.modules() if isinstance(m, LayerRouter)]
 
@@ -54,15 +49,6 @@ def rel_err(a, b):
     """Norm-wise relative difference of two tensors (0 when both are zero)."""
     scale = max(a.norm().item(), b.norm().item())
     return 0.0 if scale == 0 else (a - b).norm().item() / scale
-
-
-def run(model, x, expert, out_weight):
-    """Output, input gradient, parameter gradients and routing of one forward/backward."""
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    out, info = model(x, expert=expert, return_routing=True)
-    (out * out_weight).sum().backward()
-    return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}, info
 
 
 def forced_experts(n_expert, batch):
@@ -81,25 +67,6 @@ def bias_against(model, loser):
     with torch.no_grad():
         for fc in fcs:
             fc.bias[loser] = -100.0
-
-
-def mix_router(model, x):
-    """Turn the global router (layer routing: the first layer's router) into a nearest-prototype
-    classifier over its own pooled features, so image e goes to expert e for e < N: a batch that the
-    router really splits among all experts (a fresh router sends every image to the same one)."""
-    fc = model.router.fc if model.routing_mode == "global" else moe_layers(model)[0].router.fc
-    seen = []
-    handle = fc.register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    feats = seen[0]  # (B, C): the features fc reads, the same in the next pass (train-mode BN uses the batch)
-    mean = feats.mean(0)
-    proto = feats[:fc.out_features] - mean
-    proto = 10 * proto / proto.norm(dim=1, keepdim=True)
-    with torch.no_grad():
-        fc.weight.copy_(proto)
-        fc.bias.copy_(-proto @ mean)
 
 
 SCENARIOS = ["router", "router_mixed", "forced_idle_expert", "router_idle_expert"]
@@ -122,16 +89,16 @@ def test_sparse_equals_dense_masked(arch, n_expert, routing, scenario):
     if scenario == "router_idle_expert":
         bias_against(sparse, loser=1)
     if scenario == "router_mixed":
-        mix_router(sparse, x)
+        spread_router(sparse, x)
     dense.load_state_dict(sparse.state_dict())
-    n_layers = len(moe_layers(sparse))
+    n_layers = len(moe_convs(sparse))
     expert = None
     if scenario == "forced_idle_expert":
         fixed = forced_experts(n_expert, batch)
         expert = fixed if routing == "global" else [fixed.roll(i) for i in range(n_layers)]
 
-    out_s, gx_s, grads_s, info_s = run(sparse, x, expert, out_weight)
-    out_d, gx_d, grads_d, info_d = run(dense, x, expert, out_weight)
+    out_s, gx_s, grads_s, info_s = forward_backward(sparse, x, expert, out_weight)
+    out_d, gx_d, grads_d, info_d = forward_backward(dense, x, expert, out_weight)
 
     if routing == "global":
         assert torch.equal(info_s.expert, info_d.expert)
@@ -204,7 +171,7 @@ def test_fixed_experts_give_router_no_gradient(routing):
     model = build(arch, 2, routing)
     x, y = torch.rand(4, 3, 32, 32), torch.arange(4) % CLASSES
     fixed = torch.tensor([0, 1, 1, 0])
-    expert = fixed if routing == "global" else [fixed] * len(moe_layers(model))
+    expert = fixed if routing == "global" else [fixed] * len(moe_convs(model))
     F.cross_entropy(model(x, expert=expert), y).backward()
     for p in model.router_parameters():
         assert p.grad is None or not p.grad.any()
@@ -270,7 +237,7 @@ def test_first_moe_conv_of_loaded_model_by_hand(forced):
     state = _reference_state(model)
     model.load_state_dict(state, strict=True)
     model.eval()
-    first = moe_layers(model)[0]
+    first = moe_convs(model)[0]
     assert first is model.layer1[0].conv1
     seen = {}
 
@@ -324,7 +291,7 @@ def test_router_and_backbone_parameters_partition(arch, routing):
     if routing == "global":
         assert router == [id(p) for p in model.router.parameters()]
     else:
-        assert len(layer_routers(model)) == len(moe_layers(model))
+        assert len(layer_routers(model)) == len(moe_convs(model))
 
 
 # ---- (e) per-layer routing -------------------------------------------------------------------------
@@ -332,7 +299,7 @@ def test_router_and_backbone_parameters_partition(arch, routing):
 @pytest.mark.parametrize("arch", representatives())
 def test_layer_routing_lets_layers_choose_differently(arch):
     model = build(arch, 2, routing="layer").eval()
-    layers = moe_layers(model)
+    layers = moe_convs(model)
     # Layer k always picks expert 1 when k % 3 == 0, else expert 0, whatever the image.
     wanted = [1 if k % 3 == 0 else 0 for k in range(len(layers))]
     with torch.no_grad():
